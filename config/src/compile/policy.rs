@@ -1,0 +1,245 @@
+//! RelayPolicy -> [`Tenant`].
+
+use super::{Inputs, Object, Refs, Report, config_map_value, effective_limits, secret_value};
+use crate::document::{Group, Tenant};
+use crate::names::{Address, Domain};
+use crate::net::parse_range;
+use crate::resources::RelayPolicySpec;
+use ipnet::IpNet;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// At most this many bad lines of a users directory are reported one by one.
+const MAX_LINE_PROBLEMS: usize = 20;
+
+/// Domains and IP ranges already owned by a tenant compiled earlier (in name order).
+#[derive(Default)]
+pub(super) struct Claims {
+    domains: BTreeMap<Domain, String>,
+    ranges: BTreeMap<IpNet, String>,
+}
+
+impl Claims {
+    pub(super) fn commit(&mut self, tenant_name: &str, tenant: &Tenant) {
+        for d in &tenant.domains {
+            self.domains.insert(d.clone(), tenant_name.to_owned());
+        }
+        for r in &tenant.ip_ranges {
+            self.ranges.insert(*r, tenant_name.to_owned());
+        }
+    }
+}
+
+pub(super) fn compile(
+    object: &Object<RelayPolicySpec>,
+    inputs: &Inputs,
+    refs: &Refs<'_>,
+    claims: &mut Claims,
+    report: &mut Report<'_>,
+) -> Option<(Tenant, Option<BTreeMap<String, String>>)> {
+    let spec = &object.spec;
+
+    let mut domains = BTreeSet::new();
+    if spec.domains.is_empty() {
+        report.bad("domains", "needs at least one domain");
+    }
+    for (i, text) in spec.domains.iter().enumerate() {
+        match text.parse::<Domain>() {
+            Ok(domain) => {
+                if let Some(owner) = claims.domains.get(&domain) {
+                    report.bad(
+                        format!("domains[{i}]"),
+                        format!("{domain} already belongs to RelayPolicy {owner:?}"),
+                    );
+                }
+                domains.insert(domain);
+            }
+            Err(e) => report.bad(format!("domains[{i}]"), format!("{text:?} {e}")),
+        }
+    }
+    let parent_domains: BTreeSet<Domain> = domains
+        .iter()
+        .flat_map(Domain::parents_to_registrable)
+        .filter(|p| !domains.iter().any(|d| p.is_within(d)))
+        .collect();
+
+    let mut users = BTreeSet::new();
+    for (i, text) in spec.users.iter().enumerate() {
+        match text.parse::<Address>() {
+            Ok(a) => {
+                users.insert(a);
+            }
+            Err(e) => report.bad(format!("users[{i}]"), format!("{text:?} {e}")),
+        }
+    }
+    if let Some(from) = &spec.users_from {
+        let (field, directory) = match (&from.config_map_ref, &from.secret_ref) {
+            (Some(r), None) => ("usersFrom.configMapRef", config_map_value(inputs, r).map(str::to_owned)),
+            (None, Some(r)) => (
+                "usersFrom.secretRef",
+                secret_value(inputs, r).and_then(|bytes| {
+                    String::from_utf8(bytes.to_vec())
+                        .map_err(|_| format!("Secret {:?} key {:?} is not UTF-8 text", r.name, r.key))
+                }),
+            ),
+            _ => ("usersFrom", Err("set exactly one of configMapRef or secretRef".to_owned())),
+        };
+        match directory {
+            Ok(text) => read_directory(&text, field, &mut users, report),
+            Err(why) => report.bad(field, why),
+        }
+    }
+
+    let mut groups: BTreeMap<String, Group> = BTreeMap::new();
+    for (i, g) in spec.groups.iter().enumerate() {
+        let address = match g.address.parse::<Address>() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                report.bad(format!("groups[{i}].address"), format!("{:?} {e}", g.address));
+                None
+            }
+        };
+        let mut members = BTreeSet::new();
+        for (j, m) in g.members.iter().enumerate() {
+            match m.parse::<Address>() {
+                Ok(a) => {
+                    members.insert(a);
+                }
+                Err(e) => report.bad(format!("groups[{i}].members[{j}]"), format!("{m:?} {e}")),
+            }
+        }
+        if g.name.is_empty() {
+            report.bad(format!("groups[{i}].name"), "must not be empty");
+        } else if groups.contains_key(&g.name) {
+            report.bad(format!("groups[{i}].name"), format!("group {:?} is defined twice", g.name));
+        } else if let Some(address) = address {
+            groups.insert(
+                g.name.clone(),
+                Group {
+                    name: g.name.clone(),
+                    address,
+                    members: members.into_iter().collect(),
+                },
+            );
+        }
+    }
+
+    if spec.licenses == 0 {
+        report.bad("licenses", "must be at least 1");
+    }
+
+    let auth = &spec.authentication;
+    let mut ranges = BTreeSet::new();
+    for (i, range) in auth.ip_ranges.iter().enumerate() {
+        match parse_range(&range.cidr) {
+            Ok(net) if range.enabled => {
+                if let Some(owner) = claims.ranges.get(&net) {
+                    report.bad(
+                        format!("authentication.ipRanges[{i}].cidr"),
+                        format!("{net} already belongs to RelayPolicy {owner:?}"),
+                    );
+                }
+                ranges.insert(net);
+            }
+            // NB: a disabled range is still checked, so enabling it later cannot fail.
+            Ok(_) => {}
+            Err(e) => report.bad(format!("authentication.ipRanges[{i}].cidr"), e.to_string()),
+        }
+    }
+    let accounts = match &auth.credentials_secret_ref {
+        Some(r) => match inputs.secrets.get(&r.name) {
+            None => {
+                report.bad(
+                    "authentication.credentialsSecretRef",
+                    format!("no Secret {:?} in namespace {}", r.name, inputs.namespace),
+                );
+                None
+            }
+            Some(secret) if secret.is_empty() => {
+                report.bad(
+                    "authentication.credentialsSecretRef",
+                    format!("Secret {:?} has no keys: add one key per username", r.name),
+                );
+                None
+            }
+            Some(secret) => {
+                let mut accounts = BTreeMap::new();
+                for (username, value) in secret {
+                    match std::str::from_utf8(value).map(|v| v.trim_end_matches(['\r', '\n'])) {
+                        Ok(v) if !v.is_empty() => {
+                            accounts.insert(username.clone(), v.to_owned());
+                        }
+                        _ => report.bad(
+                            "authentication.credentialsSecretRef",
+                            format!(
+                                "Secret {:?} key {username:?} must hold a password or an $argon2id$ or bcrypt hash",
+                                r.name
+                            ),
+                        ),
+                    }
+                }
+                Some(accounts)
+            }
+        },
+        None => {
+            if auth.require_smtp_auth {
+                report.bad(
+                    "authentication.credentialsSecretRef",
+                    "requireSMTPAuth is true but no credentials Secret is given",
+                );
+            }
+            None
+        }
+    };
+
+    for (field, route) in [
+        ("outboundRoute", &spec.outbound_route),
+        ("inboundRoute", &spec.inbound_route),
+    ] {
+        if let Some(route) = route {
+            refs.route(route, field, report);
+        }
+    }
+
+    let tenant = Tenant {
+        domains: domains.into_iter().collect(),
+        parent_domains: parent_domains.into_iter().collect(),
+        users: users.into_iter().collect(),
+        groups: groups.into_values().collect(),
+        licenses: spec.licenses,
+        tier: spec.tier,
+        limits: effective_limits(spec.licenses, spec.tier, spec.limits.as_ref()),
+        allowed_senders: spec.allowed_senders,
+        ip_ranges: ranges.into_iter().collect(),
+        require_smtp_auth: auth.require_smtp_auth,
+        require_tls: spec.require_tls,
+        outbound_route: spec.outbound_route.clone(),
+        inbound_route: spec.inbound_route.clone(),
+        rules: Vec::new(),
+    };
+    Some((tenant, accounts))
+}
+
+/// Reads one address per line; blank lines and `#` comments are skipped.
+fn read_directory(text: &str, field: &str, users: &mut BTreeSet<Address>, report: &mut Report<'_>) {
+    let mut bad = 0usize;
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match line.parse::<Address>() {
+            Ok(a) => {
+                users.insert(a);
+            }
+            Err(e) => {
+                bad += 1;
+                if bad <= MAX_LINE_PROBLEMS {
+                    report.bad(field, format!("line {}: {line:?} {e}", n + 1));
+                }
+            }
+        }
+    }
+    if bad > MAX_LINE_PROBLEMS {
+        report.bad(field, format!("{} more bad lines", bad - MAX_LINE_PROBLEMS));
+    }
+}

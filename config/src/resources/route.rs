@@ -1,0 +1,292 @@
+//! `MailRoute`: a named SMTP destination.
+
+use super::{Condition, KeyRef, SecretRef};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A named SMTP destination that routing rules and relay policies send mail to: a mailbox server,
+/// a legacy system during a migration, an archive, an outbound gateway or smarthost, or "deliver
+/// by MX lookup".
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[cfg_attr(
+    feature = "kube",
+    derive(kube::CustomResource),
+    kube(
+        group = "mailroute.io",
+        version = "v1alpha1",
+        kind = "MailRoute",
+        namespaced,
+        status = "MailRouteStatus",
+        shortname = "mroute",
+        category = "mailroute",
+        doc = "A named SMTP destination (mail server, smarthost, archive, or MX lookup) that Mailroute can deliver to.",
+        printcolumn = r#"{"name":"Host","type":"string","jsonPath":".spec.host","description":"Destination host or MX domain"}"#,
+        printcolumn = r#"{"name":"Port","type":"integer","jsonPath":".spec.port"}"#,
+        printcolumn = r#"{"name":"TLS","type":"string","jsonPath":".spec.tls.mode"}"#,
+        printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+        printcolumn = r#"{"name":"TLS Verified","type":"string","jsonPath":".status.conditions[?(@.type==\"TLSVerified\")].status"}"#,
+        printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.host) != has(self.hosts)", "message": "set exactly one of host or hosts"},
+    {"rule": "!self.mxLookup || has(self.host)", "message": "mxLookup needs host (the domain whose MX records are looked up), not hosts"},
+    {"rule": "self.port in [25, 465, 587] || (self.port >= 1024 && self.port <= 65535)", "message": "port must be 25, 465, 587 or 1024-65535", "fieldPath": ".port"}
+]))]
+pub struct MailRouteSpec {
+    /// Host name or IP literal (IPv4 or IPv6) of the destination; with `mxLookup`, the domain
+    /// whose MX records are used. Set either `host` or `hosts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub host: Option<String>,
+    /// Weighted sets of destination hosts, instead of `host`: mail is split across the `primary`
+    /// hosts in proportion to their weights, and the `secondary` hosts are used only when no
+    /// primary host is reachable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<HostSets>,
+    /// TCP port of the destination: 25, 465, 587 or 1024-65535. Default 25.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Treat `host` as a domain and deliver to its MX hosts in preference order, falling back to
+    /// its A/AAAA records when it has no MX record (RFC 5321 section 5.1).
+    #[serde(default)]
+    pub mx_lookup: bool,
+    /// TLS policy for connections to this destination.
+    #[serde(default)]
+    pub tls: RouteTls,
+    /// SMTP AUTH credentials presented to the destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<RouteAuth>,
+    /// The name the relay presents in EHLO to this destination. Default: the relay's configured
+    /// hostname (never `localhost`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub helo_name: Option<String>,
+    /// Reuse of connections to this destination across messages.
+    #[serde(default)]
+    pub connection_pool: ConnectionPool,
+    /// Time limits for talking to this destination.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Whether a failure to deliver to this destination holds the client's reply (`Required`, the
+    /// default: the client is told to retry) or is only counted and logged (`BestEffort`).
+    #[serde(default)]
+    pub delivery: DeliveryMode,
+    /// How often the operator re-runs the TLS probe of this destination (connect, EHLO,
+    /// STARTTLS or implicit TLS, certificate checks, QUIT; it never sends mail), e.g. `5m`.
+    /// Default `5m`; at least `10s`.
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval: String,
+}
+
+fn default_port() -> u16 {
+    25
+}
+
+fn default_probe_interval() -> String {
+    "5m".to_owned()
+}
+
+/// Weighted destination host sets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostSets {
+    /// Hosts that share the traffic in proportion to their weights.
+    #[schemars(length(min = 1))]
+    pub primary: Vec<WeightedHost>,
+    /// Hosts used only when no primary host is reachable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secondary: Vec<WeightedHost>,
+}
+
+/// One destination host with its share of the traffic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WeightedHost {
+    /// Host name or IP literal.
+    #[schemars(length(min = 1, max = 253))]
+    pub host: String,
+    /// TCP port; default: the route's `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Share of the traffic, as a proportion of the sum of the set's weights (weights need not
+    /// add up to 100). 0 takes the host out of rotation. Default 1.
+    #[serde(default = "default_weight")]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// How TLS is used towards a destination.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+pub enum TlsMode {
+    /// Use STARTTLS when the destination offers it, otherwise send in clear.
+    #[default]
+    Opportunistic,
+    /// Always use STARTTLS; never send a byte of mail in clear.
+    Required,
+    /// TLS from the first byte (port 465 style).
+    Implicit,
+    /// Never use TLS.
+    Disabled,
+}
+
+/// TLS policy for a destination.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.mode != 'Disabled' || !has(self.caBundleSecretRef)", "message": "caBundleSecretRef has no effect when mode is Disabled"}
+]))]
+pub struct RouteTls {
+    /// `Opportunistic` (default: STARTTLS if offered), `Required` (never send in clear),
+    /// `Implicit` (TLS from the first byte, port 465 style) or `Disabled`.
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// Require a certificate chaining to a trusted CA. Default: true when `mode` is `Required` or
+    /// `Implicit`, false otherwise.
+    #[serde(rename = "requireCASigned", default, skip_serializing_if = "Option::is_none")]
+    pub require_ca_signed: Option<bool>,
+    /// Require the certificate to match the destination host name. Default: true when `mode` is
+    /// `Required` or `Implicit`, false otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validate_hostname: Option<bool>,
+    /// Extra trust roots (PEM certificates) from a Secret key, added to the system roots.
+    #[serde(rename = "caBundleSecretRef", default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle_secret_ref: Option<KeyRef>,
+}
+
+/// SMTP AUTH towards a destination.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteAuth {
+    /// Secret with the keys `username` and `password`.
+    pub secret_ref: SecretRef,
+}
+
+/// Connection reuse towards a destination.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectionPool {
+    /// Most connections open at once to this destination, per relay pod. Default 20.
+    #[serde(default = "default_max_connections")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_connections: u32,
+    /// Messages sent over one connection before it is closed. Default 100.
+    #[serde(default = "default_max_messages")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_messages_per_connection: u32,
+    /// How long an unused connection is kept open, e.g. `30s`. Default `30s`.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: String,
+}
+
+fn default_max_connections() -> u32 {
+    20
+}
+fn default_max_messages() -> u32 {
+    100
+}
+fn default_idle_timeout() -> String {
+    "30s".to_owned()
+}
+
+impl Default for ConnectionPool {
+    fn default() -> Self {
+        Self {
+            max_connections: default_max_connections(),
+            max_messages_per_connection: default_max_messages(),
+            idle_timeout: default_idle_timeout(),
+        }
+    }
+}
+
+/// Time limits towards a destination, as durations such as `10s`, `2m`, `1m30s`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Timeouts {
+    /// Time to establish the TCP connection (and TLS, for `Implicit`). Default `10s`.
+    #[serde(default = "default_connect")]
+    pub connect: String,
+    /// Time to wait for the reply to each command. Default `60s`.
+    #[serde(default = "default_command")]
+    pub command: String,
+    /// Time to wait for the reply after the end of the message data. Default `4m`, below the
+    /// relay's 5-minute bound on the client's wait.
+    #[serde(default = "default_data_end")]
+    pub data_end: String,
+}
+
+fn default_connect() -> String {
+    "10s".to_owned()
+}
+fn default_command() -> String {
+    "60s".to_owned()
+}
+fn default_data_end() -> String {
+    "4m".to_owned()
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: default_connect(),
+            command: default_command(),
+            data_end: default_data_end(),
+        }
+    }
+}
+
+/// Whether a failed delivery to a destination affects the client's reply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+pub enum DeliveryMode {
+    /// A failure holds the client's reply: the client is told to retry (4xx).
+    #[default]
+    Required,
+    /// A failure is counted and logged but never changes the client's reply.
+    BestEffort,
+}
+
+/// Observed state of a MailRoute.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MailRouteStatus {
+    /// `Ready` (the route is valid and part of the relay configuration) and `TLSVerified` (the
+    /// last TLS probe succeeded).
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// The result of the last TLS probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_probe: Option<ProbeResult>,
+    /// The `metadata.generation` last processed by the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// What the last TLS probe of a route saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeResult {
+    /// When the probe ran (RFC 3339).
+    pub time: String,
+    /// The host and port probed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Negotiated TLS version, e.g. `TLSv1.3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_version: Option<String>,
+    /// Subject of the destination's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_subject: Option<String>,
+    /// Issuer of the destination's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_issuer: Option<String>,
+    /// Expiry of the destination's certificate (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_not_after: Option<String>,
+    /// Why the probe failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
