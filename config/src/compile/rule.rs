@@ -56,19 +56,20 @@ pub(super) fn compile(
         if let Some(route) = &c.route {
             refs.route(route, &format!("{field}.route"), report);
         }
+        if c.route.is_none() && c.recipient.is_none() {
+            report.bad(field, "set route, recipient, or both");
+            continue;
+        }
         let recipient = match &c.recipient {
             Some(text) => match text.parse::<Address>() {
                 Ok(a) => Some(a),
                 Err(e) => {
                     report.bad(format!("{field}.recipient"), format!("{text:?} {e}"));
-                    None
+                    continue;
                 }
             },
             None => None,
         };
-        if c.route.is_none() && c.recipient.is_none() {
-            report.bad(field.clone(), "set route, recipient, or both");
-        }
         // A copy never goes twice to the same place (SPEC section 6.3).
         if !seen.insert((c.route.clone(), recipient.clone())) {
             report.bad(field, "the same copy is listed twice");

@@ -1,0 +1,125 @@
+//! The committed CRDs are what the Rust types generate, and their CEL rules accept the examples
+//! and refuse what the compiler refuses, as an API server would.
+
+use kube::core::cel::Validator;
+use mailroute_operator::crdgen;
+use serde_json::{Value, json};
+use std::path::Path;
+
+#[test]
+fn committed_crds_are_up_to_date() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    for crd in crdgen::crds() {
+        let file = dir.join(crdgen::file_name(&crd));
+        let committed = std::fs::read_to_string(&file).unwrap_or_default();
+        let generated = crdgen::to_yaml(&crd).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            committed == generated,
+            "{} is stale: run `cargo run -p mailroute-operator -- crdgen --out crds` and commit the result",
+            file.display()
+        );
+    }
+}
+
+/// The openAPIV3Schema of the CRD for `kind`.
+fn schema(kind: &str) -> Value {
+    let crd = crdgen::crds()
+        .into_iter()
+        .find(|c| c.spec.names.kind == kind)
+        .unwrap_or_else(|| panic!("no CRD for {kind}"));
+    let schema = crd.spec.versions[0]
+        .schema
+        .as_ref()
+        .and_then(|s| s.open_api_v3_schema.clone())
+        .unwrap_or_else(|| panic!("no schema for {kind}"));
+    serde_json::to_value(schema).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// CEL messages the API server would return for `object`, after applying schema defaults the
+/// way it does (the examples omit defaulted fields the rules read).
+fn cel_errors(object: &Value) -> Vec<String> {
+    let kind = object["kind"].as_str().unwrap_or_default();
+    let schema = schema(kind);
+    let mut object = object.clone();
+    apply_defaults(&schema, &mut object);
+    match Validator::new().validate(&schema, &object, None) {
+        Ok(()) => Vec::new(),
+        Err(errors) => errors.to_string().lines().map(str::to_owned).collect(),
+    }
+}
+
+/// Structural defaulting as the API server does it: a missing property with a `default` gets it.
+fn apply_defaults(schema: &Value, value: &mut Value) {
+    if let (Some(props), Some(obj)) = (schema.get("properties").and_then(Value::as_object), value.as_object_mut()) {
+        for (name, prop) in props {
+            if !obj.contains_key(name)
+                && let Some(default) = prop.get("default")
+            {
+                obj.insert(name.clone(), default.clone());
+            }
+            if let Some(child) = obj.get_mut(name) {
+                apply_defaults(prop, child);
+            }
+        }
+    }
+    if let (Some(items), Some(array)) = (schema.get("items"), value.as_array_mut()) {
+        for item in array {
+            apply_defaults(items, item);
+        }
+    }
+}
+
+fn examples() -> Vec<Value> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut objects = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{e}")) {
+        let path = entry.unwrap_or_else(|e| panic!("{e}")).path();
+        for file in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+            if file.path().extension().is_some_and(|e| e == "yaml") {
+                let text = std::fs::read_to_string(file.path()).unwrap_or_else(|e| panic!("{e}"));
+                let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{e}"));
+                objects.extend(docs.into_iter().filter(|d| d["apiVersion"] == "mailroute.io/v1alpha1"));
+            }
+        }
+    }
+    objects
+}
+
+#[test]
+fn every_example_passes_the_crd_cel_rules() {
+    let examples = examples();
+    assert!(examples.len() >= 12, "found only {} example resources", examples.len());
+    for object in &examples {
+        assert_eq!(cel_errors(object), Vec::<String>::new(), "{}", object["metadata"]["name"]);
+    }
+}
+
+fn resource(kind: &str, spec: Value) -> Value {
+    json!({"apiVersion": "mailroute.io/v1alpha1", "kind": kind, "metadata": {"name": "x"}, "spec": spec})
+}
+
+#[test]
+fn cel_rules_refuse_cross_field_mistakes() {
+    let cases = [
+        (resource("MailRoute", json!({"host": "a.example", "hosts": {"primary": [{"host": "b.example"}]}})), "set exactly one of host or hosts"),
+        (resource("MailRoute", json!({})), "set exactly one of host or hosts"),
+        (resource("MailRoute", json!({"hosts": {"primary": [{"host": "b.example"}]}, "mxLookup": true})), "mxLookup needs host"),
+        (resource("MailRoute", json!({"host": "a.example", "port": 80})), "port must be 25, 465, 587 or 1024-65535"),
+        (resource("MailRoute", json!({"host": "a.example", "tls": {"mode": "Disabled", "caBundleSecretRef": {"name": "s", "key": "k"}}})), "caBundleSecretRef has no effect"),
+        (resource("RelayPolicy", json!({"domains": ["a.example"], "licenses": 1, "authentication": {"requireSMTPAuth": true}})), "requireSMTPAuth needs credentialsSecretRef"),
+        (resource("RelayPolicy", json!({"domains": ["a.example"], "licenses": 1, "usersFrom": {}})), "set exactly one of configMapRef or secretRef"),
+        (resource("RoutingRule", json!({"policyRef": "p", "messages": ["Inbound"], "envelopeFilter": {"senders": [{"address": "a@b.example", "domain": "b.example"}]}})), "set exactly one of address, pattern, domain or group"),
+        (resource("RoutingRule", json!({"policyRef": "p", "messages": ["Inbound"], "actions": {"alsoDeliverTo": [{"suppressBounces": false}]}})), "set route, recipient, or both"),
+        (resource("RoutingRule", json!({"policyRef": "p", "messages": ["Inbound"], "actions": {"route": "r", "reject": {"code": 550, "enhancedCode": "5.7.1", "text": "no"}}})), "reject cannot be combined"),
+        (resource("RoutingRule", json!({"policyRef": "p", "messages": ["Inbound"], "actions": {"reject": {"code": 550, "enhancedCode": "4.7.1", "text": "no"}}})), "enhancedCode must have the same class as code"),
+    ];
+    for (object, expected) in cases {
+        let errors = cel_errors(&object);
+        assert!(
+            errors.iter().any(|e| e.contains(expected)),
+            "{object}: expected {expected:?}, got {errors:?}"
+        );
+    }
+    let fine = resource("RoutingRule", json!({"policyRef": "p", "messages": ["Inbound"], "actions": {"reject": {"code": 450, "enhancedCode": "4.7.1", "text": "later"}}}));
+    assert_eq!(cel_errors(&fine), Vec::<String>::new());
+}
