@@ -43,7 +43,9 @@ pub enum DocumentError {
     Syntax(#[from] serde_json::Error),
     #[error("apiVersion is {found:?}; this relay reads {API_VERSION:?}")]
     ApiVersion { found: String },
-    #[error("hash mismatch: the document says {declared}, its content hashes to {actual} (truncated or edited by hand?)")]
+    #[error(
+        "hash mismatch: the document says {declared}, its content hashes to {actual} (truncated or edited by hand?)"
+    )]
     Hash { declared: String, actual: String },
     #[error("inconsistent document: {}", .0.join("; "))]
     Inconsistent(Vec<String>),
@@ -77,7 +79,10 @@ impl RelayDocument {
                 actual,
             });
         }
-        document.config.check().map_err(DocumentError::Inconsistent)?;
+        document
+            .config
+            .check()
+            .map_err(DocumentError::Inconsistent)?;
         Ok(document)
     }
 
@@ -165,16 +170,24 @@ impl RelayConfig {
             }
             for domain in &tenant.domains {
                 if let Some(other) = domain_owner.insert(domain, tenant_name) {
-                    problems.push(format!("domain {domain} belongs to tenants {other} and {tenant_name}"));
+                    problems.push(format!(
+                        "domain {domain} belongs to tenants {other} and {tenant_name}"
+                    ));
                 }
             }
             for range in &tenant.ip_ranges {
                 if let Some(other) = range_owner.insert(range, tenant_name) {
-                    problems.push(format!("IP range {range} belongs to tenants {other} and {tenant_name}"));
+                    problems.push(format!(
+                        "IP range {range} belongs to tenants {other} and {tenant_name}"
+                    ));
                 }
             }
         }
-        if problems.is_empty() { Ok(()) } else { Err(problems) }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
     }
 }
 

@@ -89,7 +89,10 @@ impl Manifests {
 
     fn add_object(&mut self, origin: &Path, object: Value) {
         let origin_name = origin.display();
-        let api_version = object.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+        let api_version = object
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         let kind = object.get("kind").and_then(Value::as_str).unwrap_or("");
         if object.is_null() {
             return;
@@ -187,7 +190,11 @@ fn typed<S: DeserializeOwned>(
             problems.push(Problem {
                 kind,
                 name: name.to_owned(),
-                field: if path == "." { "spec".to_owned() } else { format!("spec.{path}") },
+                field: if path == "." {
+                    "spec".to_owned()
+                } else {
+                    format!("spec.{path}")
+                },
                 message: e.into_inner().to_string(),
             });
             None
@@ -208,7 +215,10 @@ fn secret_data(object: &Value) -> Result<BTreeMap<String, Vec<u8>>, String> {
     }
     if let Some(Value::Object(data)) = object.get("stringData") {
         for (key, value) in data {
-            out.insert(key.clone(), value.as_str().unwrap_or("").as_bytes().to_vec());
+            out.insert(
+                key.clone(),
+                value.as_str().unwrap_or("").as_bytes().to_vec(),
+            );
         }
     }
     Ok(out)

@@ -108,7 +108,10 @@ impl FromStr for Domain {
             {
                 return Err(NameError::BadDomainChar(c));
             }
-            if label.chars().any(|c| !c.is_ascii() && (c.is_whitespace() || c.is_control())) {
+            if label
+                .chars()
+                .any(|c| !c.is_ascii() && (c.is_whitespace() || c.is_control()))
+            {
                 return Err(NameError::BadDomainChar(' '));
             }
         }
@@ -157,7 +160,9 @@ fn is_atext(c: char) -> bool {
 }
 
 fn is_dot_atom(s: &str) -> bool {
-    !s.is_empty() && s.split('.').all(|atom| !atom.is_empty() && atom.chars().all(is_atext))
+    !s.is_empty()
+        && s.split('.')
+            .all(|atom| !atom.is_empty() && atom.chars().all(is_atext))
 }
 
 /// Checks a local part and returns its canonical form.
@@ -191,7 +196,9 @@ fn parse_local_part(local: &str) -> Result<String, &'static str> {
         return Err("it contains a space or control character (quote it)");
     }
     if !is_dot_atom(local) {
-        return Err("it is not a dot-atom: check for '..', a leading or trailing '.', or characters such as '(' ',' ':' '<' that need quoting");
+        return Err(
+            "it is not a dot-atom: check for '..', a leading or trailing '.', or characters such as '(' ',' ':' '<' that need quoting",
+        );
     }
     Ok(local.to_owned())
 }
@@ -252,11 +259,20 @@ mod tests {
     #[test]
     fn domains_are_lower_cased_and_checked() {
         assert_eq!(domain("Example.COM").as_str(), "example.com");
-        assert_eq!("example.com.".parse::<Domain>(), Err(NameError::TrailingDot));
+        assert_eq!(
+            "example.com.".parse::<Domain>(),
+            Err(NameError::TrailingDot)
+        );
         assert_eq!("a..b".parse::<Domain>(), Err(NameError::EmptyLabel));
         assert_eq!("-a.b".parse::<Domain>(), Err(NameError::HyphenAtEdge));
-        assert_eq!("a_b.c".parse::<Domain>(), Err(NameError::BadDomainChar('_')));
-        assert_eq!("[10.0.0.1]".parse::<Domain>(), Err(NameError::AddressLiteral));
+        assert_eq!(
+            "a_b.c".parse::<Domain>(),
+            Err(NameError::BadDomainChar('_'))
+        );
+        assert_eq!(
+            "[10.0.0.1]".parse::<Domain>(),
+            Err(NameError::AddressLiteral)
+        );
         assert_eq!("10.0.0.1".parse::<Domain>(), Err(NameError::AddressLiteral));
         assert_eq!(domain("Bücher.Example").as_str(), "bücher.example");
     }
@@ -280,9 +296,13 @@ mod tests {
 
     #[test]
     fn addresses_keep_local_case_and_unquote_when_harmless() {
-        let a: Address = "\"John.Doe\"@Example.COM".parse().unwrap_or_else(|e| panic!("{e}"));
+        let a: Address = "\"John.Doe\"@Example.COM"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(a.to_string(), "John.Doe@example.com");
-        let b: Address = "\"john doe\"@example.com".parse().unwrap_or_else(|e| panic!("{e}"));
+        let b: Address = "\"john doe\"@example.com"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(b.to_string(), "\"john doe\"@example.com");
         assert!("john..doe@example.com".parse::<Address>().is_err());
         assert!("john@".parse::<Address>().is_err());

@@ -93,9 +93,18 @@ mod tests {
         assert_eq!(ok("10.1.0.0/16"), "10.1.0.0/16");
         assert_eq!(ok("192.0.2.7"), "192.0.2.7/32");
         assert_eq!(ok("2001:db8::/112"), "2001:db8::/112");
-        assert!(matches!(parse_range("10.0.0.0/15"), Err(RangeError::TooLarge(_))));
-        assert!(matches!(parse_range("2001:db8::/111"), Err(RangeError::TooLarge(_))));
-        assert!(matches!(parse_range("0.0.0.0/0"), Err(RangeError::TooLarge(_))));
+        assert!(matches!(
+            parse_range("10.0.0.0/15"),
+            Err(RangeError::TooLarge(_))
+        ));
+        assert!(matches!(
+            parse_range("2001:db8::/111"),
+            Err(RangeError::TooLarge(_))
+        ));
+        assert!(matches!(
+            parse_range("0.0.0.0/0"),
+            Err(RangeError::TooLarge(_))
+        ));
     }
 
     #[test]
@@ -126,8 +135,18 @@ mod tests {
 
     #[test]
     fn garbage_is_a_syntax_error() {
-        for bad in ["", "10.0.0", "10.0.0.0/33", "fe80::/129", "example.com", "10.0.0.0/-1"] {
-            assert!(matches!(parse_range(bad), Err(RangeError::Syntax(_))), "{bad}");
+        for bad in [
+            "",
+            "10.0.0",
+            "10.0.0.0/33",
+            "fe80::/129",
+            "example.com",
+            "10.0.0.0/-1",
+        ] {
+            assert!(
+                matches!(parse_range(bad), Err(RangeError::Syntax(_))),
+                "{bad}"
+            );
         }
     }
 

@@ -54,7 +54,10 @@ fn ranges(cidrs: &[&str]) -> String {
 
 #[test]
 fn a_range_of_more_than_65536_addresses_is_refused() {
-    let yaml = policy("acme", &ranges(&["10.0.0.0/16", "10.2.0.0/15", "2001:db8::/111"]));
+    let yaml = policy(
+        "acme",
+        &ranges(&["10.0.0.0/16", "10.2.0.0/15", "2001:db8::/111"]),
+    );
     let (compiled, problems) = compile_yaml(&yaml);
     assert_eq!(
         problems,
@@ -63,7 +66,10 @@ fn a_range_of_more_than_65536_addresses_is_refused() {
             "RelayPolicy/acme: authentication.ipRanges[2].cidr: 2001:db8::/111 covers more than 65,536 addresses; split it into ranges of at most IPv4 /16 or IPv6 /112",
         ]
     );
-    assert!(compiled.config.tenants.is_empty(), "an invalid policy is left out");
+    assert!(
+        compiled.config.tenants.is_empty(),
+        "an invalid policy is left out"
+    );
 }
 
 #[test]
@@ -71,7 +77,9 @@ fn host_bits_in_a_range_are_refused_naming_both_fixes() {
     let (_, problems) = compile_yaml(&policy("acme", &ranges(&["10.0.0.1/24"])));
     assert_eq!(
         problems,
-        ["RelayPolicy/acme: authentication.ipRanges[0].cidr: 10.0.0.1/24 has host bits set: write 10.0.0.0/24 for the whole network, or 10.0.0.1/32 for the one address"]
+        [
+            "RelayPolicy/acme: authentication.ipRanges[0].cidr: 10.0.0.1/24 has host bits set: write 10.0.0.0/24 for the whole network, or 10.0.0.1/32 for the one address"
+        ]
     );
 }
 
@@ -79,7 +87,12 @@ fn host_bits_in_a_range_are_refused_naming_both_fixes() {
 fn ipv6_ranges_in_any_textual_form_compile_to_one_canonical_form() {
     let yaml = policy(
         "acme",
-        &ranges(&["2001:DB8:0:0:0:0:0:0/112", "::ffff:192.0.2.0/120", "2001:0db8:0001::/128", "192.0.2.77"]),
+        &ranges(&[
+            "2001:DB8:0:0:0:0:0:0/112",
+            "::ffff:192.0.2.0/120",
+            "2001:0db8:0001::/128",
+            "192.0.2.77",
+        ]),
     );
     let (compiled, problems) = compile_yaml(&yaml);
     assert!(problems.is_empty(), "{problems:?}");
@@ -88,7 +101,15 @@ fn ipv6_ranges_in_any_textual_form_compile_to_one_canonical_form() {
         .iter()
         .map(ToString::to_string)
         .collect();
-    assert_eq!(ranges, ["192.0.2.0/24", "192.0.2.77/32", "2001:db8::/112", "2001:db8:1::/128"]);
+    assert_eq!(
+        ranges,
+        [
+            "192.0.2.0/24",
+            "192.0.2.77/32",
+            "2001:db8::/112",
+            "2001:db8:1::/128"
+        ]
+    );
 }
 
 #[test]
@@ -96,7 +117,11 @@ fn disabled_ranges_are_checked_but_not_enforced() {
     let extra = "  authentication:\n    ipRanges:\n      - {cidr: 10.1.0.0/16, enabled: false}\n      - {cidr: 10.9.0.0/24}\n";
     let (compiled, problems) = compile_yaml(&policy("acme", extra));
     assert!(problems.is_empty(), "{problems:?}");
-    let ranges: Vec<String> = compiled.config.tenants["acme"].ip_ranges.iter().map(ToString::to_string).collect();
+    let ranges: Vec<String> = compiled.config.tenants["acme"]
+        .ip_ranges
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     assert_eq!(ranges, ["10.9.0.0/24"]);
     let bad = "  authentication:\n    ipRanges:\n      - {cidr: 10.0.0.0/8, enabled: false}\n";
     let (_, problems) = compile_yaml(&policy("acme", bad));
@@ -110,9 +135,15 @@ fn a_dangling_route_reference_names_the_rule_field_and_namespace() {
         policy("acme", "")
     );
     let (compiled, problems) = compile_yaml(&yaml);
-    assert_eq!(problems, [r#"RoutingRule/split: actions.route: no MailRoute "legacy" in namespace mail"#]);
+    assert_eq!(
+        problems,
+        [r#"RoutingRule/split: actions.route: no MailRoute "legacy" in namespace mail"#]
+    );
     assert!(compiled.config.tenants["acme"].rules.is_empty());
-    assert!(compiled.config.routes.contains_key("mailbox"), "valid resources still compile");
+    assert!(
+        compiled.config.routes.contains_key("mailbox"),
+        "valid resources still compile"
+    );
 }
 
 #[test]
@@ -143,13 +174,21 @@ fn an_invalid_regex_is_reported_in_one_line_and_the_rule_left_out() {
     let yaml = format!(
         "{ROUTES}{}{}{}",
         policy("acme", ""),
-        rule("bad-regex", "  messages: [Inbound]\n  envelopeFilter:\n    recipients:\n      - pattern: \"(unclosed@acme\\\\.example\"\n  actions: {route: archive}"),
-        rule("good", "  messages: [Inbound]\n  envelopeFilter:\n    recipients:\n      - pattern: \"sales-.*@acme\\\\.example\"\n  actions: {route: archive}"),
+        rule(
+            "bad-regex",
+            "  messages: [Inbound]\n  envelopeFilter:\n    recipients:\n      - pattern: \"(unclosed@acme\\\\.example\"\n  actions: {route: archive}"
+        ),
+        rule(
+            "good",
+            "  messages: [Inbound]\n  envelopeFilter:\n    recipients:\n      - pattern: \"sales-.*@acme\\\\.example\"\n  actions: {route: archive}"
+        ),
     );
     let (compiled, problems) = compile_yaml(&yaml);
     assert_eq!(
         problems,
-        ["RoutingRule/bad-regex: envelopeFilter.recipients[0].pattern: invalid regular expression: unclosed group"]
+        [
+            "RoutingRule/bad-regex: envelopeFilter.recipients[0].pattern: invalid regular expression: unclosed group"
+        ]
     );
     let rules = &compiled.config.tenants["acme"].rules;
     assert_eq!(rules.len(), 1);
@@ -157,22 +196,34 @@ fn an_invalid_regex_is_reported_in_one_line_and_the_rule_left_out() {
         panic!("expected a pattern, got {:?}", rules[0].recipients[0]);
     };
     assert!(p.is_match("sales-eu@acme.example"));
-    assert!(!p.is_match("xsales-eu@acme.example.evil"), "patterns are anchored at both ends");
+    assert!(
+        !p.is_match("xsales-eu@acme.example.evil"),
+        "patterns are anchored at both ends"
+    );
 }
 
 #[test]
 fn an_unknown_group_is_reported() {
-    let groups = "  groups:\n    - {name: sales, address: sales@acme.example, members: [a@acme.example]}";
+    let groups =
+        "  groups:\n    - {name: sales, address: sales@acme.example, members: [a@acme.example]}";
     let yaml = format!(
         "{ROUTES}{}{}{}",
         policy("acme", groups),
-        rule("by-group", "  messages: [Outbound]\n  envelopeFilter:\n    senders: [{group: sales}]\n  actions: {alsoDeliverTo: [{route: archive}]}"),
-        rule("bad-group", "  messages: [Outbound]\n  envelopeFilter:\n    senders: [{group: marketing}]\n  actions: {alsoDeliverTo: [{route: archive}]}"),
+        rule(
+            "by-group",
+            "  messages: [Outbound]\n  envelopeFilter:\n    senders: [{group: sales}]\n  actions: {alsoDeliverTo: [{route: archive}]}"
+        ),
+        rule(
+            "bad-group",
+            "  messages: [Outbound]\n  envelopeFilter:\n    senders: [{group: marketing}]\n  actions: {alsoDeliverTo: [{route: archive}]}"
+        ),
     );
     let (compiled, problems) = compile_yaml(&yaml);
     assert_eq!(
         problems,
-        [r#"RoutingRule/bad-group: envelopeFilter.senders[0].group: no group "marketing" in the rule's RelayPolicy"#]
+        [
+            r#"RoutingRule/bad-group: envelopeFilter.senders[0].group: no group "marketing" in the rule's RelayPolicy"#
+        ]
     );
     assert_eq!(compiled.config.tenants["acme"].rules.len(), 1);
 }
@@ -193,7 +244,11 @@ fn duplicate_names_leave_every_definition_out() {
 fn a_domain_or_range_claimed_by_two_policies_is_refused_on_the_later_one() {
     let a = "  authentication:\n    ipRanges: [{cidr: 10.1.0.0/24}]";
     let b = "  authentication:\n    ipRanges: [{cidr: 10.1.0.0/24}]\n  domains: [acme.example]";
-    let yaml = format!("{}{}", policy("acme", a), policy("zeta", b).replace("  domains: [zeta.example]\n", ""));
+    let yaml = format!(
+        "{}{}",
+        policy("acme", a),
+        policy("zeta", b).replace("  domains: [zeta.example]\n", "")
+    );
     let (compiled, problems) = compile_yaml(&yaml);
     assert_eq!(
         problems,
@@ -211,13 +266,18 @@ fn require_smtp_auth_without_credentials_is_refused() {
     let (_, problems) = compile_yaml(&policy("acme", extra));
     assert_eq!(
         problems,
-        ["RelayPolicy/acme: authentication.credentialsSecretRef: requireSMTPAuth is true but no credentials Secret is given"]
+        [
+            "RelayPolicy/acme: authentication.credentialsSecretRef: requireSMTPAuth is true but no credentials Secret is given"
+        ]
     );
-    let missing = "  authentication:\n    requireSMTPAuth: true\n    credentialsSecretRef: {name: nope}";
+    let missing =
+        "  authentication:\n    requireSMTPAuth: true\n    credentialsSecretRef: {name: nope}";
     let (_, problems) = compile_yaml(&policy("acme", missing));
     assert_eq!(
         problems,
-        [r#"RelayPolicy/acme: authentication.credentialsSecretRef: no Secret "nope" in namespace mail"#]
+        [
+            r#"RelayPolicy/acme: authentication.credentialsSecretRef: no Secret "nope" in namespace mail"#
+        ]
     );
 }
 
@@ -231,14 +291,27 @@ fn trial_and_standard_limits_reach_the_document() {
     let (compiled, problems) = compile_yaml(&yaml);
     assert!(problems.is_empty(), "{problems:?}");
     let trial = &compiled.config.tenants["acme"].limits;
-    assert_eq!((trial.per_customer_recipients_per_day, trial.per_customer_recipients_per_10_minutes), (100, 50));
+    assert_eq!(
+        (
+            trial.per_customer_recipients_per_day,
+            trial.per_customer_recipients_per_10_minutes
+        ),
+        (100, 50)
+    );
     let big = &compiled.config.tenants["big"].limits;
-    assert_eq!((big.per_customer_recipients_per_day, big.per_customer_recipients_per_10_minutes), (4_600_000, 319_444));
+    assert_eq!(
+        (
+            big.per_customer_recipients_per_day,
+            big.per_customer_recipients_per_10_minutes
+        ),
+        (4_600_000, 319_444)
+    );
 }
 
 const SECRET_PASSWORD: &str = "s3cret-upstream-pa55word";
 const SECRET_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$secretdigestvalue";
-const SECRET_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBsecretcabundle\n-----END CERTIFICATE-----";
+const SECRET_PEM: &str =
+    "-----BEGIN CERTIFICATE-----\nMIIBsecretcabundle\n-----END CERTIFICATE-----";
 
 fn with_credentials() -> String {
     format!(
@@ -287,8 +360,17 @@ fn credentials_never_appear_in_the_document() {
     let (compiled, problems) = compile_yaml(&with_credentials());
     assert!(problems.is_empty(), "{problems:?}");
     let json = compiled.document(1).to_json_pretty();
-    for secret in [SECRET_PASSWORD, "relay-user", SECRET_HASH, "secretdigestvalue", "MIIBsecretcabundle"] {
-        assert!(!json.contains(secret), "{secret:?} leaked into the document");
+    for secret in [
+        SECRET_PASSWORD,
+        "relay-user",
+        SECRET_HASH,
+        "secretdigestvalue",
+        "MIIBsecretcabundle",
+    ] {
+        assert!(
+            !json.contains(secret),
+            "{secret:?} leaked into the document"
+        );
     }
     // ... but they are all in the credentials bundle, where the relay will find them.
     let creds = &compiled.credentials;
@@ -298,7 +380,10 @@ fn credentials_never_appear_in_the_document() {
     assert!(compiled.config.routes["gateway"].auth);
     // And Debug output (which may end up in a log) redacts them.
     let debug = format!("{creds:?}");
-    assert!(!debug.contains(SECRET_PASSWORD) && !debug.contains(SECRET_HASH), "{debug}");
+    assert!(
+        !debug.contains(SECRET_PASSWORD) && !debug.contains(SECRET_HASH),
+        "{debug}"
+    );
 }
 
 #[test]
@@ -312,7 +397,10 @@ fn a_route_secret_without_password_names_the_missing_key() {
             r#"RelayPolicy/acme: outboundRoute: MailRoute "gateway" is invalid (see its status)"#,
         ]
     );
-    assert!(compiled.credentials.routes.is_empty(), "nothing is kept of an invalid route");
+    assert!(
+        compiled.credentials.routes.is_empty(),
+        "nothing is kept of an invalid route"
+    );
 }
 
 #[test]
@@ -357,10 +445,22 @@ fn the_same_inputs_in_any_order_give_byte_identical_output() {
         assert_eq!(render(&order), expected, "order {order:?}");
     }
     let document = RelayDocument::from_json(expected.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
-    let rules: Vec<&str> = document.config.tenants["acme"].rules.iter().map(|r| r.name.as_str()).collect();
+    let rules: Vec<&str> = document.config.tenants["acme"]
+        .rules
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
     assert_eq!(rules, ["r0", "r1", "r2"], "priority first, then name");
-    let users: Vec<String> = document.config.tenants["acme"].users.iter().map(ToString::to_string).collect();
-    assert_eq!(users, ["A@acme.example", "a@acme.example", "z@acme.example"], "local parts keep their case");
+    let users: Vec<String> = document.config.tenants["acme"]
+        .users
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        users,
+        ["A@acme.example", "a@acme.example", "z@acme.example"],
+        "local parts keep their case"
+    );
 }
 
 #[test]
@@ -371,7 +471,9 @@ fn a_schema_error_names_the_field_path_and_leaves_the_rest() {
     let (compiled, problems) = compile_yaml(&yaml);
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(
-        problems[0].starts_with("MailRoute/typo: spec.tls.mod: unknown field `mod`, expected one of `mode`"),
+        problems[0].starts_with(
+            "MailRoute/typo: spec.tls.mod: unknown field `mod`, expected one of `mode`"
+        ),
         "{}",
         problems[0]
     );
@@ -419,11 +521,18 @@ spec: {host: 192.0.2.1, mxLookup: true}
             "MailRoute/nothing: hosts.primary: every weight is 0: no host would receive mail",
         ]
     );
-    let Destination::HostSets { primary, secondary } = &compiled.config.routes["split"].destination else {
+    let Destination::HostSets { primary, secondary } = &compiled.config.routes["split"].destination
+    else {
         panic!("expected host sets");
     };
-    assert_eq!(primary[0].host, Host::Ip("2001:db8::1".parse().unwrap_or_else(|e| panic!("{e}"))));
-    assert_eq!((primary[0].port, primary[0].weight, primary[1].port), (2525, 3, 25));
+    assert_eq!(
+        primary[0].host,
+        Host::Ip("2001:db8::1".parse().unwrap_or_else(|e| panic!("{e}")))
+    );
+    assert_eq!(
+        (primary[0].port, primary[0].weight, primary[1].port),
+        (2525, 3, 25)
+    );
     assert_eq!(secondary[0].host.to_string(), "192.0.2.1");
     let Destination::Mx { domain, port } = &compiled.config.routes["direct"].destination else {
         panic!("expected MX");
@@ -436,9 +545,18 @@ fn rule_actions_are_checked_field_by_field() {
     let yaml = format!(
         "{ROUTES}{}{}{}{}",
         policy("acme", ""),
-        rule("headers", "  messages: [Inbound]\n  actions:\n    addHeaders: [{name: Subject, value: x}, {name: X-Ok, value: \"a\\r\\nBcc: evil@x\"}]"),
-        rule("reject", "  messages: [Inbound]\n  actions:\n    reject: {code: 550, enhancedCode: \"4.7.1\", text: \"no\"}\n    route: archive"),
-        rule("copies", "  messages: [Outbound]\n  actions:\n    alsoDeliverTo: [{route: archive}, {route: archive}, {recipient: \"bad address\"}, {suppressBounces: false}]\n    rewriteRecipientDomain: \"acme.example.\""),
+        rule(
+            "headers",
+            "  messages: [Inbound]\n  actions:\n    addHeaders: [{name: Subject, value: x}, {name: X-Ok, value: \"a\\r\\nBcc: evil@x\"}]"
+        ),
+        rule(
+            "reject",
+            "  messages: [Inbound]\n  actions:\n    reject: {code: 550, enhancedCode: \"4.7.1\", text: \"no\"}\n    route: archive"
+        ),
+        rule(
+            "copies",
+            "  messages: [Outbound]\n  actions:\n    alsoDeliverTo: [{route: archive}, {route: archive}, {recipient: \"bad address\"}, {suppressBounces: false}]\n    rewriteRecipientDomain: \"acme.example.\""
+        ),
     );
     let (_, problems) = compile_yaml(&yaml);
     assert_eq!(
@@ -479,10 +597,16 @@ fn a_rule_of_an_unknown_or_invalid_policy_is_reported() {
 fn users_from_a_config_map_are_merged_and_bad_lines_named() {
     let yaml = format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: dir, namespace: mail}}\ndata:\n  users: |\n    # directory\n    b@acme.example\n\n    a@acme.example\n    not an address\n{}",
-        policy("acme", "  users: [a@acme.example]\n  usersFrom: {configMapRef: {name: dir, key: users}}")
+        policy(
+            "acme",
+            "  users: [a@acme.example]\n  usersFrom: {configMapRef: {name: dir, key: users}}"
+        )
     );
     let (_, problems) = compile_yaml(&yaml);
-    assert_eq!(problems, ["RelayPolicy/acme: usersFrom.configMapRef: line 5: \"not an address\" has no '@'"]);
+    assert_eq!(
+        problems,
+        ["RelayPolicy/acme: usersFrom.configMapRef: line 5: \"not an address\" has no '@'"]
+    );
     let fixed = yaml.replace("    not an address\n", "");
     let (compiled, problems) = compile_yaml(&fixed);
     assert!(problems.is_empty(), "{problems:?}");
@@ -491,10 +615,17 @@ fn users_from_a_config_map_are_merged_and_bad_lines_named() {
 
 #[test]
 fn parent_domains_up_to_the_registrable_domain_are_internal() {
-    let yaml = policy("acme", "").replace("[acme.example]", "[eu.mail.acme.co.uk, sub.acme.example, acme.example]");
+    let yaml = policy("acme", "").replace(
+        "[acme.example]",
+        "[eu.mail.acme.co.uk, sub.acme.example, acme.example]",
+    );
     let (compiled, problems) = compile_yaml(&yaml);
     assert!(problems.is_empty(), "{problems:?}");
-    let parents: Vec<&str> = compiled.config.tenants["acme"].parent_domains.iter().map(|d| d.as_str()).collect();
+    let parents: Vec<&str> = compiled.config.tenants["acme"]
+        .parent_domains
+        .iter()
+        .map(|d| d.as_str())
+        .collect();
     // acme.example is a tenant domain itself, so it is not listed again as a parent.
     assert_eq!(parents, ["acme.co.uk", "mail.acme.co.uk"]);
 }

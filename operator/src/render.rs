@@ -28,7 +28,11 @@ pub enum RenderError {
 }
 
 /// Compiles the manifests of `dir` for one namespace (the only one present, or `namespace`).
-pub fn render(dir: &Path, namespace: Option<&str>, generation: u64) -> Result<Rendered, RenderError> {
+pub fn render(
+    dir: &Path,
+    namespace: Option<&str>,
+    generation: u64,
+) -> Result<Rendered, RenderError> {
     let mut manifests = Manifests::read_dir(dir)?;
     let with_resources: Vec<String> = manifests
         .namespaces

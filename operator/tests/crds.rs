@@ -50,7 +50,10 @@ fn cel_errors(object: &Value) -> Vec<String> {
 
 /// Structural defaulting as the API server does it: a missing property with a `default` gets it.
 fn apply_defaults(schema: &Value, value: &mut Value) {
-    if let (Some(props), Some(obj)) = (schema.get("properties").and_then(Value::as_object), value.as_object_mut()) {
+    if let (Some(props), Some(obj)) = (
+        schema.get("properties").and_then(Value::as_object),
+        value.as_object_mut(),
+    ) {
         for (name, prop) in props {
             if !obj.contains_key(name)
                 && let Some(default) = prop.get("default")
@@ -77,8 +80,12 @@ fn examples() -> Vec<Value> {
         for file in std::fs::read_dir(&path).into_iter().flatten().flatten() {
             if file.path().extension().is_some_and(|e| e == "yaml") {
                 let text = std::fs::read_to_string(file.path()).unwrap_or_else(|e| panic!("{e}"));
-                let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{e}"));
-                objects.extend(docs.into_iter().filter(|d| d["apiVersion"] == "mailroute.io/v1alpha1"));
+                let docs: Vec<Value> =
+                    serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{e}"));
+                objects.extend(
+                    docs.into_iter()
+                        .filter(|d| d["apiVersion"] == "mailroute.io/v1alpha1"),
+                );
             }
         }
     }
@@ -88,9 +95,18 @@ fn examples() -> Vec<Value> {
 #[test]
 fn every_example_passes_the_crd_cel_rules() {
     let examples = examples();
-    assert!(examples.len() >= 12, "found only {} example resources", examples.len());
+    assert!(
+        examples.len() >= 12,
+        "found only {} example resources",
+        examples.len()
+    );
     for object in &examples {
-        assert_eq!(cel_errors(object), Vec::<String>::new(), "{}", object["metadata"]["name"]);
+        assert_eq!(
+            cel_errors(object),
+            Vec::<String>::new(),
+            "{}",
+            object["metadata"]["name"]
+        );
     }
 }
 
@@ -101,17 +117,77 @@ fn resource(kind: &str, spec: Value) -> Value {
 #[test]
 fn cel_rules_refuse_cross_field_mistakes() {
     let cases = [
-        (resource("MailRoute", json!({"host": "a.example", "hosts": {"primary": [{"host": "b.example"}]}})), "set exactly one of host or hosts"),
-        (resource("MailRoute", json!({})), "set exactly one of host or hosts"),
-        (resource("MailRoute", json!({"hosts": {"primary": [{"host": "b.example"}]}, "mxLookup": true})), "mxLookup needs host"),
-        (resource("MailRoute", json!({"host": "a.example", "port": 80})), "port must be 25, 465, 587 or 1024-65535"),
-        (resource("MailRoute", json!({"host": "a.example", "tls": {"mode": "Disabled", "caBundleSecretRef": {"name": "s", "key": "k"}}})), "caBundleSecretRef has no effect"),
-        (resource("RelayPolicy", json!({"domains": ["a.example"], "licenses": 1, "authentication": {"requireSMTPAuth": true}})), "requireSMTPAuth needs credentialsSecretRef"),
-        (resource("RelayPolicy", json!({"domains": ["a.example"], "licenses": 1, "usersFrom": {}})), "set exactly one of configMapRef or secretRef"),
-        (resource("RoutingRule", json!({"policyRef": "p", "messages": ["Inbound"], "envelopeFilter": {"senders": [{"address": "a@b.example", "domain": "b.example"}]}})), "set exactly one of address, pattern, domain or group"),
-        (resource("RoutingRule", json!({"policyRef": "p", "messages": ["Inbound"], "actions": {"alsoDeliverTo": [{"suppressBounces": false}]}})), "set route, recipient, or both"),
-        (resource("RoutingRule", json!({"policyRef": "p", "messages": ["Inbound"], "actions": {"route": "r", "reject": {"code": 550, "enhancedCode": "5.7.1", "text": "no"}}})), "reject cannot be combined"),
-        (resource("RoutingRule", json!({"policyRef": "p", "messages": ["Inbound"], "actions": {"reject": {"code": 550, "enhancedCode": "4.7.1", "text": "no"}}})), "enhancedCode must have the same class as code"),
+        (
+            resource(
+                "MailRoute",
+                json!({"host": "a.example", "hosts": {"primary": [{"host": "b.example"}]}}),
+            ),
+            "set exactly one of host or hosts",
+        ),
+        (
+            resource("MailRoute", json!({})),
+            "set exactly one of host or hosts",
+        ),
+        (
+            resource(
+                "MailRoute",
+                json!({"hosts": {"primary": [{"host": "b.example"}]}, "mxLookup": true}),
+            ),
+            "mxLookup needs host",
+        ),
+        (
+            resource("MailRoute", json!({"host": "a.example", "port": 80})),
+            "port must be 25, 465, 587 or 1024-65535",
+        ),
+        (
+            resource(
+                "MailRoute",
+                json!({"host": "a.example", "tls": {"mode": "Disabled", "caBundleSecretRef": {"name": "s", "key": "k"}}}),
+            ),
+            "caBundleSecretRef has no effect",
+        ),
+        (
+            resource(
+                "RelayPolicy",
+                json!({"domains": ["a.example"], "licenses": 1, "authentication": {"requireSMTPAuth": true}}),
+            ),
+            "requireSMTPAuth needs credentialsSecretRef",
+        ),
+        (
+            resource(
+                "RelayPolicy",
+                json!({"domains": ["a.example"], "licenses": 1, "usersFrom": {}}),
+            ),
+            "set exactly one of configMapRef or secretRef",
+        ),
+        (
+            resource(
+                "RoutingRule",
+                json!({"policyRef": "p", "messages": ["Inbound"], "envelopeFilter": {"senders": [{"address": "a@b.example", "domain": "b.example"}]}}),
+            ),
+            "set exactly one of address, pattern, domain or group",
+        ),
+        (
+            resource(
+                "RoutingRule",
+                json!({"policyRef": "p", "messages": ["Inbound"], "actions": {"alsoDeliverTo": [{"suppressBounces": false}]}}),
+            ),
+            "set route, recipient, or both",
+        ),
+        (
+            resource(
+                "RoutingRule",
+                json!({"policyRef": "p", "messages": ["Inbound"], "actions": {"route": "r", "reject": {"code": 550, "enhancedCode": "5.7.1", "text": "no"}}}),
+            ),
+            "reject cannot be combined",
+        ),
+        (
+            resource(
+                "RoutingRule",
+                json!({"policyRef": "p", "messages": ["Inbound"], "actions": {"reject": {"code": 550, "enhancedCode": "4.7.1", "text": "no"}}}),
+            ),
+            "enhancedCode must have the same class as code",
+        ),
     ];
     for (object, expected) in cases {
         let errors = cel_errors(&object);
@@ -120,6 +196,9 @@ fn cel_rules_refuse_cross_field_mistakes() {
             "{object}: expected {expected:?}, got {errors:?}"
         );
     }
-    let fine = resource("RoutingRule", json!({"policyRef": "p", "messages": ["Inbound"], "actions": {"reject": {"code": 450, "enhancedCode": "4.7.1", "text": "later"}}}));
+    let fine = resource(
+        "RoutingRule",
+        json!({"policyRef": "p", "messages": ["Inbound"], "actions": {"reject": {"code": 450, "enhancedCode": "4.7.1", "text": "later"}}}),
+    );
     assert_eq!(cel_errors(&fine), Vec::<String>::new());
 }

@@ -26,7 +26,8 @@ pub fn effective_limits(licenses: u32, tier: Tier, overrides: Option<&LimitOverr
     let licenses = u64::from(licenses.max(1));
     let (day, ten_minutes) = match tier {
         Tier::Standard => (
-            (CUSTOMER_RECIPIENTS_PER_DAY_PER_LICENSE * licenses).min(CUSTOMER_RECIPIENTS_PER_DAY_CAP),
+            (CUSTOMER_RECIPIENTS_PER_DAY_PER_LICENSE * licenses)
+                .min(CUSTOMER_RECIPIENTS_PER_DAY_CAP),
             (CUSTOMER_RECIPIENTS_PER_10_MIN_PER_LICENSE * licenses)
                 .min(CUSTOMER_RECIPIENTS_PER_10_MIN_CAP),
         ),
@@ -45,7 +46,10 @@ pub fn effective_limits(licenses: u32, tier: Tier, overrides: Option<&LimitOverr
                 *target = v;
             }
         };
-        set(&mut limits.per_user_messages_per_day, o.per_user.messages_per_day);
+        set(
+            &mut limits.per_user_messages_per_day,
+            o.per_user.messages_per_day,
+        );
         set(
             &mut limits.per_user_unique_recipients_per_day,
             o.per_user.unique_recipients_per_day,
@@ -85,7 +89,10 @@ mod tests {
         // 130 x 35,385 = 4,600,050: the first license count past the daily cap.
         assert_eq!(standard(35_384), (10_000, 4_599_920, 4_599_920, 318_456));
         assert_eq!(standard(35_385), (10_000, 4_600_050, 4_600_000, 318_465));
-        assert_eq!(standard(1_000_000), (10_000, 130_000_000, 4_600_000, 319_444));
+        assert_eq!(
+            standard(1_000_000),
+            (10_000, 130_000_000, 4_600_000, 319_444)
+        );
         // 9 x 35,494 = 319,446: the 10-minute cap bites a little later.
         assert_eq!(standard(35_494).3, 319_444);
         assert_eq!(standard(35_493).3, 319_437);
@@ -98,7 +105,10 @@ mod tests {
             assert_eq!(l.per_customer_recipients_per_day, 100);
             assert_eq!(l.per_customer_recipients_per_10_minutes, 50);
             assert_eq!(l.per_user_messages_per_day, 10_000);
-            assert_eq!(l.per_user_unique_recipients_per_day, 130 * u64::from(licenses));
+            assert_eq!(
+                l.per_user_unique_recipients_per_day,
+                130 * u64::from(licenses)
+            );
         }
     }
 

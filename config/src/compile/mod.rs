@@ -82,7 +82,11 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}: {}: {}", self.kind, self.name, self.field, self.message)
+        write!(
+            f,
+            "{}/{}: {}: {}",
+            self.kind, self.name, self.field, self.message
+        )
     }
 }
 
@@ -104,7 +108,11 @@ impl Compiled {
     }
 
     /// The problems of one resource.
-    pub fn problems_of<'a>(&'a self, kind: Kind, name: &'a str) -> impl Iterator<Item = &'a Problem> {
+    pub fn problems_of<'a>(
+        &'a self,
+        kind: Kind,
+        name: &'a str,
+    ) -> impl Iterator<Item = &'a Problem> {
         self.problems
             .iter()
             .filter(move |p| p.kind == kind && p.name == name)
@@ -155,10 +163,12 @@ fn secret_value<'i>(inputs: &'i Inputs, r: &KeyRef) -> Result<&'i [u8], String> 
 
 /// Looks up a ConfigMap key, or says precisely what is missing.
 fn config_map_value<'i>(inputs: &'i Inputs, r: &KeyRef) -> Result<&'i str, String> {
-    let map = inputs
-        .config_maps
-        .get(&r.name)
-        .ok_or_else(|| format!("no ConfigMap {:?} in namespace {}", r.name, inputs.namespace))?;
+    let map = inputs.config_maps.get(&r.name).ok_or_else(|| {
+        format!(
+            "no ConfigMap {:?} in namespace {}",
+            r.name, inputs.namespace
+        )
+    })?;
     map.get(&r.key)
         .map(String::as_str)
         .ok_or_else(|| format!("ConfigMap {:?} has no key {:?}", r.name, r.key))
@@ -223,7 +233,7 @@ pub fn compile(inputs: &Inputs) -> Compiled {
     // told apart from a reference to a missing one.
     let route_names = Names::new(Kind::MailRoute, &inputs.routes, &inputs.namespace);
     for object in routes {
-        let mut report = Report::new(Kind::MailRoute, &object.name); 
+        let mut report = Report::new(Kind::MailRoute, &object.name);
         let compiled = route::compile(object, inputs, &mut report, &mut out.credentials);
         match compiled {
             Some(route) if report.is_clean() => {
@@ -250,7 +260,9 @@ pub fn compile(inputs: &Inputs) -> Compiled {
         {
             claims.commit(&object.name, &tenant);
             if let Some(accounts) = accounts {
-                out.credentials.tenants.insert(object.name.clone(), accounts);
+                out.credentials
+                    .tenants
+                    .insert(object.name.clone(), accounts);
             }
             out.config.tenants.insert(object.name.clone(), tenant);
         }
@@ -320,9 +332,15 @@ impl<'a> Names<'a> {
         if valid {
             None
         } else if self.given.contains(name) {
-            Some(format!("{} {name:?} is invalid (see its status)", self.kind))
+            Some(format!(
+                "{} {name:?} is invalid (see its status)",
+                self.kind
+            ))
         } else {
-            Some(format!("no {} {name:?} in namespace {}", self.kind, self.namespace))
+            Some(format!(
+                "no {} {name:?} in namespace {}",
+                self.kind, self.namespace
+            ))
         }
     }
 }

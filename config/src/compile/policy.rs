@@ -73,15 +73,22 @@ pub(super) fn compile(
     }
     if let Some(from) = &spec.users_from {
         let (field, directory) = match (&from.config_map_ref, &from.secret_ref) {
-            (Some(r), None) => ("usersFrom.configMapRef", config_map_value(inputs, r).map(str::to_owned)),
+            (Some(r), None) => (
+                "usersFrom.configMapRef",
+                config_map_value(inputs, r).map(str::to_owned),
+            ),
             (None, Some(r)) => (
                 "usersFrom.secretRef",
                 secret_value(inputs, r).and_then(|bytes| {
-                    String::from_utf8(bytes.to_vec())
-                        .map_err(|_| format!("Secret {:?} key {:?} is not UTF-8 text", r.name, r.key))
+                    String::from_utf8(bytes.to_vec()).map_err(|_| {
+                        format!("Secret {:?} key {:?} is not UTF-8 text", r.name, r.key)
+                    })
                 }),
             ),
-            _ => ("usersFrom", Err("set exactly one of configMapRef or secretRef".to_owned())),
+            _ => (
+                "usersFrom",
+                Err("set exactly one of configMapRef or secretRef".to_owned()),
+            ),
         };
         match directory {
             Ok(text) => read_directory(&text, field, &mut users, report),
@@ -94,7 +101,10 @@ pub(super) fn compile(
         let address = match g.address.parse::<Address>() {
             Ok(a) => Some(a),
             Err(e) => {
-                report.bad(format!("groups[{i}].address"), format!("{:?} {e}", g.address));
+                report.bad(
+                    format!("groups[{i}].address"),
+                    format!("{:?} {e}", g.address),
+                );
                 None
             }
         };
@@ -110,7 +120,10 @@ pub(super) fn compile(
         if g.name.is_empty() {
             report.bad(format!("groups[{i}].name"), "must not be empty");
         } else if groups.contains_key(&g.name) {
-            report.bad(format!("groups[{i}].name"), format!("group {:?} is defined twice", g.name));
+            report.bad(
+                format!("groups[{i}].name"),
+                format!("group {:?} is defined twice", g.name),
+            );
         } else if let Some(address) = address {
             groups.insert(
                 g.name.clone(),

@@ -26,7 +26,13 @@ pub(super) fn compile(
 ) -> Option<Route> {
     let spec = &object.spec;
     if !port_allowed(spec.port) {
-        report.bad("port", format!("{} is not allowed: use 25, 465, 587 or 1024-65535", spec.port));
+        report.bad(
+            "port",
+            format!(
+                "{} is not allowed: use 25, 465, 587 or 1024-65535",
+                spec.port
+            ),
+        );
     }
     let destination = destination(spec, report);
 
@@ -43,7 +49,10 @@ pub(super) fn compile(
         );
     }
     if spec.tls.mode == TlsMode::Disabled && spec.tls.ca_bundle_secret_ref.is_some() {
-        report.bad("tls.caBundleSecretRef", "has no effect when tls.mode is Disabled");
+        report.bad(
+            "tls.caBundleSecretRef",
+            "has no effect when tls.mode is Disabled",
+        );
     }
     let ca_bundle = match &spec.tls.ca_bundle_secret_ref {
         Some(r) => match ca_bundle(inputs, r) {
@@ -91,8 +100,13 @@ pub(super) fn compile(
 
     let helo_name = match &spec.helo_name {
         Some(name) => match name.parse::<Domain>() {
-            Ok(domain) if domain.as_str() == "localhost" || domain.as_str().ends_with(".localhost") => {
-                report.bad("heloName", "must not be localhost: upstreams refuse or distrust it");
+            Ok(domain)
+                if domain.as_str() == "localhost" || domain.as_str().ends_with(".localhost") =>
+            {
+                report.bad(
+                    "heloName",
+                    "must not be localhost: upstreams refuse or distrust it",
+                );
                 None
             }
             Ok(domain) => Some(domain),
@@ -118,7 +132,10 @@ pub(super) fn compile(
     let pool = Pool {
         max_connections: spec.connection_pool.max_connections,
         max_messages_per_connection: spec.connection_pool.max_messages_per_connection,
-        idle_timeout_ms: ms("connectionPool.idleTimeout", &spec.connection_pool.idle_timeout),
+        idle_timeout_ms: ms(
+            "connectionPool.idleTimeout",
+            &spec.connection_pool.idle_timeout,
+        ),
     };
     let timeouts = RouteTimeouts {
         connect_ms: ms("timeouts.connect", &spec.timeouts.connect),
@@ -139,7 +156,10 @@ pub(super) fn compile(
         report.bad("connectionPool.maxConnections", "must be at least 1");
     }
     if pool.max_messages_per_connection == 0 {
-        report.bad("connectionPool.maxMessagesPerConnection", "must be at least 1");
+        report.bad(
+            "connectionPool.maxMessagesPerConnection",
+            "must be at least 1",
+        );
     }
 
     Some(Route {
@@ -194,7 +214,10 @@ fn destination(spec: &MailRouteSpec, report: &mut Report<'_>) -> Option<Destinat
             if sets.primary.is_empty() {
                 report.bad("hosts.primary", "needs at least one host");
             } else if sets.primary.iter().all(|h| h.weight == 0) {
-                report.bad("hosts.primary", "every weight is 0: no host would receive mail");
+                report.bad(
+                    "hosts.primary",
+                    "every weight is 0: no host would receive mail",
+                );
             }
             Some(Destination::HostSets { primary, secondary })
         }

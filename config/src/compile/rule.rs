@@ -30,20 +30,36 @@ pub(super) fn compile(
     let spec = &object.spec;
     let messages: BTreeSet<_> = spec.messages.iter().copied().collect();
     if messages.is_empty() {
-        report.bad("messages", "needs at least one of Inbound, InternalReceiving, Outbound, InternalSending");
+        report.bad(
+            "messages",
+            "needs at least one of Inbound, InternalReceiving, Outbound, InternalSending",
+        );
     }
     let account_types: BTreeSet<_> = match &spec.account_types {
         Some(types) if types.is_empty() => {
-            report.bad("accountTypes", "must not be empty: leave it out to mean all account types");
+            report.bad(
+                "accountTypes",
+                "must not be empty: leave it out to mean all account types",
+            );
             BTreeSet::new()
         }
         Some(types) => types.iter().copied().collect(),
-        None => [AccountType::Users, AccountType::Groups, AccountType::Unrecognized].into(),
+        None => [
+            AccountType::Users,
+            AccountType::Groups,
+            AccountType::Unrecognized,
+        ]
+        .into(),
     };
 
     let filter = spec.envelope_filter.clone().unwrap_or_default();
     let senders = matchers(&filter.senders, "envelopeFilter.senders", tenant, report);
-    let recipients = matchers(&filter.recipients, "envelopeFilter.recipients", tenant, report);
+    let recipients = matchers(
+        &filter.recipients,
+        "envelopeFilter.recipients",
+        tenant,
+        report,
+    );
 
     let a = &spec.actions;
     if let Some(route) = &a.route {
@@ -99,10 +115,16 @@ pub(super) fn compile(
         if !name_ok {
             report.bad(
                 format!("actions.addHeaders[{i}].name"),
-                format!("{:?} must start with X- and contain only printable ASCII without ':'", h.name),
+                format!(
+                    "{:?} must start with X- and contain only printable ASCII without ':'",
+                    h.name
+                ),
             );
         }
-        if h.value.chars().any(|c| c == '\r' || c == '\n' || (c.is_control() && c != '\t')) {
+        if h.value
+            .chars()
+            .any(|c| c == '\r' || c == '\n' || (c.is_control() && c != '\t'))
+        {
             report.bad(
                 format!("actions.addHeaders[{i}].value"),
                 "must be one line: no CR, LF or control characters",
@@ -115,19 +137,32 @@ pub(super) fn compile(
     }
     let reject = a.reject.as_ref().map(|r| {
         if !(400..=599).contains(&r.code) {
-            report.bad("actions.reject.code", format!("{} is not a 4xx or 5xx reply code", r.code));
+            report.bad(
+                "actions.reject.code",
+                format!("{} is not a 4xx or 5xx reply code", r.code),
+            );
         }
         let class_ok = r.enhanced_code.split('.').count() == 3
-            && r.enhanced_code.split('.').all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+            && r.enhanced_code
+                .split('.')
+                .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
             && r.enhanced_code.starts_with(&format!("{}.", r.code / 100));
         if !class_ok {
             report.bad(
                 "actions.reject.enhancedCode",
-                format!("{:?} must look like {}.x.y, of the same class as code {}", r.enhanced_code, r.code / 100, r.code),
+                format!(
+                    "{:?} must look like {}.x.y, of the same class as code {}",
+                    r.enhanced_code,
+                    r.code / 100,
+                    r.code
+                ),
             );
         }
         if r.text.is_empty() || !r.text.bytes().all(|b| (32..=126).contains(&b)) {
-            report.bad("actions.reject.text", "must be one non-empty line of printable ASCII");
+            report.bad(
+                "actions.reject.text",
+                "must be one non-empty line of printable ASCII",
+            );
         }
         Reject {
             code: r.code,
@@ -135,7 +170,11 @@ pub(super) fn compile(
             text: r.text.clone(),
         }
     });
-    if reject.is_some() && (a.route.is_some() || !a.also_deliver_to.is_empty() || a.rewrite_recipient_domain.is_some()) {
+    if reject.is_some()
+        && (a.route.is_some()
+            || !a.also_deliver_to.is_empty()
+            || a.rewrite_recipient_domain.is_some())
+    {
         report.bad(
             "actions.reject",
             "cannot be combined with route, alsoDeliverTo or rewriteRecipientDomain",
@@ -171,9 +210,17 @@ fn matchers(
     let mut out = Vec::with_capacity(given.len());
     for (i, m) in given.iter().enumerate() {
         let field = format!("{field}[{i}]");
-        let set = [m.address.is_some(), m.pattern.is_some(), m.domain.is_some(), m.group.is_some()];
+        let set = [
+            m.address.is_some(),
+            m.pattern.is_some(),
+            m.domain.is_some(),
+            m.group.is_some(),
+        ];
         if set.iter().filter(|s| **s).count() != 1 {
-            report.bad(field, "set exactly one of address, pattern, domain or group");
+            report.bad(
+                field,
+                "set exactly one of address, pattern, domain or group",
+            );
             continue;
         }
         let matcher = if let Some(text) = &m.address {
@@ -181,9 +228,12 @@ fn matchers(
                 .map(Matcher::Address)
                 .map_err(|e| (format!("{field}.address"), format!("{text:?} {e}")))
         } else if let Some(text) = &m.pattern {
-            Pattern::new(text)
-                .map(Matcher::Pattern)
-                .map_err(|e| (format!("{field}.pattern"), format!("invalid regular expression: {}", first_line(&e.to_string()))))
+            Pattern::new(text).map(Matcher::Pattern).map_err(|e| {
+                (
+                    format!("{field}.pattern"),
+                    format!("invalid regular expression: {}", first_line(&e.to_string())),
+                )
+            })
         } else if let Some(text) = &m.domain {
             text.parse::<Domain>()
                 .map(Matcher::Domain)
@@ -192,7 +242,10 @@ fn matchers(
             if tenant.groups.iter().any(|g| &g.name == name) {
                 Ok(Matcher::Group(name.clone()))
             } else {
-                Err((format!("{field}.group"), format!("no group {name:?} in the rule's RelayPolicy")))
+                Err((
+                    format!("{field}.group"),
+                    format!("no group {name:?} in the rule's RelayPolicy"),
+                ))
             }
         } else {
             continue;
@@ -207,7 +260,11 @@ fn matchers(
 
 /// regex errors span several lines with a caret diagram; a status message wants the gist.
 fn first_line(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     match lines.iter().rev().find(|l| l.starts_with("error:")) {
         Some(last) => last.trim_start_matches("error:").trim().to_owned(),
         None => lines.join(" "),

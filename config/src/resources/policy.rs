@@ -106,7 +106,9 @@ pub struct GroupSpec {
 }
 
 /// Tenant tier.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 pub enum Tier {
     /// Limits derived from licenses.
     #[default]
@@ -116,7 +118,9 @@ pub enum Tier {
 }
 
 /// Which envelope senders a tenant may relay.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 pub enum AllowedSenders {
     /// Only registered users.
     RegisteredUsers,

@@ -121,7 +121,9 @@ fn default_weight() -> u32 {
 }
 
 /// How TLS is used towards a destination.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 pub enum TlsMode {
     /// Use STARTTLS when the destination offers it, otherwise send in clear.
     #[default]
@@ -147,14 +149,22 @@ pub struct RouteTls {
     pub mode: TlsMode,
     /// Require a certificate chaining to a trusted CA. Default: true when `mode` is `Required` or
     /// `Implicit`, false otherwise.
-    #[serde(rename = "requireCASigned", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "requireCASigned",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub require_ca_signed: Option<bool>,
     /// Require the certificate to match the destination host name. Default: true when `mode` is
     /// `Required` or `Implicit`, false otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validate_hostname: Option<bool>,
     /// Extra trust roots (PEM certificates) from a Secret key, added to the system roots.
-    #[serde(rename = "caBundleSecretRef", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "caBundleSecretRef",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ca_bundle_secret_ref: Option<KeyRef>,
 }
 
@@ -240,7 +250,9 @@ impl Default for Timeouts {
 }
 
 /// Whether a failed delivery to a destination affects the client's reply.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 pub enum DeliveryMode {
     /// A failure holds the client's reply: the client is told to retry (4xx).
     #[default]

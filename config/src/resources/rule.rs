@@ -64,7 +64,9 @@ pub struct RoutingRuleSpec {
 }
 
 /// The direction of a message, per recipient.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 pub enum MessageKind {
     /// External sender to a recipient in the tenant's domains.
     Inbound,
@@ -77,7 +79,9 @@ pub enum MessageKind {
 }
 
 /// Account types of a recipient in the tenant's domains.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 pub enum AccountType {
     /// A registered user of the tenant.
     Users,
@@ -88,7 +92,9 @@ pub enum AccountType {
 }
 
 /// Whether a rule acts or only reports.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 pub enum RuleMode {
     /// Apply the actions.
     #[default]

@@ -1,0 +1,115 @@
+//! Loading the relay's configuration from files.
+//!
+//! `--manifests DIR` compiles Kubernetes manifests with the same compiler the operator runs;
+//! `--config FILE` reads a document the operator compiled (`mailroute-operator render` output or
+//! the ConfigMap's content). Either way the result has passed [`RelayDocument::from_json`]'s
+//! checks. A relay refuses to start on a configuration with any problem: running with a tenant
+//! silently left out would refuse or misroute its mail.
+
+use mailroute_config::manifests::ManifestError;
+use mailroute_config::{Credentials, Manifests, Problem, RelayDocument, compile};
+use std::path::{Path, PathBuf};
+
+/// A configuration ready for use.
+#[derive(Debug)]
+pub struct Loaded {
+    pub document: RelayDocument,
+    pub credentials: Credentials,
+}
+
+/// Why a configuration was not loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Manifests(#[from] ManifestError),
+    #[error("{} invalid resource(s):\n  {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+    Invalid(Vec<Problem>),
+    #[error("{dir}: the manifests span namespaces {}; give the relay one namespace's manifests", .namespaces.join(", "))]
+    SeveralNamespaces {
+        dir: PathBuf,
+        namespaces: Vec<String>,
+    },
+    #[error("{0}: no MailRoute, RoutingRule or RelayPolicy found")]
+    Nothing(PathBuf),
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Document {
+        path: PathBuf,
+        source: mailroute_config::document::DocumentError,
+    },
+}
+
+/// Compiles the manifests of `dir` (one namespace) into a configuration.
+pub fn from_manifests(dir: &Path, generation: u64) -> Result<Loaded, LoadError> {
+    let manifests = Manifests::read_dir(dir)?;
+    for warning in &manifests.warnings {
+        tracing::warn!(%warning, "manifest skipped");
+    }
+    let mut namespaces: Vec<String> = manifests
+        .namespaces
+        .iter()
+        .filter(|(_, i)| !(i.routes.is_empty() && i.policies.is_empty() && i.rules.is_empty()))
+        .map(|(ns, _)| ns.clone())
+        .collect();
+    if !manifests.problems.is_empty() {
+        return Err(LoadError::Invalid(manifests.problems));
+    }
+    let namespace = match namespaces.len() {
+        0 => return Err(LoadError::Nothing(dir.to_owned())),
+        1 => namespaces.remove(0),
+        _ => {
+            return Err(LoadError::SeveralNamespaces {
+                dir: dir.to_owned(),
+                namespaces,
+            });
+        }
+    };
+    let mut manifests = manifests;
+    let inputs = manifests.namespaces.remove(&namespace).unwrap_or_default();
+    let compiled = compile(&inputs);
+    if !compiled.problems.is_empty() {
+        return Err(LoadError::Invalid(compiled.problems));
+    }
+    Ok(Loaded {
+        document: compiled.document(generation),
+        credentials: compiled.credentials,
+    })
+}
+
+/// Reads a compiled document. Credentials are not part of it; they come with the ConfigMap
+/// watch of the operator's deployment.
+pub fn from_document_file(path: &Path) -> Result<Loaded, LoadError> {
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let document = RelayDocument::from_json(&bytes).map_err(|source| LoadError::Document {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(Loaded {
+        document,
+        credentials: Credentials::default(),
+    })
+}
+
+/// A one-line description of a configuration, for logs and `--check`.
+pub fn summary(loaded: &Loaded) -> String {
+    let config = &loaded.document.config;
+    let rules: usize = config.tenants.values().map(|t| t.rules.len()).sum();
+    let users: usize = config.tenants.values().map(|t| t.users.len()).sum();
+    format!(
+        "namespace {}, generation {}, {}: {} route(s), {} tenant(s), {} rule(s), {} user(s)",
+        config.namespace,
+        loaded.document.generation,
+        loaded.document.hash,
+        config.routes.len(),
+        config.tenants.len(),
+        rules,
+        users
+    )
+}
