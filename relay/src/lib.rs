@@ -5,3 +5,4 @@
 //!   in-process, or `--config FILE`, a compiled document) and the checks it passes before use.
 
 pub mod config_source;
+pub mod smtp;
