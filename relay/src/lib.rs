@@ -3,6 +3,14 @@
 //! # Layout
 //! - [`config_source`]: where the relay's configuration comes from (`--manifests DIR`, compiled
 //!   in-process, or `--config FILE`, a compiled document) and the checks it passes before use.
+//! - [`smtp`]: the protocol, free of I/O: replies, command framing and parsing, the strict
+//!   DATA/BDAT receiver and dot-stuffing writer, and the session state machine.
+//! - [`server`]: listeners, TLS, the per-connection driver, AUTH throttling, graceful shutdown.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`metrics`]: the relay's Prometheus metrics.
 
+pub mod admin;
 pub mod config_source;
+pub mod metrics;
+pub mod server;
 pub mod smtp;

@@ -1,9 +1,20 @@
 //! `mailroute-relay`: the stateless SMTP relay.
 
+use anyhow::Context;
 use clap::{ArgGroup, Parser};
 use mailroute_relay::config_source;
+use mailroute_relay::metrics::Metrics;
+use mailroute_relay::server::auth_throttle::{AuthThrottle, ThrottleConfig};
+use mailroute_relay::server::tls::CertificateStore;
+use mailroute_relay::server::{BoxFuture, Deliver, Limits, NoAccounts, Server, Shared};
+use mailroute_relay::smtp::reply::Reply;
+use mailroute_relay::smtp::session::{ListenerKind, SessionConfig, Transaction};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 /// Stateless SMTP relay driven by Mailroute's compiled configuration.
 #[derive(Debug, Parser)]
@@ -20,6 +31,113 @@ struct Cli {
     /// Load and check the configuration, print a summary, and exit: 0 when it is valid.
     #[arg(long)]
     check: bool,
+    /// Port-25-style listener (STARTTLS offered), e.g. 0.0.0.0:25. Repeatable.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "MAILROUTE_SMTP",
+        value_delimiter = ','
+    )]
+    smtp: Vec<SocketAddr>,
+    /// Port-587-style listener (STARTTLS offered, AUTH after TLS). Repeatable.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "MAILROUTE_SUBMISSION",
+        value_delimiter = ','
+    )]
+    submission: Vec<SocketAddr>,
+    /// Port-465-style listener (TLS from the first byte). Repeatable; needs --tls-cert.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "MAILROUTE_SMTPS",
+        value_delimiter = ','
+    )]
+    smtps: Vec<SocketAddr>,
+    /// PEM certificate chain for STARTTLS and smtps; reloaded when the file changes.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "MAILROUTE_TLS_CERT",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert; reloaded when the file changes.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "MAILROUTE_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Admin listener serving /metrics, /healthz and /readyz, e.g. 0.0.0.0:9090.
+    #[arg(long, value_name = "ADDR", env = "MAILROUTE_ADMIN")]
+    admin: Option<SocketAddr>,
+    /// Name used in the greeting, in Received: headers and in EHLO to upstreams.
+    /// Default: the machine's host name (never localhost).
+    #[arg(long, value_name = "NAME", env = "MAILROUTE_HOSTNAME")]
+    hostname: Option<String>,
+    /// Seconds transactions in flight may take to finish after SIGTERM.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        env = "MAILROUTE_SHUTDOWN_GRACE",
+        default_value_t = 30
+    )]
+    shutdown_grace: u64,
+    /// Largest message accepted, in octets (advertised as SIZE).
+    #[arg(
+        long,
+        value_name = "OCTETS",
+        env = "MAILROUTE_MAX_MESSAGE_SIZE",
+        default_value_t = 36_700_160
+    )]
+    max_message_size: usize,
+    /// Recipients per transaction (RFC 5321 asks for at least 100).
+    #[arg(long, value_name = "N", env = "MAILROUTE_MAX_RECIPIENTS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(100..))]
+    max_recipients: u32,
+    /// Sessions open at once; further clients get 421 4.3.2.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "MAILROUTE_MAX_SESSIONS",
+        default_value_t = 20_000
+    )]
+    max_sessions: usize,
+    /// Seconds to wait for a command before 421 4.4.2.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        env = "MAILROUTE_IDLE_TIMEOUT",
+        default_value_t = 300
+    )]
+    idle_timeout: u64,
+}
+
+/// Until routing and delivery land, an accepted message cannot go anywhere: say so with a
+/// temporary failure, so the client keeps it, instead of a 250 that would lose it.
+struct NoDeliveryYet;
+
+impl Deliver for NoDeliveryYet {
+    fn deliver(&self, _: Transaction) -> BoxFuture<'_, Reply> {
+        Box::pin(async {
+            Reply::new(
+                451,
+                "4.3.0",
+                "No delivery path is configured; message not accepted, try again later",
+            )
+        })
+    }
+}
+
+fn system_hostname() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())?;
+    let name = name.trim().to_owned();
+    (!name.is_empty() && name != "localhost").then_some(name)
 }
 
 fn main() -> ExitCode {
@@ -50,6 +168,131 @@ fn main() -> ExitCode {
     if cli.check {
         return ExitCode::SUCCESS;
     }
-    eprintln!("mailroute-relay: no SMTP listener is available in this build yet; use --check");
-    ExitCode::from(2)
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mailroute-relay: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(serve(cli, loaded)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mailroute-relay: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
+    if cli.smtp.is_empty() && cli.submission.is_empty() && cli.smtps.is_empty() {
+        anyhow::bail!("no listener: give at least one of --smtp, --submission, --smtps");
+    }
+    let hostname = match cli.hostname.clone().or_else(system_hostname) {
+        Some(name) if name != "localhost" => name,
+        _ => anyhow::bail!("set --hostname: the system host name is missing or localhost"),
+    };
+    let certificates = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(CertificateStore::load(cert, key).context("loading the TLS certificate")?)
+        }
+        _ => None,
+    };
+    if certificates.is_none() && !cli.smtps.is_empty() {
+        anyhow::bail!("--smtps needs --tls-cert and --tls-key");
+    }
+    let tls = match &certificates {
+        Some(store) => Some(tokio_rustls::TlsAcceptor::from(store.server_config()?)),
+        None => None,
+    };
+    let _watch = certificates
+        .as_ref()
+        .map(|store| store.watch(Duration::from_secs(2)));
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(Metrics::register(&mut registry));
+    metrics
+        .config_generation
+        .set(i64::try_from(loaded.document.generation).unwrap_or(i64::MAX));
+
+    let mut session = SessionConfig::new(hostname);
+    session.tls_available = tls.is_some();
+    session.max_message_size = cli.max_message_size;
+    session.max_recipients = cli.max_recipients as usize;
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(cli.idle_timeout),
+        max_sessions: cli.max_sessions,
+        shutdown_grace: Duration::from_secs(cli.shutdown_grace),
+        ..Limits::default()
+    };
+    let ready = Arc::new(AtomicBool::new(false));
+    let shared = Shared {
+        session: Arc::new(session),
+        limits,
+        tls,
+        deliver: Arc::new(NoDeliveryYet),
+        auth: Arc::new(NoAccounts),
+        throttle: AuthThrottle::new(ThrottleConfig::default()),
+        metrics,
+        ready: Arc::clone(&ready),
+    };
+
+    let mut listeners = Vec::new();
+    for (kind, addrs) in [
+        (ListenerKind::Smtp, &cli.smtp),
+        (ListenerKind::Submission, &cli.submission),
+        (ListenerKind::Smtps, &cli.smtps),
+    ] {
+        for addr in addrs {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {} listener {addr}", kind.as_str()))?;
+            tracing::info!(listener = kind.as_str(), addr = %listener.local_addr()?, "listening");
+            listeners.push((kind, listener));
+        }
+    }
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin = match cli.admin {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding admin listener {addr}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "admin listening");
+            let registry = Arc::new(registry);
+            Some(tokio::spawn(mailroute_relay::admin::serve(
+                listener,
+                registry,
+                Arc::clone(&ready),
+                async {
+                    let _ = admin_stopped.await;
+                },
+            )))
+        }
+        None => None,
+    };
+    Server::new(shared, listeners).run(shutdown_signal()).await;
+    let _ = stop_admin.send(());
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
+    Ok(())
+}
+
+/// SIGTERM (Kubernetes) or SIGINT (a terminal).
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
 }

@@ -1,0 +1,257 @@
+//! Listeners and sessions: accepts connections on the smtp, submission and smtps listeners,
+//! runs each session's driver, limits concurrent sessions, and shuts down gracefully.
+
+pub mod auth_throttle;
+mod connection;
+pub mod tls;
+
+use crate::metrics::Metrics;
+use crate::smtp::reply::Reply;
+use crate::smtp::session::{ListenerKind, SessionConfig, Transaction};
+use auth_throttle::AuthThrottle;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Takes an accepted message somewhere and says what to tell the client.
+pub trait Deliver: Send + Sync + 'static {
+    fn deliver(&self, transaction: Transaction) -> BoxFuture<'_, Reply>;
+}
+
+/// Checks SMTP AUTH credentials.
+pub trait Authenticator: Send + Sync + 'static {
+    fn check<'a>(&'a self, username: &'a str, password: &'a str) -> BoxFuture<'a, bool>;
+}
+
+/// Refuses every credential (no tenant has accounts).
+#[derive(Debug)]
+pub struct NoAccounts;
+
+impl Authenticator for NoAccounts {
+    fn check<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(async { false })
+    }
+}
+
+/// Time and size limits of the server.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Waiting for a command (RFC 5321 section 4.5.3.2.7: at least 5 minutes).
+    pub idle_timeout: Duration,
+    /// Waiting for the next block of message content (RFC 5321: 3 minutes).
+    pub data_timeout: Duration,
+    /// Longest session, whatever it does.
+    pub max_session_duration: Duration,
+    /// Sessions open at once; more are told `421 4.3.2` and closed.
+    pub max_sessions: usize,
+    pub tls_handshake_timeout: Duration,
+    /// Bound on the wait for delivery after end of data (below the client's 10 minutes).
+    pub end_of_data_timeout: Duration,
+    /// How long transactions in flight may take to finish after a shutdown request.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(180),
+            max_session_duration: Duration::from_secs(3600),
+            max_sessions: 20_000,
+            tls_handshake_timeout: Duration::from_secs(30),
+            end_of_data_timeout: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What every session of a server shares.
+pub struct Shared {
+    pub session: Arc<SessionConfig>,
+    pub limits: Limits,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub deliver: Arc<dyn Deliver>,
+    pub auth: Arc<dyn Authenticator>,
+    pub throttle: AuthThrottle,
+    pub metrics: Arc<Metrics>,
+    /// False from the moment shutdown starts (`/readyz`).
+    pub ready: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("session", &self.session)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+/// Bound listeners and what the sessions share.
+pub struct Server {
+    shared: Arc<Shared>,
+    listeners: Vec<(ListenerKind, TcpListener)>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("listeners", &self.listeners.len())
+            .finish()
+    }
+}
+
+static SESSION_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A session id unique in this process and unlikely to repeat across restarts.
+fn next_session_id() -> String {
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let prefix = PREFIX.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        format!(
+            "{:x}{:04x}",
+            (nanos / 1_000_000) as u64,
+            std::process::id() & 0xffff
+        )
+    });
+    format!(
+        "{prefix}{:06x}",
+        SESSION_COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl Server {
+    pub fn new(shared: Shared, listeners: Vec<(ListenerKind, TcpListener)>) -> Self {
+        Self {
+            shared: Arc::new(shared),
+            listeners,
+        }
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, tells idle sessions
+    /// `421 4.3.2`, lets transactions in flight finish for up to the grace period, and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let max = self.shared.limits.max_sessions;
+        let permits = Arc::new(Semaphore::new(max));
+        let mut accept_loops = Vec::new();
+        for (kind, listener) in self.listeners {
+            let shared = Arc::clone(&self.shared);
+            let permits = Arc::clone(&permits);
+            let stop = stop_rx.clone();
+            accept_loops.push(tokio::spawn(accept_loop(
+                kind, listener, shared, permits, stop,
+            )));
+        }
+        self.shared.ready.store(true, Ordering::SeqCst);
+        shutdown.await;
+        self.shared.ready.store(false, Ordering::SeqCst);
+        tracing::info!("shutting down: no new connections, idle sessions told 421");
+        let _ = stop_tx.send(true);
+        for task in accept_loops {
+            let _ = task.await;
+        }
+        let all = u32::try_from(max).unwrap_or(u32::MAX);
+        match tokio::time::timeout(self.shared.limits.shutdown_grace, permits.acquire_many(all))
+            .await
+        {
+            Ok(_) => tracing::info!("every session ended"),
+            Err(_) => tracing::warn!("shutdown grace period over with sessions still open"),
+        }
+    }
+}
+
+async fn accept_loop(
+    kind: ListenerKind,
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.changed() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // NB: EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            let hostname = shared.session.hostname.clone();
+            tokio::spawn(refuse_busy(stream, hostname));
+            continue;
+        };
+        let shared = Arc::clone(&shared);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shared.metrics.sessions_active.inc();
+            serve(stream, peer, kind, Arc::clone(&shared), stop).await;
+            shared.metrics.sessions_active.dec();
+            drop(permit);
+        });
+    }
+}
+
+async fn serve(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    kind: ListenerKind,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) {
+    let id = next_session_id();
+    let conn = match kind {
+        ListenerKind::Smtps => {
+            let Some(acceptor) = shared.tls.clone() else {
+                return;
+            };
+            match tokio::time::timeout(shared.limits.tls_handshake_timeout, acceptor.accept(stream))
+                .await
+            {
+                Ok(Ok(tls)) => connection::Conn::Tls(Box::new(tls)),
+                _ => return,
+            }
+        }
+        ListenerKind::Smtp | ListenerKind::Submission => {
+            // A client that talks before the greeting is not waiting for it (RFC 5321
+            // section 4.3.1): a spam engine or a protocol confusion.
+            let mut probe = [0u8; 1];
+            if matches!(stream.try_read(&mut probe), Ok(n) if n > 0) {
+                let mut out = Vec::new();
+                Reply::talked_before_greeting().write_to(&mut out);
+                let mut stream = stream;
+                let _ = stream.write_all(&out).await;
+                return;
+            }
+            connection::Conn::Plain(stream)
+        }
+    };
+    connection::drive(conn, peer, kind, shared, stop, id).await;
+}
+
+async fn refuse_busy(mut stream: TcpStream, hostname: String) {
+    let mut out = Vec::new();
+    Reply::too_many_sessions(&hostname).write_to(&mut out);
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&out)).await;
+}
