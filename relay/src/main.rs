@@ -106,6 +106,15 @@ struct Cli {
         default_value_t = 20_000
     )]
     max_sessions: usize,
+    /// Milliseconds to wait before the greeting; clients that talk first are refused with
+    /// 554 5.5.0 (spam engines do). 0 disables the wait.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "MAILROUTE_GREET_DELAY_MS",
+        default_value_t = 0
+    )]
+    greet_delay_ms: u64,
     /// Seconds to wait for a command before 421 4.4.2.
     #[arg(
         long,
@@ -226,6 +235,7 @@ async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
         idle_timeout: Duration::from_secs(cli.idle_timeout),
         max_sessions: cli.max_sessions,
         shutdown_grace: Duration::from_secs(cli.shutdown_grace),
+        greet_delay: Duration::from_millis(cli.greet_delay_ms),
         ..Limits::default()
     };
     let ready = Arc::new(AtomicBool::new(false));

@@ -56,6 +56,9 @@ pub struct Limits {
     pub end_of_data_timeout: Duration,
     /// How long transactions in flight may take to finish after a shutdown request.
     pub shutdown_grace: Duration,
+    /// Wait this long before the greeting; a client that talks meanwhile is refused (as
+    /// Postfix's postscreen pregreet test). 0: only bytes already waiting are detected.
+    pub greet_delay: Duration,
 }
 
 impl Default for Limits {
@@ -68,6 +71,7 @@ impl Default for Limits {
             tls_handshake_timeout: Duration::from_secs(30),
             end_of_data_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(30),
+            greet_delay: Duration::ZERO,
         }
     }
 }
@@ -236,6 +240,9 @@ async fn serve(
         ListenerKind::Smtp | ListenerKind::Submission => {
             // A client that talks before the greeting is not waiting for it (RFC 5321
             // section 4.3.1): a spam engine or a protocol confusion.
+            if !shared.limits.greet_delay.is_zero() {
+                let _ = tokio::time::timeout(shared.limits.greet_delay, stream.readable()).await;
+            }
             let mut probe = [0u8; 1];
             if matches!(stream.try_read(&mut probe), Ok(n) if n > 0) {
                 let mut out = Vec::new();

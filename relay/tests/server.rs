@@ -1,0 +1,380 @@
+//! The relay's front door on loopback with real TLS and real clients.
+
+mod support;
+
+use mailroute_relay::server::Limits;
+use mailroute_relay::server::auth_throttle::ThrottleConfig;
+use std::time::{Duration, Instant};
+use support::{Client, Options, Relay, bounded};
+
+const MESSAGE: &str = "From: a@example.com\r\nTo: b@example.com\r\nSubject: =?UTF-8?Q?caf=C3=A9?=\r\n\tfolded continuation\r\n\r\nline one\r\n..two dots stay one\r\n\u{e9}t\u{e9} 8-bit\r\n";
+
+#[tokio::test]
+async fn mail_send_delivers_over_starttls_with_auth_byte_for_byte() {
+    bounded(30, async {
+        let relay = Relay::start(Options::default()).await;
+        let long_line = "x".repeat(998);
+        let body = format!("{MESSAGE}{long_line}\r\nlast line without CRLF");
+        let message = mail_send::smtp::message::Message::new(
+            "a@example.com",
+            ["b@example.com", "c@example.com"],
+            body.as_bytes(),
+        );
+        mail_send::SmtpClientBuilder::new("127.0.0.1", relay.submission.port())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .implicit_tls(false)
+            .allow_invalid_certs()
+            .helo_host("client.test")
+            .credentials(("app", "secret"))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"))
+            .send(message)
+            .await
+            .unwrap_or_else(|e| panic!("send: {e}"));
+        assert_eq!(relay.capture.count(), 1);
+        // mail-send ends the content with CRLF before the final dot; everything else is as sent.
+        assert_eq!(relay.capture.body(0), format!("{body}\r\n").into_bytes());
+        let messages = relay.capture.messages.lock().unwrap_or_else(|e| e.into_inner());
+        let received = String::from_utf8_lossy(&messages[0].content[..messages[0].received_len]).into_owned();
+        assert!(received.starts_with("Received: from client.test ([127.0.0.1])\r\n\tby relay.test (Mailroute) with ESMTPSA id "), "{received}");
+        assert!(received.contains("(using TLSv1.3 with cipher TLS13_"), "{received}");
+        assert_eq!(messages[0].recipients, ["b@example.com", "c@example.com"]);
+    })
+    .await;
+}
+
+/// Published end-of-data smuggling variants, each followed by a smuggled message.
+const SMUGGLING: &[&[u8]] = &[
+    b"\n.\n",
+    b"\n.\r\n",
+    b"\r\n.\n",
+    b"\r.\r",
+    b"\r\n.\r",
+    b"\r.\r\n",
+    b"\n.\r",
+    b"\r.\n",
+    b"\r\n.\r\r\n",
+    b"\r\n\x00.\r\n.\n",
+    b"\r\n.\x00\n",
+    b"\n\x00.\r\n",
+    b"\r\x00.\r\n",
+];
+
+fn smuggling_payload(variant: &[u8]) -> Vec<u8> {
+    let mut data = b"From: a@example.com\r\n\r\nhello".to_vec();
+    data.extend_from_slice(variant);
+    data.extend_from_slice(b"MAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nsmuggled\r\n.\r\n");
+    data
+}
+
+async fn open_data(relay: &Relay) -> Client {
+    let mut c = Client::connect(relay.smtp).await;
+    assert!(c.reply().await.starts_with("220 "));
+    assert!(c.command("EHLO client.test").await.starts_with("250"));
+    assert!(
+        c.command("MAIL FROM:<a@example.com>")
+            .await
+            .starts_with("250")
+    );
+    assert!(
+        c.command("RCPT TO:<b@example.com>")
+            .await
+            .starts_with("250")
+    );
+    assert!(c.command("DATA").await.starts_with("354"));
+    c
+}
+
+#[tokio::test]
+async fn smuggling_variants_over_the_wire_are_refused_in_any_segmentation() {
+    bounded(120, async {
+        let relay = Relay::start(Options::default()).await;
+        for variant in SMUGGLING {
+            let payload = smuggling_payload(variant);
+            let mut writes: Vec<Vec<Vec<u8>>> = vec![
+                vec![payload.clone()],
+                payload.chunks(1).map(<[u8]>::to_vec).collect(),
+            ];
+            for split in (1..payload.len()).step_by(3) {
+                writes.push(vec![payload[..split].to_vec(), payload[split..].to_vec()]);
+            }
+            for pieces in writes {
+                let mut c = open_data(&relay).await;
+                for piece in &pieces {
+                    c.send(piece).await;
+                }
+                let reply = c.reply().await;
+                assert!(
+                    reply.starts_with("550 5.6.11"),
+                    "variant {variant:?} in {} pieces: {reply:?}",
+                    pieces.len()
+                );
+                assert!(
+                    c.is_closed().await,
+                    "variant {variant:?}: connection left open"
+                );
+            }
+        }
+        assert_eq!(
+            relay.capture.count(),
+            0,
+            "no message, smuggled or not, was accepted"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn plaintext_pipelined_after_starttls_never_runs_inside_tls() {
+    bounded(30, async {
+        let relay = Relay::start(Options::default()).await;
+        let mut c = Client::connect(relay.smtp).await;
+        c.reply().await;
+        let ehlo = c.command("EHLO client.test").await;
+        assert!(
+            ehlo.contains("STARTTLS") && !ehlo.contains("AUTH"),
+            "{ehlo}"
+        );
+        c.send(b"STARTTLS\r\nMAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.com>\r\n")
+            .await;
+        assert!(c.reply().await.starts_with("220 2.0.0"));
+        let mut c = c.starttls(&relay.certs.cert_pem).await;
+        // Had the injected MAIL run, this would be "503 nested MAIL"; it is "send EHLO first".
+        let reply = c.command("MAIL FROM:<a@example.com>").await;
+        assert!(
+            reply.starts_with("503 5.5.1 Bad sequence of commands: send EHLO or HELO first"),
+            "{reply}"
+        );
+        let ehlo = c.command("EHLO client.test").await;
+        assert!(
+            ehlo.contains("AUTH PLAIN LOGIN") && !ehlo.contains("STARTTLS"),
+            "{ehlo}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn auth_in_clear_is_538_and_repeated_failures_are_slowed_then_refused() {
+    bounded(30, async {
+        let relay = Relay::start(Options {
+            throttle: ThrottleConfig {
+                slow_after: 2,
+                refuse_after: 4,
+                delay_step: Duration::from_millis(300),
+                window: Duration::from_secs(60),
+            },
+            ..Options::default()
+        })
+        .await;
+        let mut c = Client::connect(relay.submission).await;
+        c.reply().await;
+        c.command("EHLO client.test").await;
+        assert!(
+            c.command("AUTH PLAIN AGFwcABzZWNyZXQ=")
+                .await
+                .starts_with("538 5.7.11")
+        );
+        assert!(c.command("STARTTLS").await.starts_with("220"));
+        let mut c = c.starttls(&relay.certs.cert_pem).await;
+        c.command("EHLO client.test").await;
+        let mut timings = Vec::new();
+        for _ in 0..4 {
+            let started = Instant::now();
+            // "\0app\0wrong"
+            let reply = c.command("AUTH PLAIN AGFwcAB3cm9uZw==").await;
+            timings.push(started.elapsed());
+            assert!(reply.starts_with("535 5.7.8"), "{reply}");
+        }
+        assert!(
+            timings[0] < Duration::from_millis(250) && timings[1] < Duration::from_millis(250),
+            "{timings:?}"
+        );
+        assert!(
+            timings[2] >= Duration::from_millis(300) && timings[3] >= Duration::from_millis(600),
+            "{timings:?}"
+        );
+        // Now refused without checking, even with the right password, and the session ends.
+        let reply = c.command("AUTH PLAIN AGFwcABzZWNyZXQ=").await;
+        assert!(reply.starts_with("454 4.7.0"), "{reply}");
+        assert!(c.is_closed().await);
+        // A fresh session from the same address is still refused.
+        let mut c = Client::connect_tls(relay.smtps, &relay.certs.cert_pem).await;
+        c.reply().await;
+        c.command("EHLO client.test").await;
+        assert!(
+            c.command("AUTH PLAIN AGFwcABzZWNyZXQ=")
+                .await
+                .starts_with("454 4.7.0")
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn implicit_tls_accepts_auth_and_a_message() {
+    bounded(30, async {
+        let relay = Relay::start(Options::default()).await;
+        let mut c = Client::connect_tls(relay.smtps, &relay.certs.cert_pem).await;
+        assert!(c.reply().await.starts_with("220 relay.test"));
+        let ehlo = c.command("EHLO client.test").await;
+        assert!(
+            ehlo.contains("AUTH PLAIN LOGIN") && !ehlo.contains("STARTTLS"),
+            "{ehlo}"
+        );
+        assert!(
+            c.command("AUTH PLAIN AGFwcABzZWNyZXQ=")
+                .await
+                .starts_with("235 2.7.0")
+        );
+        assert!(
+            c.command("MAIL FROM:<a@example.com>")
+                .await
+                .starts_with("250")
+        );
+        assert!(
+            c.command("RCPT TO:<b@example.com>")
+                .await
+                .starts_with("250")
+        );
+        assert!(c.command("DATA").await.starts_with("354"));
+        c.send(b".leading dot line\r\nbody\r\n.\r\n").await;
+        assert!(c.reply().await.starts_with("250 2.0.0"));
+        assert_eq!(relay.capture.body(0), b"leading dot line\r\nbody\r\n");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn clients_that_talk_before_the_greeting_or_speak_http_are_dropped() {
+    bounded(30, async {
+        let relay = Relay::start(Options {
+            limits: Limits {
+                greet_delay: Duration::from_millis(300),
+                ..Limits::default()
+            },
+            ..Options::default()
+        })
+        .await;
+        let mut c = Client::connect(relay.smtp).await;
+        c.send(b"EHLO eager.test\r\n").await;
+        assert!(c.reply().await.starts_with("554 5.5.0"));
+        assert!(c.is_closed().await);
+
+        let mut c = Client::connect(relay.smtp).await;
+        assert!(c.reply().await.starts_with("220"));
+        c.send(b"GET / HTTP/1.1\r\nHost: relay.test\r\n\r\n").await;
+        assert!(c.reply().await.starts_with("554 5.5.0"));
+        assert!(c.is_closed().await);
+
+        let mut c = Client::connect(relay.smtp).await;
+        c.reply().await;
+        c.send(format!("NOOP {}\r\nNOOP\r\n", "x".repeat(600)).as_bytes())
+            .await;
+        assert!(c.reply().await.starts_with("500 5.5.2"));
+        assert!(c.reply().await.starts_with("250 2.0.0"));
+        assert!(
+            c.command("RCPT TO:<b@example.com>")
+                .await
+                .starts_with("503 5.5.1")
+        );
+        assert!(c.command("DATA").await.starts_with("503 5.5.1"));
+        c.command("EHLO client.test").await;
+        assert!(
+            c.command("MAIL FROM:<a@example.com> FOO=BAR")
+                .await
+                .starts_with("555 5.5.4")
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_tells_idle_sessions_421_and_lets_a_transaction_finish() {
+    bounded(30, async {
+        let mut relay = Relay::start(Options {
+            delivery_delay: Duration::from_millis(800),
+            ..Options::default()
+        })
+        .await;
+        let mut idle = Client::connect(relay.smtp).await;
+        idle.reply().await;
+        idle.command("EHLO idle.test").await;
+        let mut busy = open_data(&relay).await;
+        busy.send(b"Subject: in flight\r\n\r\nbody\r\n.\r\n").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let server = relay.shutdown();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !relay.ready.load(std::sync::atomic::Ordering::SeqCst),
+            "/readyz must turn false at once"
+        );
+        assert!(idle.reply().await.starts_with("421 4.3.2"));
+        assert!(idle.is_closed().await);
+        assert!(
+            tokio::net::TcpStream::connect(relay.smtp).await.is_err(),
+            "no new connections"
+        );
+        assert!(
+            busy.reply().await.starts_with("250 2.0.0"),
+            "the transaction in flight completes"
+        );
+        assert!(busy.reply().await.starts_with("421 4.3.2"));
+        assert_eq!(relay.capture.count(), 1);
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap_or_else(|_| panic!("server did not stop"))
+            .unwrap_or_else(|e| panic!("{e}"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn session_limit_and_idle_timeout_answer_with_421() {
+    bounded(30, async {
+        let relay = Relay::start(Options {
+            limits: Limits {
+                max_sessions: 2,
+                idle_timeout: Duration::from_millis(700),
+                ..Limits::default()
+            },
+            ..Options::default()
+        })
+        .await;
+        let mut a = Client::connect(relay.smtp).await;
+        let mut b = Client::connect(relay.smtp).await;
+        assert!(a.reply().await.starts_with("220") && b.reply().await.starts_with("220"));
+        let mut c = Client::connect(relay.smtp).await;
+        assert!(c.reply().await.starts_with("421 4.3.2"));
+        assert!(a.reply().await.starts_with("421 4.4.2"), "idle timeout");
+        assert!(a.is_closed().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut d = Client::connect(relay.smtp).await;
+        assert!(d.reply().await.starts_with("220"), "a slot is free again");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_rotated_certificate_is_served_to_new_sessions() {
+    bounded(30, async {
+        let relay = Relay::start(Options::default()).await;
+        let mut c = Client::connect_tls(relay.smtps, &relay.certs.cert_pem).await;
+        assert!(c.reply().await.starts_with("220"));
+        tokio::time::sleep(Duration::from_millis(1100)).await; // a new mtime
+        let new_pem = support::write_cert(&relay.certs.cert, &relay.certs.key, &["relay.test"]);
+        assert!(relay.store.reload_if_changed());
+        let mut c = Client::connect_tls(relay.smtps, &new_pem).await;
+        assert!(
+            c.reply().await.starts_with("220"),
+            "the new certificate is presented"
+        );
+        // A broken rotation keeps the working certificate.
+        std::fs::write(&relay.certs.key, "not a key").unwrap_or_else(|e| panic!("{e}"));
+        assert!(!relay.store.reload_if_changed());
+        let mut c = Client::connect_tls(relay.smtps, &new_pem).await;
+        assert!(c.reply().await.starts_with("220"));
+    })
+    .await;
+}

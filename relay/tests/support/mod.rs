@@ -1,0 +1,342 @@
+//! A relay server on loopback for tests: real sockets, real TLS (rcgen), a capturing delivery.
+
+#![allow(dead_code)]
+
+use mailroute_relay::metrics::Metrics;
+use mailroute_relay::server::auth_throttle::{AuthThrottle, ThrottleConfig};
+use mailroute_relay::server::tls::CertificateStore;
+use mailroute_relay::server::{Authenticator, BoxFuture, Deliver, Limits, Server, Shared};
+use mailroute_relay::smtp::reply::Reply;
+use mailroute_relay::smtp::session::{ListenerKind, SessionConfig, Transaction};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// Accepted messages.
+#[derive(Clone, Default)]
+pub struct Capture {
+    pub messages: Arc<Mutex<Vec<Transaction>>>,
+    pub delay: Duration,
+}
+
+impl Capture {
+    pub fn count(&self) -> usize {
+        self.messages.lock().map(|m| m.len()).unwrap_or(0)
+    }
+    /// Message content after the relay's Received: header.
+    pub fn body(&self, i: usize) -> Vec<u8> {
+        let messages = self.messages.lock().unwrap_or_else(|e| e.into_inner());
+        let t = &messages[i];
+        t.content[t.received_len..].to_vec()
+    }
+}
+
+impl Deliver for Capture {
+    fn deliver(&self, t: Transaction) -> BoxFuture<'_, Reply> {
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            let reply = Reply::message_accepted(&t.id);
+            if let Ok(mut m) = self.messages.lock() {
+                m.push(t);
+            }
+            reply
+        })
+    }
+}
+
+/// One account: app / secret.
+pub struct TestAccounts;
+
+impl Authenticator for TestAccounts {
+    fn check<'a>(&'a self, u: &'a str, p: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(async move { u == "app" && p == "secret" })
+    }
+}
+
+/// A certificate for `relay.test` in files, as a mounted Secret would be.
+pub struct CertFiles {
+    pub dir: tempfile::TempDir,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub cert_pem: String,
+}
+
+pub fn cert_files(names: &[&str]) -> CertFiles {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let cert = dir.path().join("tls.crt");
+    let key = dir.path().join("tls.key");
+    let cert_pem = write_cert(&cert, &key, names);
+    CertFiles {
+        dir,
+        cert,
+        key,
+        cert_pem,
+    }
+}
+
+pub fn write_cert(cert: &std::path::Path, key: &std::path::Path, names: &[&str]) -> String {
+    let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
+    let generated = rcgen::generate_simple_self_signed(names).unwrap_or_else(|e| panic!("{e}"));
+    let pem = generated.cert.pem();
+    std::fs::write(cert, &pem).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(key, generated.signing_key.serialize_pem()).unwrap_or_else(|e| panic!("{e}"));
+    pem
+}
+
+pub struct Relay {
+    pub smtp: SocketAddr,
+    pub submission: SocketAddr,
+    pub smtps: SocketAddr,
+    pub capture: Capture,
+    pub ready: Arc<AtomicBool>,
+    pub certs: CertFiles,
+    pub store: Arc<CertificateStore>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+pub struct Options {
+    pub limits: Limits,
+    pub throttle: ThrottleConfig,
+    pub session: SessionConfig,
+    pub delivery_delay: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        let mut session = SessionConfig::new("relay.test");
+        session.tls_available = true;
+        session.auth_available = true;
+        Self {
+            limits: Limits::default(),
+            throttle: ThrottleConfig::default(),
+            session,
+            delivery_delay: Duration::ZERO,
+        }
+    }
+}
+
+impl Relay {
+    pub async fn start(options: Options) -> Self {
+        let certs = cert_files(&["relay.test"]);
+        let store =
+            CertificateStore::load(&certs.cert, &certs.key).unwrap_or_else(|e| panic!("{e}"));
+        let tls = tokio_rustls::TlsAcceptor::from(
+            store.server_config().unwrap_or_else(|e| panic!("{e}")),
+        );
+        let capture = Capture {
+            delay: options.delivery_delay,
+            ..Capture::default()
+        };
+        let ready = Arc::new(AtomicBool::new(false));
+        let mut registry = prometheus_client::registry::Registry::default();
+        let shared = Shared {
+            session: Arc::new(options.session),
+            limits: options.limits,
+            tls: Some(tls),
+            deliver: Arc::new(capture.clone()),
+            auth: Arc::new(TestAccounts),
+            throttle: AuthThrottle::new(options.throttle),
+            metrics: Arc::new(Metrics::register(&mut registry)),
+            ready: Arc::clone(&ready),
+        };
+        let bind = || async {
+            tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let (smtp, submission, smtps) = (bind().await, bind().await, bind().await);
+        let addrs = [
+            smtp.local_addr(),
+            submission.local_addr(),
+            smtps.local_addr(),
+        ]
+        .map(|a| a.unwrap_or_else(|e| panic!("{e}")));
+        let server = Server::new(
+            shared,
+            vec![
+                (ListenerKind::Smtp, smtp),
+                (ListenerKind::Submission, submission),
+                (ListenerKind::Smtps, smtps),
+            ],
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        for _ in 0..100 {
+            if ready.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Self {
+            smtp: addrs[0],
+            submission: addrs[1],
+            smtps: addrs[2],
+            capture,
+            ready,
+            certs,
+            store,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Starts the graceful shutdown; returns the server task to await.
+    pub fn shutdown(&mut self) -> tokio::task::JoinHandle<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().unwrap_or_else(|| tokio::spawn(async {}))
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// A client TLS configuration trusting `cert_pem` only.
+pub fn tls_connector(cert_pem: &str) -> tokio_rustls::TlsConnector {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes()) {
+        roots
+            .add(cert.unwrap_or_else(|e| panic!("{e}")))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap_or_else(|e| panic!("{e}"))
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// A line-oriented SMTP client over plaintext or TLS.
+pub enum Stream {
+    Plain(BufReader<TcpStream>),
+    Tls(Box<BufReader<tokio_rustls::client::TlsStream<TcpStream>>>),
+}
+
+pub struct Client {
+    pub stream: Stream,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let _ = tcp.set_nodelay(true);
+        Self {
+            stream: Stream::Plain(BufReader::new(tcp)),
+        }
+    }
+
+    pub async fn connect_tls(addr: SocketAddr, cert_pem: &str) -> Self {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let name =
+            rustls_pki_types::ServerName::try_from("relay.test").unwrap_or_else(|e| panic!("{e}"));
+        let tls = tls_connector(cert_pem)
+            .connect(name, tcp)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        Self {
+            stream: Stream::Tls(Box::new(BufReader::new(tls))),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        let result = match &mut self.stream {
+            Stream::Plain(s) => s.get_mut().write_all(bytes).await,
+            Stream::Tls(s) => {
+                let w = s.get_mut();
+                match w.write_all(bytes).await {
+                    Ok(()) => w.flush().await,
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        result.unwrap_or_else(|e| panic!("send: {e}"));
+    }
+
+    /// One whole reply (all lines), or "" when the server closed the connection.
+    pub async fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = Vec::new();
+            let n = match &mut self.stream {
+                Stream::Plain(s) => s.read_until(b'\n', &mut line).await,
+                Stream::Tls(s) => s.read_until(b'\n', &mut line).await,
+            }
+            .unwrap_or(0);
+            if n == 0 {
+                return all;
+            }
+            let text = String::from_utf8_lossy(&line).into_owned();
+            let last = text.as_bytes().get(3) == Some(&b' ');
+            all.push_str(&text);
+            if last {
+                return all;
+            }
+        }
+    }
+
+    /// Sends a command and returns its reply.
+    pub async fn command(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes()).await;
+        self.reply().await
+    }
+
+    /// True when the server closes the connection (reads end) within a second.
+    pub async fn is_closed(&mut self) -> bool {
+        let mut buf = [0u8; 64];
+        let read = match &mut self.stream {
+            Stream::Plain(s) => {
+                tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await
+            }
+            Stream::Tls(s) => tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await,
+        };
+        matches!(read, Ok(Ok(0)) | Ok(Err(_)))
+    }
+
+    /// STARTTLS on a plaintext client.
+    pub async fn starttls(self, cert_pem: &str) -> Self {
+        let Stream::Plain(reader) = self.stream else {
+            panic!("already TLS");
+        };
+        let tcp = reader.into_inner();
+        let name =
+            rustls_pki_types::ServerName::try_from("relay.test").unwrap_or_else(|e| panic!("{e}"));
+        let tls = tls_connector(cert_pem)
+            .connect(name, tcp)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        Self {
+            stream: Stream::Tls(Box::new(BufReader::new(tls))),
+        }
+    }
+}
+
+/// Runs a test body with an upper bound on its duration.
+pub async fn bounded<F: std::future::Future<Output = ()>>(seconds: u64, body: F) {
+    if tokio::time::timeout(Duration::from_secs(seconds), body)
+        .await
+        .is_err()
+    {
+        panic!("test did not finish within {seconds} s");
+    }
+}
