@@ -10,7 +10,9 @@ use mail_auth::common::parse::TxtRecordParser;
 use mail_auth::common::verify::DomainKey;
 use mail_auth::dkim::{Canonicalization, DkimSigner};
 use mail_auth::hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
-use mail_auth::{AuthenticatedMessage, DkimResult, MessageAuthenticator, Parameters, ResolverCache, Txt};
+use mail_auth::{
+    AuthenticatedMessage, DkimResult, MessageAuthenticator, Parameters, ResolverCache, Txt,
+};
 use mailroute_relay::smtp::data::dot_stuff;
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -48,7 +50,9 @@ impl ResolverCache<Box<str>, Txt> for TxtCache {
 /// Messages that exercise everything a relay tends to break.
 fn corpus() -> Vec<Vec<u8>> {
     let long = "y".repeat(998);
-    let big_body: String = (0..2000).map(|i| format!("line {i} of a large message, with a tab\there\r\n")).collect();
+    let big_body: String = (0..2000)
+        .map(|i| format!("line {i} of a large message, with a tab\there\r\n"))
+        .collect();
     vec![
         format!("From: a@example.com\r\nTo: b@example.com\r\nSubject: plain\r\n\r\nHello.\r\n").into_bytes(),
         format!("From: a@example.com\r\nSubject: dots\r\n\r\n.first body line starts with a dot\r\n..two\r\n.\r\n...\r\nend\r\n").into_bytes(),
@@ -73,7 +77,11 @@ async fn send_bdat(client: &mut Client, message: &[u8], chunk: usize) -> String 
     let mut last_reply = String::new();
     for (i, piece) in chunks.iter().enumerate() {
         let last = i + 1 == chunks.len();
-        let header = format!("BDAT {}{}\r\n", piece.len(), if last { " LAST" } else { "" });
+        let header = format!(
+            "BDAT {}{}\r\n",
+            piece.len(),
+            if last { " LAST" } else { "" }
+        );
         client.send(&[header.as_bytes(), piece].concat()).await;
         last_reply = client.reply().await;
         assert!(last_reply.starts_with("250"), "chunk {i}: {last_reply}");
@@ -103,7 +111,8 @@ async fn a_dkim_signed_corpus_passes_byte_identical_and_still_verifies() {
             .header_canonicalization(Canonicalization::Simple)
             .body_canonicalization(Canonicalization::Simple);
         // NB: a resolver that can only reach loopback: a cache miss fails here, never online.
-        let nameserver = NameServerConfig::udp_and_tcp("127.0.0.1".parse().unwrap_or_else(|e| panic!("{e}")));
+        let nameserver =
+            NameServerConfig::udp_and_tcp("127.0.0.1".parse().unwrap_or_else(|e| panic!("{e}")));
         let authenticator = MessageAuthenticator::new(
             ResolverConfig::from_parts(None, vec![], vec![nameserver]),
             ResolverOpts::default(),
@@ -121,26 +130,47 @@ async fn a_dkim_signed_corpus_passes_byte_identical_and_still_verifies() {
             // One-octet chunks for the small messages; an odd size for the large one.
             let tiny = if signed.len() > 10_000 { 997 } else { 1 };
             for chunking in [None, Some(tiny), Some(7), Some(4096)] {
-                assert!(client.command("MAIL FROM:<a@example.com> BODY=8BITMIME SMTPUTF8").await.starts_with("250"));
-                assert!(client.command("RCPT TO:<b@example.com>").await.starts_with("250"));
+                assert!(
+                    client
+                        .command("MAIL FROM:<a@example.com> BODY=8BITMIME SMTPUTF8")
+                        .await
+                        .starts_with("250")
+                );
+                assert!(
+                    client
+                        .command("RCPT TO:<b@example.com>")
+                        .await
+                        .starts_with("250")
+                );
                 let reply = match chunking {
                     None => send_data(&mut client, &signed).await,
                     Some(size) => send_bdat(&mut client, &signed, size).await,
                 };
-                assert!(reply.starts_with("250 2.0.0"), "message {i} {chunking:?}: {reply}");
+                assert!(
+                    reply.starts_with("250 2.0.0"),
+                    "message {i} {chunking:?}: {reply}"
+                );
                 sent.push((i, chunking, signed.clone()));
             }
         }
         assert_eq!(relay.capture.count(), sent.len());
-        let messages = relay.capture.messages.lock().unwrap_or_else(|e| e.into_inner()).split_off(0);
+        let messages = relay
+            .capture
+            .messages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .split_off(0);
         for ((i, chunking, signed), delivered) in sent.iter().zip(messages) {
             assert_eq!(
                 &delivered.content[delivered.received_len..],
                 signed.as_slice(),
                 "message {i} {chunking:?} changed in transit"
             );
-            let parsed = AuthenticatedMessage::parse(&delivered.content).unwrap_or_else(|| panic!("message {i} unparsable"));
-            let results = authenticator.verify_dkim(Parameters::new(&parsed).with_txt_cache(&cache)).await;
+            let parsed = AuthenticatedMessage::parse(&delivered.content)
+                .unwrap_or_else(|| panic!("message {i} unparsable"));
+            let results = authenticator
+                .verify_dkim(Parameters::new(&parsed).with_txt_cache(&cache))
+                .await;
             assert!(!results.is_empty(), "message {i}: no signature found");
             for r in &results {
                 assert_eq!(r.result(), &DkimResult::Pass, "message {i} {chunking:?}");

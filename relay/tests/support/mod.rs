@@ -100,6 +100,8 @@ pub struct Relay {
 }
 
 pub struct Options {
+    /// Delivery instead of the capture (the capture then stays empty).
+    pub deliver: Option<Arc<dyn Deliver>>,
     pub limits: Limits,
     pub throttle: ThrottleConfig,
     pub session: SessionConfig,
@@ -112,6 +114,7 @@ impl Default for Options {
         session.tls_available = true;
         session.auth_available = true;
         Self {
+            deliver: None,
             limits: Limits::default(),
             throttle: ThrottleConfig::default(),
             session,
@@ -138,7 +141,7 @@ impl Relay {
             session: Arc::new(options.session),
             limits: options.limits,
             tls: Some(tls),
-            deliver: Arc::new(capture.clone()),
+            deliver: options.deliver.unwrap_or_else(|| Arc::new(capture.clone())),
             auth: Arc::new(TestAccounts),
             throttle: AuthThrottle::new(options.throttle),
             metrics: Arc::new(Metrics::register(&mut registry)),
