@@ -55,6 +55,10 @@ struct Cli {
         value_delimiter = ','
     )]
     smtps: Vec<SocketAddr>,
+    /// Expect a PROXY protocol v1 or v2 header on every listener (behind a load balancer that
+    /// sends one), so IP ranges and Received: see the client's own address.
+    #[arg(long, env = "MAILROUTE_PROXY_PROTOCOL")]
+    proxy_protocol: bool,
     /// PEM certificate chain for STARTTLS and smtps; reloaded when the file changes.
     #[arg(
         long,
@@ -236,6 +240,7 @@ async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
         max_sessions: cli.max_sessions,
         shutdown_grace: Duration::from_secs(cli.shutdown_grace),
         greet_delay: Duration::from_millis(cli.greet_delay_ms),
+        proxy_protocol: cli.proxy_protocol,
         ..Limits::default()
     };
     let ready = Arc::new(AtomicBool::new(false));

@@ -378,3 +378,79 @@ async fn a_rotated_certificate_is_served_to_new_sessions() {
     })
     .await;
 }
+
+fn proxy_v2_ipv6(source: std::net::Ipv6Addr, port: u16) -> Vec<u8> {
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    header.extend_from_slice(&[0x21, 0x21, 0, 36]); // v2 PROXY, TCP over IPv6, 36 octets
+    header.extend_from_slice(&source.octets());
+    header.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
+    header.extend_from_slice(&port.to_be_bytes());
+    header.extend_from_slice(&25u16.to_be_bytes());
+    header
+}
+
+async fn received_from(relay: &Relay, preamble: &[u8]) -> String {
+    let mut c = Client::connect(relay.smtp).await;
+    c.send(preamble).await;
+    assert!(c.reply().await.starts_with("220"));
+    c.command("EHLO client.test").await;
+    c.command("MAIL FROM:<a@example.com>").await;
+    c.command("RCPT TO:<b@example.com>").await;
+    c.command("DATA").await;
+    c.send(b"Subject: proxied\r\n\r\nx\r\n.\r\n").await;
+    assert!(c.reply().await.starts_with("250"));
+    let messages = relay
+        .capture
+        .messages
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let last = messages.last().unwrap_or_else(|| panic!("no message"));
+    String::from_utf8_lossy(&last.content[..last.received_len]).into_owned()
+}
+
+#[tokio::test]
+async fn the_proxy_protocol_carries_the_client_address_in_v1_and_v2() {
+    bounded(30, async {
+        let relay = Relay::start(Options {
+            limits: Limits {
+                proxy_protocol: true,
+                tls_handshake_timeout: Duration::from_secs(2),
+                ..Limits::default()
+            },
+            ..Options::default()
+        })
+        .await;
+        let v1 = received_from(&relay, b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 25\r\n").await;
+        assert!(
+            v1.starts_with("Received: from client.test ([203.0.113.7])"),
+            "{v1}"
+        );
+        let v2 = received_from(
+            &relay,
+            &proxy_v2_ipv6(
+                "2001:db8::42".parse().unwrap_or_else(|e| panic!("{e}")),
+                40001,
+            ),
+        )
+        .await;
+        assert!(
+            v2.starts_with("Received: from client.test ([2001:db8::42])"),
+            "{v2}"
+        );
+
+        // A balancer health check (v2 LOCAL) keeps the socket's address.
+        let mut local = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+        local.extend_from_slice(&[0x20, 0x00, 0, 0]);
+        let health = received_from(&relay, &local).await;
+        assert!(
+            health.starts_with("Received: from client.test ([127.0.0.1])"),
+            "{health}"
+        );
+
+        // No header: the connection is dropped without a greeting.
+        let mut c = Client::connect(relay.smtp).await;
+        c.send(b"EHLO direct.test\r\n").await;
+        assert_eq!(c.reply().await, "", "no reply without a PROXY header");
+    })
+    .await;
+}

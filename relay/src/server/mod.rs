@@ -3,6 +3,7 @@
 
 pub mod auth_throttle;
 mod connection;
+pub mod proxy;
 pub mod tls;
 
 use crate::metrics::Metrics;
@@ -59,6 +60,8 @@ pub struct Limits {
     /// Wait this long before the greeting; a client that talks meanwhile is refused (as
     /// Postfix's postscreen pregreet test). 0: only bytes already waiting are detected.
     pub greet_delay: Duration,
+    /// Every connection starts with a PROXY protocol v1 or v2 header (behind a load balancer).
+    pub proxy_protocol: bool,
 }
 
 impl Default for Limits {
@@ -72,6 +75,7 @@ impl Default for Limits {
             end_of_data_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(30),
             greet_delay: Duration::ZERO,
+            proxy_protocol: false,
         }
     }
 }
@@ -218,15 +222,37 @@ async fn accept_loop(
 }
 
 async fn serve(
-    stream: TcpStream,
-    peer: std::net::SocketAddr,
+    mut stream: TcpStream,
+    socket_peer: std::net::SocketAddr,
     kind: ListenerKind,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
 ) {
     let id = next_session_id();
+    let mut peer = socket_peer;
+    let mut early = Vec::new();
+    if shared.limits.proxy_protocol {
+        match proxy::read_header(&mut stream, shared.limits.tls_handshake_timeout).await {
+            Ok((source, rest)) => {
+                if let Some(source) = source {
+                    peer = source;
+                }
+                early = rest;
+            }
+            Err(e) => {
+                tracing::warn!(%socket_peer, error = %e, "connection dropped: PROXY header expected");
+                return;
+            }
+        }
+    }
     let conn = match kind {
         ListenerKind::Smtps => {
+            if !early.is_empty() {
+                // NB: bytes after the PROXY header belong to the TLS handshake; this simple
+                // reader does not hand them to rustls, so the session cannot continue.
+                tracing::warn!(%peer, "client sent TLS data in the PROXY header's packet");
+                return;
+            }
             let Some(acceptor) = shared.tls.clone() else {
                 return;
             };
@@ -240,14 +266,14 @@ async fn serve(
         ListenerKind::Smtp | ListenerKind::Submission => {
             // A client that talks before the greeting is not waiting for it (RFC 5321
             // section 4.3.1): a spam engine or a protocol confusion.
-            if !shared.limits.greet_delay.is_zero() {
+            if early.is_empty() && !shared.limits.greet_delay.is_zero() {
                 let _ = tokio::time::timeout(shared.limits.greet_delay, stream.readable()).await;
             }
             let mut probe = [0u8; 1];
-            if matches!(stream.try_read(&mut probe), Ok(n) if n > 0) {
+            let talked = !early.is_empty() || matches!(stream.try_read(&mut probe), Ok(n) if n > 0);
+            if talked {
                 let mut out = Vec::new();
                 Reply::talked_before_greeting().write_to(&mut out);
-                let mut stream = stream;
                 let _ = stream.write_all(&out).await;
                 return;
             }

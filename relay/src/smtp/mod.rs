@@ -2,5 +2,7 @@
 
 pub mod command;
 pub mod data;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod reply;
 pub mod session;
