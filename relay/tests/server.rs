@@ -44,23 +44,6 @@ async fn mail_send_delivers_over_starttls_with_auth_byte_for_byte() {
     .await;
 }
 
-/// Published end-of-data smuggling variants, each followed by a smuggled message.
-const SMUGGLING: &[&[u8]] = &[
-    b"\n.\n",
-    b"\n.\r\n",
-    b"\r\n.\n",
-    b"\r.\r",
-    b"\r\n.\r",
-    b"\r.\r\n",
-    b"\n.\r",
-    b"\r.\n",
-    b"\r\n.\r\r\n",
-    b"\r\n\x00.\r\n.\n",
-    b"\r\n.\x00\n",
-    b"\n\x00.\r\n",
-    b"\r\x00.\r\n",
-];
-
 fn smuggling_payload(variant: &[u8]) -> Vec<u8> {
     let mut data = b"From: a@example.com\r\n\r\nhello".to_vec();
     data.extend_from_slice(variant);
@@ -90,7 +73,7 @@ async fn open_data(relay: &Relay) -> Client {
 async fn smuggling_variants_over_the_wire_are_refused_in_any_segmentation() {
     bounded(120, async {
         let relay = Relay::start(Options::default()).await;
-        for variant in SMUGGLING {
+        for variant in mailroute_relay::smtp::fuzzing::SMUGGLING_VARIANTS {
             let payload = smuggling_payload(variant);
             let mut writes: Vec<Vec<Vec<u8>>> = vec![
                 vec![payload.clone()],

@@ -6,6 +6,26 @@ mod support;
 use std::process::Command;
 use support::{Options, Relay, bounded};
 
+/// Runs swaks against `port` with AUTH as app/secret (when `mechanism` is given) and `extra`
+/// arguments; returns (success, transcript).
+async fn swaks_auth(port: u16, mechanism: Option<&str>, extra: &[&str]) -> (bool, String) {
+    let mut args = vec!["--server".to_owned(), format!("127.0.0.1:{port}")];
+    if let Some(mechanism) = mechanism {
+        for a in [
+            "--auth",
+            mechanism,
+            "--auth-user",
+            "app",
+            "--auth-password",
+            "secret",
+        ] {
+            args.push(a.to_owned());
+        }
+    }
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    swaks(args).await
+}
+
 /// Runs swaks with `args`; returns (success, transcript).
 async fn swaks(args: Vec<String>) -> (bool, String) {
     let output = tokio::task::spawn_blocking(move || {
@@ -38,36 +58,24 @@ async fn swaks(args: Vec<String>) -> (bool, String) {
 async fn swaks_authenticates_over_starttls_and_over_implicit_tls() {
     bounded(60, async {
         let relay = Relay::start(Options::default()).await;
-        let (ok, transcript) = swaks(vec![
-            "--server".into(),
-            format!("127.0.0.1:{}", relay.submission.port()),
-            "--tls".into(),
-            "--auth".into(),
-            "PLAIN".into(),
-            "--auth-user".into(),
-            "app".into(),
-            "--auth-password".into(),
-            "secret".into(),
-            "--header".into(),
-            "Subject: swaks over STARTTLS".into(),
-        ])
+        let (ok, transcript) = swaks_auth(
+            relay.submission.port(),
+            Some("PLAIN"),
+            &["--tls", "--header", "Subject: swaks over STARTTLS"],
+        )
         .await;
         assert!(ok, "{transcript}");
         assert!(transcript.contains("235 2.7.0"), "{transcript}");
 
-        let (ok, transcript) = swaks(vec![
-            "--server".into(),
-            format!("127.0.0.1:{}", relay.smtps.port()),
-            "--tls-on-connect".into(),
-            "--auth".into(),
-            "LOGIN".into(),
-            "--auth-user".into(),
-            "app".into(),
-            "--auth-password".into(),
-            "secret".into(),
-            "--header".into(),
-            "Subject: swaks over implicit TLS".into(),
-        ])
+        let (ok, transcript) = swaks_auth(
+            relay.smtps.port(),
+            Some("LOGIN"),
+            &[
+                "--tls-on-connect",
+                "--header",
+                "Subject: swaks over implicit TLS",
+            ],
+        )
         .await;
         assert!(ok, "{transcript}");
         assert_eq!(relay.capture.count(), 2);
@@ -84,17 +92,7 @@ async fn swaks_authenticates_over_starttls_and_over_implicit_tls() {
 async fn swaks_cannot_authenticate_in_clear() {
     bounded(60, async {
         let relay = Relay::start(Options::default()).await;
-        let (ok, transcript) = swaks(vec![
-            "--server".into(),
-            format!("127.0.0.1:{}", relay.submission.port()),
-            "--auth".into(),
-            "PLAIN".into(),
-            "--auth-user".into(),
-            "app".into(),
-            "--auth-password".into(),
-            "secret".into(),
-        ])
-        .await;
+        let (ok, transcript) = swaks_auth(relay.submission.port(), Some("PLAIN"), &[]).await;
         assert!(!ok, "{transcript}");
         assert!(!transcript.contains("235 "), "{transcript}");
         assert_eq!(relay.capture.count(), 0);

@@ -274,31 +274,9 @@ mod tests {
         assert_eq!(content, b".first\r\nx\r\n.\r\n..third\r\nx\r\n");
     }
 
-    /// Published SMTP smuggling end-of-data variants (bare LF, bare CR, mixed with dots and NUL),
-    /// each followed by a smuggled second message and the real end.
-    const SMUGGLING: &[&[u8]] = &[
-        b"\n.\n",
-        b"\n.\r\n",
-        b"\r\n.\n",
-        b"\r.\r",
-        b"\r\n.\r",
-        b"\r.\r\n",
-        b"\n.\r",
-        b"\r.\n",
-        b"\r\n.\r\r\n",
-        b"\r\n\x00.\r\n.\n",
-        b"\r\n.\x00\n",
-        b"\n\x00.\r\n",
-        b"\r\x00.\r\n",
-        b"\n..\n",
-        b"\r\n.\r \r\n",
-        b"\r\n\r.\r\n",
-        b"\n\n.\r\n",
-    ];
-
     #[test]
     fn smuggling_variants_never_end_the_data_and_are_refused() {
-        for variant in SMUGGLING {
+        for variant in crate::smtp::fuzzing::SMUGGLING_VARIANTS {
             let mut input = b"From: a@example.com\r\n\r\nhello".to_vec();
             input.extend_from_slice(variant);
             input.extend_from_slice(b"MAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nsmuggled\r\n.\r\n");

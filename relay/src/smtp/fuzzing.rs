@@ -8,6 +8,28 @@ use super::reply::Reply;
 use super::session::{AuthOutcome, Event, ListenerKind, Session, SessionConfig, TlsInfo};
 use std::sync::Arc;
 
+/// Published SMTP smuggling end-of-data variants (bare LF, bare CR, and their mixes with dots
+/// and NUL). Each must be refused wherever it appears in DATA content.
+pub const SMUGGLING_VARIANTS: &[&[u8]] = &[
+    b"\n.\n",
+    b"\n.\r\n",
+    b"\r\n.\n",
+    b"\r.\r",
+    b"\r\n.\r",
+    b"\r.\r\n",
+    b"\n.\r",
+    b"\r.\n",
+    b"\r\n.\r\r\n",
+    b"\r\n\x00.\r\n.\n",
+    b"\r\n.\x00\n",
+    b"\n\x00.\r\n",
+    b"\r\x00.\r\n",
+    b"\n..\n",
+    b"\r\n.\r \r\n",
+    b"\r\n\r.\r\n",
+    b"\n\n.\r\n",
+];
+
 /// Splits `data` into pieces whose sizes come from `seed`, so the same input is tried under
 /// another segmentation.
 fn segments(data: &[u8], seed: u8) -> Vec<&[u8]> {
