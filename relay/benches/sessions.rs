@@ -87,27 +87,34 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    eprintln!("relay up (pid {pid}); warming up");
     // Warm up the runtime (worker threads, allocator arenas) before the baseline.
     for _ in 0..200 {
         one_session(addr).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let baseline = rss_kib(pid);
+    eprintln!("baseline RSS {baseline} KiB; opening {idle} idle sessions");
 
     let mut held = Vec::with_capacity(idle);
     let started = Instant::now();
-    let mut batch = tokio::task::JoinSet::new();
-    for i in 0..idle {
-        batch.spawn(greeting(addr));
-        if batch.len() >= 500 || i + 1 == idle {
-            while let Some(r) = batch.join_next().await {
-                if let Ok(Some(s)) = r {
-                    held.push(s);
-                }
+    let mut opening = tokio::task::JoinSet::new();
+    for _ in 0..idle {
+        // A rolling window of 200 connects in flight.
+        while opening.len() >= 200 {
+            if let Some(Ok(Some(s))) = opening.join_next().await {
+                held.push(s);
             }
+        }
+        opening.spawn(greeting(addr));
+    }
+    while let Some(r) = opening.join_next().await {
+        if let Ok(Some(s)) = r {
+            held.push(s);
         }
     }
     let open_time = started.elapsed();
+    eprintln!("{} sessions open; measuring", held.len());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let loaded = rss_kib(pid);
     let per_session = (loaded.saturating_sub(baseline) as f64 * 1024.0) / held.len().max(1) as f64;
@@ -129,6 +136,7 @@ async fn main() {
     drop(held);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
+    eprintln!("measuring sessions accepted per second for {ACCEPT_SECONDS} s");
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(ACCEPT_SECONDS);
     let mut workers = tokio::task::JoinSet::new();

@@ -262,8 +262,7 @@ async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
         (ListenerKind::Smtps, &cli.smtps),
     ] {
         for addr in addrs {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
+            let listener = mailroute_relay::server::bind(*addr)
                 .with_context(|| format!("binding {} listener {addr}", kind.as_str()))?;
             tracing::info!(listener = kind.as_str(), addr = %listener.local_addr()?, "listening");
             listeners.push((kind, listener));

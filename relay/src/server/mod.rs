@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
+use tracing::Instrument;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -114,6 +115,25 @@ impl std::fmt::Debug for Server {
             .field("listeners", &self.listeners.len())
             .finish()
     }
+}
+
+/// Binds a listener with the largest accept queue the system allows (`net.core.somaxconn`), so
+/// a burst of connections is queued rather than dropped (a dropped SYN costs the client a
+/// retransmission, a second or more).
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let backlog = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .unwrap_or(4096)
+        .clamp(1024, 65_535);
+    socket.listen(backlog)
 }
 
 static SESSION_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -280,7 +300,12 @@ async fn serve(
             connection::Conn::Plain(stream)
         }
     };
-    connection::drive(conn, peer, kind, shared, stop, id).await;
+    // NB: instrument the future rather than entering the span: a guard held across an await
+    // would tag other sessions' log lines running on the same thread.
+    let span = tracing::info_span!("session", id = %id, %peer, listener = kind.as_str());
+    connection::drive(conn, peer, kind, shared, stop, id)
+        .instrument(span)
+        .await;
 }
 
 async fn refuse_busy(mut stream: TcpStream, hostname: String) {
