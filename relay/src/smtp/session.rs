@@ -422,8 +422,7 @@ impl Session {
             }
         }
         match request {
-            Request::Ehlo { host } | Request::Helo { host } if pipelined => {
-                let _ = host;
+            Request::Ehlo { .. } | Request::Helo { .. } if pipelined => {
                 self.close(Reply::pipelining_violation(), events);
             }
             Request::Ehlo { host } => {

@@ -1,0 +1,136 @@
+//! The real `mailroute-relay` binary: admin endpoints, an SMTP session, and SIGTERM.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap_or_else(|e| panic!("{e}"));
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    write!(s, "GET {path} HTTP/1.0\r\nHost: relay\r\n\r\n").unwrap_or_else(|e| panic!("{e}"));
+    let mut response = String::new();
+    let _ = s.read_to_string(&mut response);
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn wait_for(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{addr} never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_relay_binary_serves_smtp_and_admin_and_stops_cleanly_on_sigterm() {
+    let smtp: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/dual-delivery");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mailroute-relay"))
+        .args([
+            "--manifests",
+            examples,
+            "--hostname",
+            "relay.test",
+            "--shutdown-grace",
+            "5",
+        ])
+        .args(["--smtp", &smtp.to_string(), "--admin", &admin.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_for(smtp);
+    wait_for(admin);
+
+    assert_eq!(http_get(admin, "/healthz").0, 200);
+    assert_eq!(http_get(admin, "/readyz").0, 200);
+
+    let stream = TcpStream::connect(smtp).unwrap_or_else(|e| panic!("{e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut writer = stream.try_clone().unwrap_or_else(|e| panic!("{e}"));
+    let mut reader = BufReader::new(stream);
+    let mut reply = || {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return all;
+            }
+            all.push_str(&line);
+            if line.as_bytes().get(3) == Some(&b' ') {
+                return all;
+            }
+        }
+    };
+    assert!(reply().starts_with("220 relay.test ESMTP"));
+    for (command, expected) in [
+        ("EHLO client.test\r\n", "250"),
+        ("MAIL FROM:<a@example.com>\r\n", "250"),
+        ("RCPT TO:<alice@example.com>\r\n", "250"),
+        ("DATA\r\n", "354"),
+        ("Subject: x\r\n\r\nbody\r\n.\r\n", "451 4.3.0"),
+    ] {
+        writer
+            .write_all(command.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let got = reply();
+        assert!(got.starts_with(expected), "{command:?}: {got}");
+    }
+
+    let (status, metrics) = http_get(admin, "/metrics");
+    assert_eq!(status, 200);
+    for name in [
+        "mailroute_relay_sessions_active 1",
+        "mailroute_relay_bytes_received_total",
+        "mailroute_relay_config_generation 1",
+    ] {
+        assert!(metrics.contains(name), "{name} missing in {metrics}");
+    }
+
+    let pid = child.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(killed.success());
+    // The idle session is told 421 4.3.2 at once.
+    assert!(reply().starts_with("421 4.3.2"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap_or_else(|e| panic!("{e}")) {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        TcpStream::connect(smtp).is_err(),
+        "still listening after exit"
+    );
+}
