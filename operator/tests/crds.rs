@@ -202,3 +202,30 @@ fn cel_rules_refuse_cross_field_mistakes() {
     );
     assert_eq!(cel_errors(&fine), Vec::<String>::new());
 }
+
+/// Paths of schema properties without a description (what `kubectl explain` would show empty).
+fn undescribed(schema: &Value, path: &str, out: &mut Vec<String>) {
+    if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+        for (name, prop) in props {
+            let here = format!("{path}.{name}");
+            if prop.get("description").and_then(Value::as_str).is_none_or(str::is_empty) {
+                out.push(here.clone());
+            }
+            undescribed(prop, &here, out);
+        }
+    }
+    if let Some(items) = schema.get("items") {
+        undescribed(items, &format!("{path}[]"), out);
+    }
+}
+
+#[test]
+fn kubectl_explain_has_a_description_for_every_field() {
+    for kind in ["MailRoute", "RoutingRule", "RelayPolicy"] {
+        let mut missing = Vec::new();
+        let schema = schema(kind);
+        undescribed(&schema["properties"]["spec"], "spec", &mut missing);
+        undescribed(&schema["properties"]["status"], "status", &mut missing);
+        assert_eq!(missing, Vec::<String>::new(), "{kind}");
+    }
+}
