@@ -629,3 +629,35 @@ fn parent_domains_up_to_the_registrable_domain_are_internal() {
     // acme.example is a tenant domain itself, so it is not listed again as a parent.
     assert_eq!(parents, ["acme.co.uk", "mail.acme.co.uk"]);
 }
+
+#[test]
+fn an_auth_username_in_two_tenants_is_refused_on_the_later_one() {
+    let secret = |name: &str| {
+        format!(
+            "\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: mail}}\nstringData: {{app: pw, other-{name}: pw}}\n"
+        )
+    };
+    let auth = |secret: &str| {
+        format!(
+            "  authentication:\n    requireSMTPAuth: true\n    credentialsSecretRef: {{name: {secret}}}"
+        )
+    };
+    let yaml = format!(
+        "{}{}{}{}",
+        secret("a"),
+        secret("z"),
+        policy("acme", &auth("a")),
+        policy("zeta", &auth("z"))
+    );
+    let (compiled, problems) = compile_yaml(&yaml);
+    assert_eq!(
+        problems,
+        [
+            r#"RelayPolicy/zeta: authentication.credentialsSecretRef: Secret "z": username "app" already belongs to RelayPolicy "acme""#
+        ]
+    );
+    assert!(
+        compiled.credentials.tenants.contains_key("acme")
+            && !compiled.credentials.tenants.contains_key("zeta")
+    );
+}

@@ -208,7 +208,11 @@ fn undescribed(schema: &Value, path: &str, out: &mut Vec<String>) {
     if let Some(props) = schema.get("properties").and_then(Value::as_object) {
         for (name, prop) in props {
             let here = format!("{path}.{name}");
-            if prop.get("description").and_then(Value::as_str).is_none_or(str::is_empty) {
+            if prop
+                .get("description")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+            {
                 out.push(here.clone());
             }
             undescribed(prop, &here, out);

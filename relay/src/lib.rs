@@ -5,6 +5,7 @@
 //!   in-process, or `--config FILE`, a compiled document) and the checks it passes before use.
 //! - [`smtp`]: the protocol, free of I/O: replies, command framing and parsing, the strict
 //!   DATA/BDAT receiver and dot-stuffing writer, and the session state machine.
+//! - [`policy`]: who may use the relay and as whom (so far: SMTP AUTH accounts).
 //! - [`server`]: listeners, TLS, the per-connection driver, AUTH throttling, graceful shutdown.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`metrics`]: the relay's Prometheus metrics.
@@ -12,5 +13,6 @@
 pub mod admin;
 pub mod config_source;
 pub mod metrics;
+pub mod policy;
 pub mod server;
 pub mod smtp;

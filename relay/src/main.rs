@@ -4,9 +4,10 @@ use anyhow::Context;
 use clap::{ArgGroup, Parser};
 use mailroute_relay::config_source;
 use mailroute_relay::metrics::Metrics;
+use mailroute_relay::policy::accounts::Accounts;
 use mailroute_relay::server::auth_throttle::{AuthThrottle, ThrottleConfig};
 use mailroute_relay::server::tls::CertificateStore;
-use mailroute_relay::server::{BoxFuture, Deliver, Limits, NoAccounts, Server, Shared};
+use mailroute_relay::server::{BoxFuture, Deliver, Limits, Server, Shared};
 use mailroute_relay::smtp::reply::Reply;
 use mailroute_relay::smtp::session::{ListenerKind, SessionConfig, Transaction};
 use std::net::SocketAddr;
@@ -231,8 +232,11 @@ async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
         .config_generation
         .set(i64::try_from(loaded.document.generation).unwrap_or(i64::MAX));
 
+    let accounts = Accounts::from_credentials(&loaded.credentials);
     let mut session = SessionConfig::new(hostname);
     session.tls_available = tls.is_some();
+    // AUTH is only ever offered inside TLS, and only when some tenant has accounts.
+    session.auth_available = tls.is_some() && !accounts.is_empty();
     session.max_message_size = cli.max_message_size;
     session.max_recipients = cli.max_recipients as usize;
     let limits = Limits {
@@ -249,7 +253,7 @@ async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
         limits,
         tls,
         deliver: Arc::new(NoDeliveryYet),
-        auth: Arc::new(NoAccounts),
+        auth: Arc::new(accounts),
         throttle: AuthThrottle::new(ThrottleConfig::default()),
         metrics,
         ready: Arc::clone(&ready),

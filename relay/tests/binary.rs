@@ -134,3 +134,67 @@ fn the_relay_binary_serves_smtp_and_admin_and_stops_cleanly_on_sigterm() {
         "still listening after exit"
     );
 }
+
+#[test]
+fn the_relay_binary_authenticates_tenant_accounts_from_the_credentials_secret() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let generated = rcgen::generate_simple_self_signed(vec!["relay.test".to_owned()])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, generated.cert.pem()).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap_or_else(|e| panic!("{e}"));
+    let submission: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/application-relay");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mailroute-relay"))
+        .args(["--manifests", examples, "--hostname", "relay.test"])
+        .args(["--submission", &submission.to_string()])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_for(submission);
+    let swaks = |user: &str, password: &str| {
+        Command::new("swaks")
+            .args([
+                "--server",
+                &submission.to_string(),
+                "--tls",
+                "--quit-after",
+                "AUTH",
+                "--timeout",
+                "10",
+            ])
+            .args([
+                "--auth",
+                "PLAIN",
+                "--auth-user",
+                user,
+                "--auth-password",
+                password,
+            ])
+            .output()
+            .unwrap_or_else(|e| panic!("swaks is needed (scripts/test installs it): {e}"))
+    };
+    // argon2id and bcrypt hashes from examples/application-relay's Secret.
+    let argon = swaks("ticketing", "ticketing-example-password");
+    let bcrypt = swaks("billing", "billing-example-password");
+    let wrong = swaks("billing", "ticketing-example-password");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        argon.status.success(),
+        "{}",
+        String::from_utf8_lossy(&argon.stdout)
+    );
+    assert!(
+        bcrypt.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bcrypt.stdout)
+    );
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stdout).contains("535 5.7.8"));
+}

@@ -258,7 +258,7 @@ pub fn compile(inputs: &Inputs) -> Compiled {
         if let Some((tenant, accounts)) = compiled
             && report.is_clean()
         {
-            claims.commit(&object.name, &tenant);
+            claims.commit(&object.name, &tenant, accounts.as_ref());
             if let Some(accounts) = accounts {
                 out.credentials
                     .tenants

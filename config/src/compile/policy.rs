@@ -16,10 +16,20 @@ const MAX_LINE_PROBLEMS: usize = 20;
 pub(super) struct Claims {
     domains: BTreeMap<Domain, String>,
     ranges: BTreeMap<IpNet, String>,
+    usernames: BTreeMap<String, String>,
 }
 
 impl Claims {
-    pub(super) fn commit(&mut self, tenant_name: &str, tenant: &Tenant) {
+    pub(super) fn commit(
+        &mut self,
+        tenant_name: &str,
+        tenant: &Tenant,
+        accounts: Option<&BTreeMap<String, String>>,
+    ) {
+        for username in accounts.into_iter().flat_map(BTreeMap::keys) {
+            self.usernames
+                .insert(username.clone(), tenant_name.to_owned());
+        }
         for d in &tenant.domains {
             self.domains.insert(d.clone(), tenant_name.to_owned());
         }
@@ -177,6 +187,16 @@ pub(super) fn compile(
             Some(secret) => {
                 let mut accounts = BTreeMap::new();
                 for (username, value) in secret {
+                    // An AUTH identity binds the session to one tenant, so it must be unique.
+                    if let Some(owner) = claims.usernames.get(username) {
+                        report.bad(
+                            "authentication.credentialsSecretRef",
+                            format!(
+                                "Secret {:?}: username {username:?} already belongs to RelayPolicy {owner:?}",
+                                r.name
+                            ),
+                        );
+                    }
                     match std::str::from_utf8(value).map(|v| v.trim_end_matches(['\r', '\n'])) {
                         Ok(v) if !v.is_empty() => {
                             accounts.insert(username.clone(), v.to_owned());

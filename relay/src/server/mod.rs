@@ -32,16 +32,6 @@ pub trait Authenticator: Send + Sync + 'static {
     fn check<'a>(&'a self, username: &'a str, password: &'a str) -> BoxFuture<'a, bool>;
 }
 
-/// Refuses every credential (no tenant has accounts).
-#[derive(Debug)]
-pub struct NoAccounts;
-
-impl Authenticator for NoAccounts {
-    fn check<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, bool> {
-        Box::pin(async { false })
-    }
-}
-
 /// Time and size limits of the server.
 #[derive(Clone, Debug)]
 pub struct Limits {

@@ -1,0 +1,165 @@
+//! SMTP AUTH accounts from the tenants' credentials Secrets: each value is a password or an
+//! `$argon2id$` / bcrypt (`$2a$`, `$2b$`, `$2y$`) hash. Checks take the same path whether the
+//! user exists or not, compare plaintext in constant time, and run hash verification off the
+//! async threads.
+
+use crate::server::{Authenticator, BoxFuture};
+use argon2::{Argon2, PasswordVerifier};
+use mailroute_config::Credentials;
+use std::collections::HashMap;
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+
+#[derive(Clone)]
+enum Secret {
+    Plain(String),
+    Argon2(String),
+    Bcrypt(String),
+}
+
+impl Secret {
+    fn new(value: &str) -> Self {
+        if value.starts_with("$argon2") {
+            Secret::Argon2(value.to_owned())
+        } else if ["$2a$", "$2b$", "$2y$"]
+            .iter()
+            .any(|p| value.starts_with(p))
+        {
+            Secret::Bcrypt(value.to_owned())
+        } else {
+            Secret::Plain(value.to_owned())
+        }
+    }
+
+    fn matches(&self, password: &str) -> bool {
+        match self {
+            Secret::Plain(expected) => bool::from(expected.as_bytes().ct_eq(password.as_bytes())),
+            Secret::Argon2(hash) => Argon2::default()
+                .verify_password(password.as_bytes(), hash.as_str())
+                .is_ok(),
+            Secret::Bcrypt(hash) => bcrypt::verify(password, hash).unwrap_or(false),
+        }
+    }
+}
+
+/// Every tenant's accounts.
+#[derive(Clone, Default)]
+pub struct Accounts {
+    by_username: Arc<HashMap<String, (String, Secret)>>,
+}
+
+impl std::fmt::Debug for Accounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // NB: never the secrets.
+        f.debug_struct("Accounts")
+            .field("users", &self.by_username.len())
+            .finish()
+    }
+}
+
+/// A password no account has, checked for unknown users so they take as long as known ones.
+const DUMMY: &str = "mailroute-no-such-account";
+
+impl Accounts {
+    /// Collects the accounts of every tenant (the compiler guarantees usernames are unique).
+    pub fn from_credentials(credentials: &Credentials) -> Self {
+        let mut by_username = HashMap::new();
+        for (tenant, accounts) in &credentials.tenants {
+            for (username, value) in accounts {
+                by_username.insert(username.clone(), (tenant.clone(), Secret::new(value)));
+            }
+        }
+        Self {
+            by_username: Arc::new(by_username),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_username.is_empty()
+    }
+
+    /// The tenant whose account `username` is.
+    pub fn tenant_of(&self, username: &str) -> Option<&str> {
+        self.by_username.get(username).map(|(t, _)| t.as_str())
+    }
+
+    /// Checks a password (blocking: hash verification is deliberately slow).
+    pub fn verify(&self, username: &str, password: &str) -> bool {
+        match self.by_username.get(username) {
+            Some((_, secret)) => secret.matches(password),
+            None => {
+                // Same amount of work as a plaintext account, so a wrong username and a wrong
+                // password look alike from outside.
+                let _ = Secret::Plain(DUMMY.to_owned()).matches(password);
+                false
+            }
+        }
+    }
+}
+
+impl Authenticator for Accounts {
+    fn check<'a>(&'a self, username: &'a str, password: &'a str) -> BoxFuture<'a, bool> {
+        let accounts = self.clone();
+        let (username, password) = (username.to_owned(), password.to_owned());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || accounts.verify(&username, &password))
+                .await
+                .unwrap_or(false)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn accounts(entries: &[(&str, &str, &str)]) -> Accounts {
+        let mut credentials = Credentials::default();
+        for (tenant, user, secret) in entries {
+            credentials
+                .tenants
+                .entry((*tenant).to_owned())
+                .or_insert_with(BTreeMap::new)
+                .insert((*user).to_owned(), (*secret).to_owned());
+        }
+        Accounts::from_credentials(&credentials)
+    }
+
+    #[test]
+    fn plaintext_argon2id_and_bcrypt_values_are_all_accepted() {
+        use argon2::PasswordHasher;
+        let argon = Argon2::default()
+            .hash_password_with_salt(b"argon-secret", b"fixed-salt-16byt")
+            .map(|h| h.to_string())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(argon.starts_with("$argon2id$"));
+        let bcrypt_hash = bcrypt::hash("bcrypt-secret", 4).unwrap_or_else(|e| panic!("{e}"));
+        let a = accounts(&[
+            ("acme", "app", "plain-secret"),
+            ("acme", "billing", &argon),
+            ("zeta", "tickets", &bcrypt_hash),
+        ]);
+        assert!(a.verify("app", "plain-secret"));
+        assert!(!a.verify("app", "plain-secreT"));
+        assert!(!a.verify("app", ""));
+        assert!(a.verify("billing", "argon-secret"));
+        assert!(!a.verify("billing", "wrong"));
+        assert!(a.verify("tickets", "bcrypt-secret"));
+        assert!(!a.verify("tickets", "bcrypt-secre"));
+        assert!(!a.verify("nobody", "plain-secret"));
+        assert!(!a.verify("nobody", DUMMY));
+        assert_eq!(a.tenant_of("tickets"), Some("zeta"));
+        assert!(!format!("{a:?}").contains("plain-secret"));
+    }
+
+    #[test]
+    fn a_malformed_hash_never_matches() {
+        let a = accounts(&[
+            ("acme", "x", "$argon2id$garbage"),
+            ("acme", "y", "$2b$garbage"),
+        ]);
+        assert!(!a.verify("x", "$argon2id$garbage"));
+        assert!(!a.verify("y", "$2b$garbage"));
+    }
+}
