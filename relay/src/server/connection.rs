@@ -96,9 +96,6 @@ pub(crate) async fn drive(
         listener,
         conn.tls_info(),
     );
-    let span =
-        tracing::debug_span!("session", id = session.id(), %peer, listener = listener.as_str());
-    let _guard = span.enter();
     let mut out = Vec::with_capacity(256);
     session.greeting().write_to(&mut out);
     if conn.write_all(&out).await.is_err() {
