@@ -5,6 +5,7 @@ use clap::{ArgGroup, Parser};
 use mailroute_relay::config_source;
 use mailroute_relay::metrics::Metrics;
 use mailroute_relay::policy::accounts::Accounts;
+use mailroute_relay::policy::tenants::Directory;
 use mailroute_relay::server::auth_throttle::{AuthThrottle, ThrottleConfig};
 use mailroute_relay::server::tls::CertificateStore;
 use mailroute_relay::server::{BoxFuture, Deliver, Limits, Server, Shared};
@@ -233,7 +234,9 @@ async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
         .set(i64::try_from(loaded.document.generation).unwrap_or(i64::MAX));
 
     let accounts = Accounts::from_credentials(&loaded.credentials);
+    let directory = Directory::new(&loaded.document.config, accounts.clone());
     let mut session = SessionConfig::new(hostname);
+    session.directory = Some(Arc::new(directory));
     session.tls_available = tls.is_some();
     // AUTH is only ever offered inside TLS, and only when some tenant has accounts.
     session.auth_available = tls.is_some() && !accounts.is_empty();

@@ -59,6 +59,8 @@ pub struct SessionConfig {
     pub max_received_headers: usize,
     /// The clock for `Received:` dates.
     pub now: fn() -> SystemTime,
+    /// Tenants and the no-open-relay rule; `None` accepts every recipient (protocol tests).
+    pub directory: Option<Arc<crate::policy::tenants::Directory>>,
 }
 
 impl SessionConfig {
@@ -73,6 +75,7 @@ impl SessionConfig {
             max_idle_commands: 100,
             max_received_headers: 50,
             now: SystemTime::now,
+            directory: None,
         }
     }
 }
@@ -480,22 +483,32 @@ impl Session {
                     events.push(Event::Reply(Reply::sender_ok()));
                 }
             }
-            Request::Rcpt { to } => match self.envelope.as_mut() {
-                None => self.refuse(Reply::bad_sequence("send MAIL first"), events),
-                Some(_) if to.address.is_empty() => {
-                    self.refuse(Reply::bad_recipient_address(), events)
+            Request::Rcpt { to } => {
+                // The relay policy first (it needs the whole session), then the envelope.
+                let refusal = if self.envelope.is_some() && !to.address.is_empty() {
+                    self.recipient_refusal(&to.address)
+                } else {
+                    None
+                };
+                let max = self.config.max_recipients;
+                match (self.envelope.as_mut(), refusal) {
+                    (None, _) => self.refuse(Reply::bad_sequence("send MAIL first"), events),
+                    (Some(_), _) if to.address.is_empty() => {
+                        self.refuse(Reply::bad_recipient_address(), events);
+                    }
+                    (Some(_), Some(reply)) => self.refuse(reply, events),
+                    (Some(e), None) if e.mail_from.is_empty() && !e.recipients.is_empty() => {
+                        self.refuse(Reply::null_sender_one_recipient(), events);
+                    }
+                    (Some(e), None) if e.recipients.len() >= max => {
+                        self.refuse(Reply::too_many_recipients(), events);
+                    }
+                    (Some(e), None) => {
+                        e.recipients.push(to.address.into_owned());
+                        events.push(Event::Reply(Reply::recipient_ok()));
+                    }
                 }
-                Some(e) if e.mail_from.is_empty() && !e.recipients.is_empty() => {
-                    self.refuse(Reply::null_sender_one_recipient(), events);
-                }
-                Some(e) if e.recipients.len() >= self.config.max_recipients => {
-                    self.refuse(Reply::too_many_recipients(), events);
-                }
-                Some(e) => {
-                    e.recipients.push(to.address.into_owned());
-                    events.push(Event::Reply(Reply::recipient_ok()));
-                }
-            },
+            }
             Request::Data => {
                 // NB: DATA must end a pipelined group (RFC 2920); bytes after it would be
                 // content sent before 354, or commands smuggled after a refused DATA.
@@ -582,6 +595,19 @@ impl Session {
         } else {
             events.push(Event::Reply(Reply::new(250, "2.0.0", "Chunk received")));
         }
+    }
+
+    /// Why a recipient must be refused at RCPT time, per the tenants' relay policy.
+    fn recipient_refusal(&self, recipient: &str) -> Option<Reply> {
+        let directory = self.config.directory.as_ref()?;
+        let binding = directory.bind(
+            self.authenticated.as_deref(),
+            self.peer.ip(),
+            self.helo.as_deref(),
+        );
+        directory
+            .check_recipient(&binding, self.tls.is_some(), recipient)
+            .err()
     }
 
     fn ehlo_reply(&self) -> Reply {

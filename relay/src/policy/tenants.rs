@@ -1,0 +1,314 @@
+//! Tenants as the relay sees them (SPEC 5.4): which tenant a session belongs to, and whether a
+//! recipient may be accepted from it. Pure functions over the compiled configuration.
+
+use super::accounts::Accounts;
+use crate::smtp::reply::Reply;
+use ipnet::IpNet;
+use mailroute_config::RelayConfig;
+use mailroute_config::names::{Address, Domain};
+use mailroute_config::net::canonical_client;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// Which tenant a session belongs to, and whether it may relay outbound mail for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binding {
+    pub tenant: Option<Arc<str>>,
+    /// The tenant's authentication conditions are met (SPEC 3.3): relaying is allowed.
+    pub authorised: bool,
+}
+
+#[derive(Debug)]
+struct TenantFacts {
+    name: Arc<str>,
+    ranges: Vec<IpNet>,
+    require_smtp_auth: bool,
+    require_tls: bool,
+}
+
+/// The lookup tables built once per configuration.
+#[derive(Debug)]
+pub struct Directory {
+    tenants: Vec<TenantFacts>,
+    /// Domain (with its subdomains) -> tenant index.
+    domains: HashMap<String, usize>,
+    /// Parent domains up to the registrable domain (exact) -> tenant index.
+    parents: HashMap<String, usize>,
+    /// Enabled ranges, most specific first.
+    ranges: Vec<(IpNet, usize)>,
+    accounts: Accounts,
+}
+
+impl Directory {
+    pub fn new(config: &RelayConfig, accounts: Accounts) -> Self {
+        let mut tenants = Vec::new();
+        let mut domains = HashMap::new();
+        let mut parents = HashMap::new();
+        let mut ranges = Vec::new();
+        for (i, (name, tenant)) in config.tenants.iter().enumerate() {
+            tenants.push(TenantFacts {
+                name: Arc::from(name.as_str()),
+                ranges: tenant.ip_ranges.clone(),
+                require_smtp_auth: tenant.require_smtp_auth,
+                require_tls: tenant.require_tls,
+            });
+            for d in &tenant.domains {
+                domains.insert(d.as_str().to_owned(), i);
+            }
+            for p in &tenant.parent_domains {
+                parents.insert(p.as_str().to_owned(), i);
+            }
+            for r in &tenant.ip_ranges {
+                ranges.push((*r, i));
+            }
+        }
+        ranges.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
+        Self {
+            tenants,
+            domains,
+            parents,
+            ranges,
+            accounts,
+        }
+    }
+
+    /// The tenant whose domains hold `domain` (most specific domain wins).
+    fn tenant_of_domain(&self, domain: &str) -> Option<usize> {
+        let mut rest = domain;
+        loop {
+            if let Some(i) = self.domains.get(rest) {
+                return Some(*i);
+            }
+            match rest.split_once('.') {
+                Some((_, parent)) => rest = parent,
+                None => break,
+            }
+        }
+        self.parents.get(domain).copied()
+    }
+
+    fn tenant_of_ip(&self, ip: IpAddr) -> Option<usize> {
+        let ip = canonical_client(ip);
+        self.ranges
+            .iter()
+            .find(|(net, _)| net.contains(&ip))
+            .map(|(_, i)| *i)
+    }
+
+    /// Binds a session: SMTP AUTH identity first, then the most specific enabled IP range,
+    /// then the EHLO domain (which counts mail for the tenant but never authorises relaying).
+    pub fn bind(&self, authenticated: Option<&str>, client: IpAddr, helo: Option<&str>) -> Binding {
+        let from_ip = self.tenant_of_ip(client);
+        if let Some(tenant) = authenticated.and_then(|u| self.accounts.tenant_of(u))
+            && let Some(i) = self.tenants.iter().position(|t| &*t.name == tenant)
+        {
+            let facts = &self.tenants[i];
+            // Both conditions when both are set (SPEC 3.3).
+            let ip_ok = facts.ranges.is_empty()
+                || facts
+                    .ranges
+                    .iter()
+                    .any(|r| r.contains(&canonical_client(client)));
+            return Binding {
+                tenant: Some(Arc::clone(&facts.name)),
+                authorised: ip_ok,
+            };
+        }
+        if let Some(i) = from_ip {
+            let facts = &self.tenants[i];
+            return Binding {
+                tenant: Some(Arc::clone(&facts.name)),
+                authorised: !facts.require_smtp_auth,
+            };
+        }
+        let by_helo = helo
+            .and_then(|h| h.parse::<Domain>().ok())
+            .and_then(|d| self.domains.get(d.as_str()).copied());
+        Binding {
+            tenant: by_helo.map(|i| Arc::clone(&self.tenants[i].name)),
+            authorised: false,
+        }
+    }
+
+    /// Whether a recipient may be accepted at RCPT time. Recipients in a tenant's domains are
+    /// inbound and accepted from anyone (unless that tenant requires TLS); any other recipient
+    /// is relaying and needs an authorised client. Sender-specified routing in the local part
+    /// (`%`, `!`, a quoted `@`) is refused from unauthorised clients even for our domains, as
+    /// the next hop might honour it.
+    pub fn check_recipient(
+        &self,
+        binding: &Binding,
+        tls: bool,
+        recipient: &str,
+    ) -> Result<(), Reply> {
+        let relaying_denied = || {
+            Reply::new(
+                550,
+                "5.7.1",
+                "Relaying denied: authenticate or connect from an authorised network",
+            )
+        };
+        let Ok(address) = recipient.parse::<Address>() else {
+            // Not an address we could be the destination of (IP literal, trailing dot...).
+            return if binding.authorised {
+                Ok(())
+            } else {
+                Err(relaying_denied())
+            };
+        };
+        match self.tenant_of_domain(address.domain().as_str()) {
+            Some(i) => {
+                let local = address.local_part();
+                if !binding.authorised && local.contains(['%', '!', '@']) {
+                    return Err(relaying_denied());
+                }
+                if self.tenants[i].require_tls && !tls {
+                    return Err(Reply::new(
+                        530,
+                        "5.7.0",
+                        "Must issue a STARTTLS command first",
+                    ));
+                }
+                Ok(())
+            }
+            None if binding.authorised => Ok(()),
+            None => Err(relaying_denied()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mailroute_config::{Manifests, compile};
+
+    fn directory() -> Directory {
+        let yaml = r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: accounts, namespace: mail}
+stringData: {app: secret}
+---
+apiVersion: mailroute.io/v1alpha1
+kind: RelayPolicy
+metadata: {name: acme, namespace: mail}
+spec:
+  domains: [acme.example, eu.mail.acme.co.uk]
+  licenses: 5
+  authentication:
+    ipRanges: [{cidr: 10.1.0.0/16}, {cidr: "2001:db8::/112"}]
+    requireSMTPAuth: false
+---
+apiVersion: mailroute.io/v1alpha1
+kind: RelayPolicy
+metadata: {name: zeta, namespace: mail}
+spec:
+  domains: [zeta.example]
+  licenses: 5
+  requireTLS: true
+  authentication:
+    ipRanges: [{cidr: 10.1.2.0/24}]
+    requireSMTPAuth: true
+    credentialsSecretRef: {name: accounts}
+"#;
+        let mut m = Manifests::default();
+        m.add_yaml(std::path::Path::new("t.yaml"), yaml)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let inputs = m.namespaces.remove("mail").unwrap_or_default();
+        let compiled = compile(&inputs);
+        assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
+        Directory::new(
+            &compiled.config,
+            Accounts::from_credentials(&compiled.credentials),
+        )
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn binding_prefers_auth_then_the_most_specific_range_then_helo() {
+        let d = directory();
+        let b = d.bind(None, ip("10.1.9.9"), None);
+        assert_eq!((b.tenant.as_deref(), b.authorised), (Some("acme"), true));
+        // 10.1.2.0/24 (zeta) is more specific than 10.1.0.0/16 (acme), and zeta needs AUTH.
+        let b = d.bind(None, ip("10.1.2.3"), None);
+        assert_eq!((b.tenant.as_deref(), b.authorised), (Some("zeta"), false));
+        let b = d.bind(Some("app"), ip("10.1.2.3"), None);
+        assert_eq!((b.tenant.as_deref(), b.authorised), (Some("zeta"), true));
+        // AUTH alone is not enough when the tenant also lists ranges.
+        let b = d.bind(Some("app"), ip("192.0.2.1"), None);
+        assert_eq!((b.tenant.as_deref(), b.authorised), (Some("zeta"), false));
+        let b = d.bind(None, ip("::ffff:10.1.0.1"), None);
+        assert_eq!(
+            b.tenant.as_deref(),
+            Some("acme"),
+            "IPv4-mapped clients match IPv4 ranges"
+        );
+        let b = d.bind(None, ip("2001:db8::5"), None);
+        assert_eq!(b.tenant.as_deref(), Some("acme"));
+        let b = d.bind(None, ip("192.0.2.1"), Some("ACME.example"));
+        assert_eq!(
+            (b.tenant.as_deref(), b.authorised),
+            (Some("acme"), false),
+            "EHLO counts, never authorises"
+        );
+    }
+
+    #[test]
+    fn recipients_in_our_domains_are_inbound_and_others_need_authorisation() {
+        let d = directory();
+        let outsider = d.bind(None, ip("192.0.2.1"), None);
+        let insider = d.bind(None, ip("10.1.9.9"), None);
+        assert!(
+            d.check_recipient(&outsider, false, "alice@acme.example")
+                .is_ok()
+        );
+        assert!(
+            d.check_recipient(&outsider, false, "bob@sub.acme.example")
+                .is_ok()
+        );
+        assert!(
+            d.check_recipient(&outsider, false, "x@mail.acme.co.uk")
+                .is_ok(),
+            "parent up to registrable"
+        );
+        assert!(
+            d.check_recipient(&outsider, false, "x@acme.co.uk").is_ok(),
+            "parent up to registrable"
+        );
+        assert!(d.check_recipient(&outsider, false, "x@co.uk").is_err());
+        let code = |r: Result<(), Reply>| r.err().map(|r| r.to_string()).unwrap_or_default();
+        assert!(
+            code(d.check_recipient(&outsider, false, "victim@external.example"))
+                .starts_with("550 5.7.1")
+        );
+        assert!(
+            d.check_recipient(&insider, false, "victim@external.example")
+                .is_ok()
+        );
+        assert!(
+            code(d.check_recipient(&outsider, false, "carol@zeta.example"))
+                .starts_with("530 5.7.0")
+        );
+        assert!(
+            d.check_recipient(&outsider, true, "carol@zeta.example")
+                .is_ok()
+        );
+        for probe in [
+            "victim%external.example@acme.example",
+            "external.example!victim@acme.example",
+            "\"victim@external.example\"@acme.example",
+            "victim@[192.0.2.7]",
+            "victim@external.example.",
+            "victim@EXTERNAL.example",
+        ] {
+            assert!(
+                code(d.check_recipient(&outsider, false, probe)).starts_with("550 5.7.1"),
+                "{probe}"
+            );
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! The classic open-relay probes from an unauthorised address, on every listener: all refused
+//! at RCPT, nothing delivered. Mail for the tenant's own domain is still accepted.
+
+mod support;
+
+use mailroute_relay::config_source;
+use mailroute_relay::policy::accounts::Accounts;
+use mailroute_relay::policy::tenants::Directory;
+use std::sync::Arc;
+use support::{Client, Options, Relay, bounded};
+
+const PROBES: &[&str] = &[
+    "victim@external.example",
+    "victim@EXTERNAL.Example",
+    "victim%external.example@example.com",
+    "victim%external.example@relay.test",
+    "external.example!victim@example.com",
+    "\"victim@external.example\"@example.com",
+    "\"victim%external.example\"@example.com",
+    "@example.com:victim@external.example",
+    "victim@[192.0.2.1]",
+    "victim@[IPv6:2001:db8::1]",
+    "victim@external.example.",
+    "victim@example.com.external.example",
+    "victim@example.com.",
+    "postmaster@external.example",
+];
+
+async fn relay_with_policy() -> Relay {
+    let examples =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/dual-delivery");
+    let loaded = config_source::from_manifests(&examples, 1).unwrap_or_else(|e| panic!("{e}"));
+    let mut options = Options::default();
+    let accounts = Accounts::from_credentials(&loaded.credentials);
+    options.session.directory = Some(Arc::new(Directory::new(&loaded.document.config, accounts)));
+    Relay::start(options).await
+}
+
+#[tokio::test]
+async fn open_relay_probes_are_refused_on_every_listener_and_nothing_is_delivered() {
+    bounded(60, async {
+        let relay = relay_with_policy().await;
+        let cert = relay.certs.cert_pem.clone();
+        for listener in ["smtp", "submission", "smtps"] {
+            let connect = || async {
+                let mut c = match listener {
+                    "smtp" => Client::connect(relay.smtp).await,
+                    "submission" => Client::connect(relay.submission).await,
+                    _ => Client::connect_tls(relay.smtps, &cert).await,
+                };
+                assert!(c.reply().await.starts_with("220"));
+                assert!(c.command("EHLO prober.example").await.starts_with("250"));
+                c
+            };
+            // One session per probe: a prober piling up refusals is cut off after ten anyway.
+            for probe in PROBES {
+                let mut c = connect().await;
+                assert!(
+                    c.command("MAIL FROM:<spammer@prober.example>")
+                        .await
+                        .starts_with("250")
+                );
+                let reply = c.command(&format!("RCPT TO:<{probe}>")).await;
+                assert!(
+                    reply.starts_with("550 5.7.1") || reply.starts_with("501 "),
+                    "{listener}: {probe} was not refused: {reply}"
+                );
+                assert!(
+                    c.command("DATA").await.starts_with("554 5.5.1"),
+                    "{listener}: {probe}"
+                );
+            }
+            // Inbound mail for the tenant's domain, in any case, is still accepted.
+            let mut c = connect().await;
+            assert!(
+                c.command("MAIL FROM:<friend@prober.example>")
+                    .await
+                    .starts_with("250")
+            );
+            assert!(
+                c.command("RCPT TO:<alice@Example.COM>")
+                    .await
+                    .starts_with("250 2.1.5")
+            );
+            assert!(
+                c.command("RCPT TO:<sales@sub.example.com>")
+                    .await
+                    .starts_with("250 2.1.5")
+            );
+            c.command("QUIT").await;
+        }
+        assert_eq!(relay.capture.count(), 0, "no probe reached delivery");
+    })
+    .await;
+}
