@@ -93,3 +93,32 @@ async fn open_relay_probes_are_refused_on_every_listener_and_nothing_is_delivere
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_authorised_network_relays_only_for_senders_the_tenant_allows() {
+    bounded(30, async {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(
+            dir.path().join("policy.yaml"),
+            "apiVersion: mailroute.io/v1alpha1\nkind: RelayPolicy\nmetadata: {name: apps, namespace: mail}\nspec:\n  domains: [example.org]\n  licenses: 10\n  allowedSenders: OwnDomains\n  authentication:\n    ipRanges: [{cidr: 127.0.0.1/32, description: this test}]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let loaded = config_source::from_manifests(dir.path(), 1).unwrap_or_else(|e| panic!("{e}"));
+        let mut options = Options::default();
+        let accounts = Accounts::from_credentials(&loaded.credentials);
+        options.session.directory = Some(Arc::new(Directory::new(&loaded.document.config, accounts)));
+        let relay = Relay::start(options).await;
+
+        let mut c = Client::connect(relay.smtp).await;
+        c.reply().await;
+        c.command("EHLO app.example.org").await;
+        assert!(c.command("MAIL FROM:<app@example.org>").await.starts_with("250"));
+        assert!(c.command("RCPT TO:<customer@external.example>").await.starts_with("250 2.1.5"), "relaying from the range");
+        c.command("RSET").await;
+        assert!(c.command("MAIL FROM:<ceo@bank.example>").await.starts_with("250"));
+        let reply = c.command("RCPT TO:<customer@external.example>").await;
+        assert!(reply.starts_with("550 5.7.1 Sender address not allowed"), "{reply}");
+        assert!(c.command("RCPT TO:<team@example.org>").await.starts_with("250 2.1.5"), "inbound is open to any sender");
+    })
+    .await;
+}

@@ -7,7 +7,9 @@ use ipnet::IpNet;
 use mailroute_config::RelayConfig;
 use mailroute_config::names::{Address, Domain};
 use mailroute_config::net::canonical_client;
+use mailroute_config::resources::AllowedSenders;
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -25,6 +27,8 @@ struct TenantFacts {
     ranges: Vec<IpNet>,
     require_smtp_auth: bool,
     require_tls: bool,
+    allowed_senders: AllowedSenders,
+    users: HashSet<Address>,
 }
 
 /// The lookup tables built once per configuration.
@@ -52,6 +56,8 @@ impl Directory {
                 ranges: tenant.ip_ranges.clone(),
                 require_smtp_auth: tenant.require_smtp_auth,
                 require_tls: tenant.require_tls,
+                allowed_senders: tenant.allowed_senders,
+                users: tenant.users.iter().cloned().collect(),
             });
             for d in &tenant.domains {
                 domains.insert(d.as_str().to_owned(), i);
@@ -133,13 +139,15 @@ impl Directory {
 
     /// Whether a recipient may be accepted at RCPT time. Recipients in a tenant's domains are
     /// inbound and accepted from anyone (unless that tenant requires TLS); any other recipient
-    /// is relaying and needs an authorised client. Sender-specified routing in the local part
-    /// (`%`, `!`, a quoted `@`) is refused from unauthorised clients even for our domains, as
-    /// the next hop might honour it.
+    /// is relaying and needs an authorised client whose envelope sender the tenant's
+    /// `allowedSenders` permits. Sender-specified routing in the local part (`%`, `!`, a quoted
+    /// `@`) is refused from unauthorised clients even for our domains, as the next hop might
+    /// honour it.
     pub fn check_recipient(
         &self,
         binding: &Binding,
         tls: bool,
+        sender: &str,
         recipient: &str,
     ) -> Result<(), Reply> {
         let relaying_denied = || {
@@ -150,9 +158,9 @@ impl Directory {
             )
         };
         let Ok(address) = recipient.parse::<Address>() else {
-            // Not an address we could be the destination of (IP literal, trailing dot...).
+            // Not an address we could be the destination of (trailing dot...): relaying.
             return if binding.authorised {
-                Ok(())
+                self.check_sender(binding, sender)
             } else {
                 Err(relaying_denied())
             };
@@ -172,8 +180,48 @@ impl Directory {
                 }
                 Ok(())
             }
-            None if binding.authorised => Ok(()),
+            None if binding.authorised => self.check_sender(binding, sender),
             None => Err(relaying_denied()),
+        }
+    }
+
+    /// `allowedSenders` of the bound tenant, for mail relayed outbound. The null sender is
+    /// allowed (bounces from the tenant's own MTAs must flow; it is limited to one recipient).
+    fn check_sender(&self, binding: &Binding, sender: &str) -> Result<(), Reply> {
+        let Some(facts) = binding
+            .tenant
+            .as_deref()
+            .and_then(|name| self.tenants.iter().find(|t| &*t.name == name))
+        else {
+            return Ok(());
+        };
+        if sender.is_empty() || facts.allowed_senders == AllowedSenders::Any {
+            return Ok(());
+        }
+        let refused = |why: &str| {
+            Err(Reply::new(
+                550,
+                "5.7.1",
+                format!("Sender address not allowed: {why}"),
+            ))
+        };
+        let Ok(address) = sender.parse::<Address>() else {
+            return refused("not a valid address");
+        };
+        match facts.allowed_senders {
+            AllowedSenders::RegisteredUsers if facts.users.contains(&address) => Ok(()),
+            AllowedSenders::RegisteredUsers => refused("not a registered user"),
+            AllowedSenders::OwnDomains => {
+                let own = self
+                    .tenant_of_domain(address.domain().as_str())
+                    .is_some_and(|i| self.tenants[i].name == facts.name);
+                if own {
+                    Ok(())
+                } else {
+                    refused("not in the tenant's domains")
+                }
+            }
+            AllowedSenders::Any => Ok(()),
         }
     }
 }
@@ -196,6 +244,7 @@ metadata: {name: acme, namespace: mail}
 spec:
   domains: [acme.example, eu.mail.acme.co.uk]
   licenses: 5
+  users: [dev@acme.example]
   authentication:
     ipRanges: [{cidr: 10.1.0.0/16}, {cidr: "2001:db8::/112"}]
     requireSMTPAuth: false
@@ -207,6 +256,8 @@ spec:
   domains: [zeta.example]
   licenses: 5
   requireTLS: true
+  allowedSenders: RegisteredUsers
+  users: [app@zeta.example]
   authentication:
     ipRanges: [{cidr: 10.1.2.0/24}]
     requireSMTPAuth: true
@@ -263,38 +314,47 @@ spec:
         let outsider = d.bind(None, ip("192.0.2.1"), None);
         let insider = d.bind(None, ip("10.1.9.9"), None);
         assert!(
-            d.check_recipient(&outsider, false, "alice@acme.example")
+            d.check_recipient(&outsider, false, "a@x.example", "alice@acme.example")
                 .is_ok()
         );
         assert!(
-            d.check_recipient(&outsider, false, "bob@sub.acme.example")
+            d.check_recipient(&outsider, false, "a@x.example", "bob@sub.acme.example")
                 .is_ok()
         );
         assert!(
-            d.check_recipient(&outsider, false, "x@mail.acme.co.uk")
+            d.check_recipient(&outsider, false, "a@x.example", "x@mail.acme.co.uk")
                 .is_ok(),
             "parent up to registrable"
         );
         assert!(
-            d.check_recipient(&outsider, false, "x@acme.co.uk").is_ok(),
+            d.check_recipient(&outsider, false, "a@x.example", "x@acme.co.uk")
+                .is_ok(),
             "parent up to registrable"
         );
-        assert!(d.check_recipient(&outsider, false, "x@co.uk").is_err());
+        assert!(
+            d.check_recipient(&outsider, false, "a@x.example", "x@co.uk")
+                .is_err()
+        );
         let code = |r: Result<(), Reply>| r.err().map(|r| r.to_string()).unwrap_or_default();
         assert!(
-            code(d.check_recipient(&outsider, false, "victim@external.example"))
+            code(d.check_recipient(&outsider, false, "a@x.example", "victim@external.example"))
                 .starts_with("550 5.7.1")
         );
         assert!(
-            d.check_recipient(&insider, false, "victim@external.example")
-                .is_ok()
+            d.check_recipient(
+                &insider,
+                false,
+                "dev@acme.example",
+                "victim@external.example"
+            )
+            .is_ok()
         );
         assert!(
-            code(d.check_recipient(&outsider, false, "carol@zeta.example"))
+            code(d.check_recipient(&outsider, false, "a@x.example", "carol@zeta.example"))
                 .starts_with("530 5.7.0")
         );
         assert!(
-            d.check_recipient(&outsider, true, "carol@zeta.example")
+            d.check_recipient(&outsider, true, "a@x.example", "carol@zeta.example")
                 .is_ok()
         );
         for probe in [
@@ -306,9 +366,59 @@ spec:
             "victim@EXTERNAL.example",
         ] {
             assert!(
-                code(d.check_recipient(&outsider, false, probe)).starts_with("550 5.7.1"),
+                code(d.check_recipient(&outsider, false, "a@x.example", probe))
+                    .starts_with("550 5.7.1"),
                 "{probe}"
             );
         }
+    }
+
+    #[test]
+    fn relayed_mail_needs_a_sender_the_tenant_allows() {
+        let d = directory();
+        let code = |r: Result<(), Reply>| r.err().map(|r| r.to_string()).unwrap_or_default();
+        // acme: OwnDomains (the default).
+        let acme = d.bind(None, ip("10.1.9.9"), None);
+        assert!(
+            d.check_recipient(&acme, false, "dev@acme.example", "x@external.example")
+                .is_ok()
+        );
+        assert!(
+            d.check_recipient(
+                &acme,
+                false,
+                "noreply@sub.acme.example",
+                "x@external.example"
+            )
+            .is_ok()
+        );
+        assert!(
+            d.check_recipient(&acme, false, "", "x@external.example")
+                .is_ok(),
+            "bounces flow"
+        );
+        assert!(
+            code(d.check_recipient(&acme, false, "ceo@zeta.example", "x@external.example"))
+                .starts_with("550 5.7.1 Sender address not allowed")
+        );
+        assert!(
+            code(d.check_recipient(&acme, false, "spoof@gmail.example", "x@external.example"))
+                .starts_with("550 5.7.1")
+        );
+        // zeta: RegisteredUsers.
+        let zeta = d.bind(Some("app"), ip("10.1.2.3"), None);
+        assert!(
+            d.check_recipient(&zeta, true, "app@zeta.example", "x@external.example")
+                .is_ok()
+        );
+        assert!(
+            code(d.check_recipient(&zeta, true, "other@zeta.example", "x@external.example"))
+                .contains("not a registered user")
+        );
+        // Inbound mail is not subject to allowedSenders.
+        assert!(
+            d.check_recipient(&zeta, true, "anyone@else.example", "dev@acme.example")
+                .is_ok()
+        );
     }
 }

@@ -605,8 +605,9 @@ impl Session {
             self.peer.ip(),
             self.helo.as_deref(),
         );
+        let sender = self.envelope.as_ref().map_or("", |e| e.mail_from.as_str());
         directory
-            .check_recipient(&binding, self.tls.is_some(), recipient)
+            .check_recipient(&binding, self.tls.is_some(), sender, recipient)
             .err()
     }
 
