@@ -122,3 +122,41 @@ async fn an_authorised_network_relays_only_for_senders_the_tenant_allows() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn allowed_senders_any_rewrites_foreign_senders_of_relayed_mail_to_postmaster() {
+    bounded(30, async {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(
+            dir.path().join("policy.yaml"),
+            "apiVersion: mailroute.io/v1alpha1\nkind: RelayPolicy\nmetadata: {name: apps, namespace: mail}\nspec:\n  domains: [example.org]\n  licenses: 10\n  allowedSenders: Any\n  authentication:\n    ipRanges: [{cidr: 127.0.0.1/32}]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let loaded = config_source::from_manifests(dir.path(), 1).unwrap_or_else(|e| panic!("{e}"));
+        let mut options = Options::default();
+        options.session.directory = Some(Arc::new(Directory::new(
+            &loaded.document.config,
+            Accounts::from_credentials(&loaded.credentials),
+        )));
+        let relay = Relay::start(options).await;
+        let mut c = Client::connect(relay.smtp).await;
+        c.reply().await;
+        c.command("EHLO scanner.vendor.example").await;
+        for (sender, recipient) in [("alerts@vendor.example", "ops@external.example"), ("", "ops@external.example"), ("alerts@vendor.example", "team@example.org")] {
+            assert!(c.command(&format!("MAIL FROM:<{sender}>")).await.starts_with("250"));
+            assert!(c.command(&format!("RCPT TO:<{recipient}>")).await.starts_with("250"), "{sender} -> {recipient}");
+            assert!(c.command("DATA").await.starts_with("354"));
+            c.send(b"Subject: scan report\r\n\r\nbody\r\n.\r\n").await;
+            assert!(c.reply().await.starts_with("250"));
+        }
+        let messages = relay.capture.messages.lock().unwrap_or_else(|e| e.into_inner());
+        let senders: Vec<&str> = messages.iter().map(|t| t.mail_from.as_str()).collect();
+        assert_eq!(
+            senders,
+            ["postmaster@example.org", "postmaster@example.org", "alerts@vendor.example"],
+            "relayed mail is rewritten; inbound mail keeps its sender"
+        );
+        assert!(messages.iter().all(|t| t.content.ends_with(b"Subject: scan report\r\n\r\nbody\r\n")), "content untouched");
+    })
+    .await;
+}

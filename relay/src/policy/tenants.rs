@@ -29,6 +29,8 @@ struct TenantFacts {
     require_tls: bool,
     allowed_senders: AllowedSenders,
     users: HashSet<Address>,
+    /// The tenant's first domain: the default for `postmaster@` rewrites.
+    primary_domain: Option<Domain>,
 }
 
 /// The lookup tables built once per configuration.
@@ -58,6 +60,7 @@ impl Directory {
                 require_tls: tenant.require_tls,
                 allowed_senders: tenant.allowed_senders,
                 users: tenant.users.iter().cloned().collect(),
+                primary_domain: tenant.domains.first().cloned(),
             });
             for d in &tenant.domains {
                 domains.insert(d.as_str().to_owned(), i);
@@ -183,6 +186,49 @@ impl Directory {
             None if binding.authorised => self.check_sender(binding, sender),
             None => Err(relaying_denied()),
         }
+    }
+
+    /// The envelope sender to use for a message, when `allowedSenders: Any` requires a rewrite
+    /// (SPEC 5.4): an authorised client relaying to at least one external recipient with a
+    /// sender outside its tenant's domains, or the null sender, sends as `postmaster@` the
+    /// tenant domain it identified with in EHLO, or else the tenant's first domain.
+    pub fn rewritten_sender(
+        &self,
+        binding: &Binding,
+        helo: Option<&str>,
+        sender: &str,
+        recipients: &[String],
+    ) -> Option<String> {
+        if !binding.authorised {
+            return None;
+        }
+        let facts = binding
+            .tenant
+            .as_deref()
+            .and_then(|name| self.tenants.iter().find(|t| &*t.name == name))?;
+        if facts.allowed_senders != AllowedSenders::Any {
+            return None;
+        }
+        let ours = |domain: &str| {
+            self.tenant_of_domain(domain)
+                .is_some_and(|i| self.tenants[i].name == facts.name)
+        };
+        let relaying = recipients.iter().any(|r| match r.parse::<Address>() {
+            Ok(a) => self.tenant_of_domain(a.domain().as_str()).is_none(),
+            Err(_) => true,
+        });
+        let foreign = match sender.parse::<Address>() {
+            Ok(a) => !ours(a.domain().as_str()),
+            Err(_) => true,
+        };
+        if !relaying || !foreign {
+            return None;
+        }
+        let domain = helo
+            .and_then(|h| h.parse::<Domain>().ok())
+            .filter(|d| ours(d.as_str()))
+            .or_else(|| facts.primary_domain.clone())?;
+        Some(format!("postmaster@{domain}"))
     }
 
     /// `allowedSenders` of the bound tenant, for mail relayed outbound. The null sender is
@@ -419,6 +465,51 @@ spec:
         assert!(
             d.check_recipient(&zeta, true, "anyone@else.example", "dev@acme.example")
                 .is_ok()
+        );
+    }
+
+    #[test]
+    fn any_senders_are_rewritten_to_postmaster_only_when_relaying() {
+        let yaml = "apiVersion: mailroute.io/v1alpha1\nkind: RelayPolicy\nmetadata: {name: any, namespace: mail}\nspec:\n  domains: [b.example, a.example]\n  licenses: 1\n  allowedSenders: Any\n  authentication:\n    ipRanges: [{cidr: 10.9.0.0/16}]\n";
+        let mut m = Manifests::default();
+        m.add_yaml(std::path::Path::new("t.yaml"), yaml)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let compiled = compile(&m.namespaces.remove("mail").unwrap_or_default());
+        let d = Directory::new(&compiled.config, Accounts::default());
+        let b = d.bind(None, ip("10.9.0.1"), None);
+        let out = vec!["x@external.example".to_owned()];
+        let inbound = vec!["x@a.example".to_owned()];
+        assert_eq!(
+            d.rewritten_sender(&b, None, "app@vendor.example", &out)
+                .as_deref(),
+            Some("postmaster@a.example"),
+            "first domain (sorted)"
+        );
+        assert_eq!(
+            d.rewritten_sender(&b, Some("B.example"), "", &out)
+                .as_deref(),
+            Some("postmaster@b.example"),
+            "EHLO domain, null sender"
+        );
+        assert_eq!(
+            d.rewritten_sender(&b, Some("mta.vendor.example"), "", &out)
+                .as_deref(),
+            Some("postmaster@a.example")
+        );
+        assert_eq!(
+            d.rewritten_sender(&b, None, "me@sub.a.example", &out),
+            None,
+            "own domains are kept"
+        );
+        assert_eq!(
+            d.rewritten_sender(&b, None, "app@vendor.example", &inbound),
+            None,
+            "inbound only: no rewrite"
+        );
+        let outsider = d.bind(None, ip("192.0.2.1"), None);
+        assert_eq!(
+            d.rewritten_sender(&outsider, None, "app@vendor.example", &out),
+            None
         );
     }
 }

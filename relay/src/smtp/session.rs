@@ -597,6 +597,17 @@ impl Session {
         }
     }
 
+    /// The sender the tenant's `allowedSenders: Any` rewrite gives this message, if any.
+    fn rewritten_sender(&self, sender: &str, recipients: &[String]) -> Option<String> {
+        let directory = self.config.directory.as_ref()?;
+        let binding = directory.bind(
+            self.authenticated.as_deref(),
+            self.peer.ip(),
+            self.helo.as_deref(),
+        );
+        directory.rewritten_sender(&binding, self.helo.as_deref(), sender, recipients)
+    }
+
     /// Why a recipient must be refused at RCPT time, per the tenants' relay policy.
     fn recipient_refusal(&self, recipient: &str) -> Option<Reply> {
         let directory = self.config.directory.as_ref()?;
@@ -757,6 +768,10 @@ impl Session {
         if count_received(&envelope.content) >= self.config.max_received_headers {
             self.refuse(Reply::mail_loop(), events);
             return;
+        }
+        let mut envelope = envelope;
+        if let Some(sender) = self.rewritten_sender(&envelope.mail_from, &envelope.recipients) {
+            envelope.mail_from = sender;
         }
         self.transactions += 1;
         let id = format!("{}.{}", self.id, self.transactions);
