@@ -251,15 +251,7 @@ impl Client {
         let tcp = TcpStream::connect(addr)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        let name =
-            rustls_pki_types::ServerName::try_from("relay.test").unwrap_or_else(|e| panic!("{e}"));
-        let tls = tls_connector(cert_pem)
-            .connect(name, tcp)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        Self {
-            stream: Stream::Tls(Box::new(BufReader::new(tls))),
-        }
+        Self::over_tls(tcp, cert_pem).await
     }
 
     pub async fn send(&mut self, bytes: &[u8]) {
@@ -321,7 +313,11 @@ impl Client {
         let Stream::Plain(reader) = self.stream else {
             panic!("already TLS");
         };
-        let tcp = reader.into_inner();
+        Self::over_tls(reader.into_inner(), cert_pem).await
+    }
+
+    /// A TLS handshake as `relay.test` over `tcp`, trusting `cert_pem` only.
+    async fn over_tls(tcp: TcpStream, cert_pem: &str) -> Self {
         let name =
             rustls_pki_types::ServerName::try_from("relay.test").unwrap_or_else(|e| panic!("{e}"));
         let tls = tls_connector(cert_pem)
