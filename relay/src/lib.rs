@@ -6,6 +6,7 @@
 //! - [`smtp`]: the protocol, free of I/O: replies, command framing and parsing, the strict
 //!   DATA/BDAT receiver and dot-stuffing writer, and the session state machine.
 //! - [`policy`]: who may use the relay and as whom (so far: SMTP AUTH accounts).
+//! - [`routing`]: which upstreams each recipient goes to (rules, copies, legs): pure functions.
 //! - [`server`]: listeners, TLS, the per-connection driver, AUTH throttling, graceful shutdown.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`metrics`]: the relay's Prometheus metrics.
@@ -14,5 +15,6 @@ pub mod admin;
 pub mod config_source;
 pub mod metrics;
 pub mod policy;
+pub mod routing;
 pub mod server;
 pub mod smtp;

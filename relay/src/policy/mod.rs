@@ -2,4 +2,5 @@
 //! binding of a session to a tenant, and the no-open-relay decision at RCPT.
 
 pub mod accounts;
+pub mod domains;
 pub mod tenants;

@@ -2,13 +2,13 @@
 //! recipient may be accepted from it. Pure functions over the compiled configuration.
 
 use super::accounts::Accounts;
+use super::domains::DomainIndex;
 use crate::smtp::reply::Reply;
 use ipnet::IpNet;
 use mailroute_config::RelayConfig;
 use mailroute_config::names::{Address, Domain};
 use mailroute_config::net::canonical_client;
 use mailroute_config::resources::AllowedSenders;
-use std::collections::HashMap;
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -37,10 +37,7 @@ struct TenantFacts {
 #[derive(Debug)]
 pub struct Directory {
     tenants: Vec<TenantFacts>,
-    /// Domain (with its subdomains) -> tenant index.
-    domains: HashMap<String, usize>,
-    /// Parent domains up to the registrable domain (exact) -> tenant index.
-    parents: HashMap<String, usize>,
+    domains: DomainIndex,
     /// Enabled ranges, most specific first.
     ranges: Vec<(IpNet, usize)>,
     accounts: Accounts,
@@ -49,8 +46,6 @@ pub struct Directory {
 impl Directory {
     pub fn new(config: &RelayConfig, accounts: Accounts) -> Self {
         let mut tenants = Vec::new();
-        let mut domains = HashMap::new();
-        let mut parents = HashMap::new();
         let mut ranges = Vec::new();
         for (i, (name, tenant)) in config.tenants.iter().enumerate() {
             tenants.push(TenantFacts {
@@ -62,12 +57,6 @@ impl Directory {
                 users: tenant.users.iter().cloned().collect(),
                 primary_domain: tenant.domains.first().cloned(),
             });
-            for d in &tenant.domains {
-                domains.insert(d.as_str().to_owned(), i);
-            }
-            for p in &tenant.parent_domains {
-                parents.insert(p.as_str().to_owned(), i);
-            }
             for r in &tenant.ip_ranges {
                 ranges.push((*r, i));
             }
@@ -75,8 +64,7 @@ impl Directory {
         ranges.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
         Self {
             tenants,
-            domains,
-            parents,
+            domains: DomainIndex::new(config),
             ranges,
             accounts,
         }
@@ -84,17 +72,7 @@ impl Directory {
 
     /// The tenant whose domains hold `domain` (most specific domain wins).
     fn tenant_of_domain(&self, domain: &str) -> Option<usize> {
-        let mut rest = domain;
-        loop {
-            if let Some(i) = self.domains.get(rest) {
-                return Some(*i);
-            }
-            match rest.split_once('.') {
-                Some((_, parent)) => rest = parent,
-                None => break,
-            }
-        }
-        self.parents.get(domain).copied()
+        self.domains.tenant_of(domain)
     }
 
     fn tenant_of_ip(&self, ip: IpAddr) -> Option<usize> {
@@ -133,7 +111,7 @@ impl Directory {
         }
         let by_helo = helo
             .and_then(|h| h.parse::<Domain>().ok())
-            .and_then(|d| self.domains.get(d.as_str()).copied());
+            .and_then(|d| self.domains.exact(d.as_str()));
         Binding {
             tenant: by_helo.map(|i| Arc::clone(&self.tenants[i].name)),
             authorised: false,

@@ -11,7 +11,7 @@ use std::fmt;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reply {
     code: u16,
-    enhanced: Option<&'static str>,
+    enhanced: Option<Cow<'static, str>>,
     lines: Vec<Cow<'static, str>>,
 }
 
@@ -20,9 +20,41 @@ impl Reply {
     pub fn new(code: u16, enhanced: &'static str, text: impl Into<Cow<'static, str>>) -> Self {
         Self {
             code,
-            enhanced: Some(enhanced),
+            enhanced: Some(Cow::Borrowed(enhanced)),
             lines: vec![text.into()],
         }
+    }
+
+    /// A reply whose codes come from elsewhere (an upstream server, a rule's `reject`). The
+    /// enhanced code is kept only when it is well formed (`class.subject.detail`, RFC 3463) and
+    /// its class agrees with the reply code.
+    pub fn relayed(code: u16, enhanced: Option<&str>, text: impl Into<Cow<'static, str>>) -> Self {
+        let class = char::from(b'0' + (code / 100 % 10) as u8);
+        let enhanced = enhanced
+            .filter(|e| {
+                let mut parts = e.split('.');
+                let ok = |p: Option<&str>, max: usize| {
+                    p.is_some_and(|p| {
+                        !p.is_empty() && p.len() <= max && p.bytes().all(|b| b.is_ascii_digit())
+                    })
+                };
+                e.starts_with(class)
+                    && ok(parts.next(), 1)
+                    && ok(parts.next(), 3)
+                    && ok(parts.next(), 3)
+                    && parts.next().is_none()
+            })
+            .map(|e| Cow::Owned(e.to_owned()));
+        Self {
+            code,
+            enhanced,
+            lines: vec![text.into()],
+        }
+    }
+
+    /// The text of the reply, lines joined by a space.
+    pub fn text(&self) -> String {
+        self.lines.join(" ")
     }
 
     /// A reply without an enhanced status code (greeting, EHLO, 354, 334).
@@ -47,8 +79,8 @@ impl Reply {
         self.code
     }
 
-    pub fn enhanced(&self) -> Option<&'static str> {
-        self.enhanced
+    pub fn enhanced(&self) -> Option<&str> {
+        self.enhanced.as_deref()
     }
 
     /// 2xx.
@@ -62,7 +94,7 @@ impl Reply {
         for (i, line) in self.lines.iter().enumerate() {
             out.extend_from_slice(self.code.to_string().as_bytes());
             out.push(if i == last { b' ' } else { b'-' });
-            if let Some(enhanced) = self.enhanced {
+            if let Some(enhanced) = &self.enhanced {
                 out.extend_from_slice(enhanced.as_bytes());
                 out.push(b' ');
             }
