@@ -7,12 +7,14 @@
 //!   DATA/BDAT receiver and dot-stuffing writer, and the session state machine.
 //! - [`policy`]: who may use the relay and as whom (so far: SMTP AUTH accounts).
 //! - [`routing`]: which upstreams each recipient goes to (rules, copies, legs): pure functions.
+//! - [`delivery`]: carrying a plan out: upstream connections, pooling, TLS, the ledger, the reply.
 //! - [`server`]: listeners, TLS, the per-connection driver, AUTH throttling, graceful shutdown.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`metrics`]: the relay's Prometheus metrics.
 
 pub mod admin;
 pub mod config_source;
+pub mod delivery;
 pub mod metrics;
 pub mod policy;
 pub mod routing;

@@ -3,14 +3,15 @@
 use anyhow::Context;
 use clap::{ArgGroup, Parser};
 use mailroute_relay::config_source;
+use mailroute_relay::delivery::{self, Forwarder, ledger::MemoryLedger};
 use mailroute_relay::metrics::Metrics;
 use mailroute_relay::policy::accounts::Accounts;
 use mailroute_relay::policy::tenants::Directory;
+use mailroute_relay::routing::Router;
 use mailroute_relay::server::auth_throttle::{AuthThrottle, ThrottleConfig};
 use mailroute_relay::server::tls::CertificateStore;
-use mailroute_relay::server::{BoxFuture, Deliver, Limits, Server, Shared};
-use mailroute_relay::smtp::reply::Reply;
-use mailroute_relay::smtp::session::{ListenerKind, SessionConfig, Transaction};
+use mailroute_relay::server::{Limits, Server, Shared};
+use mailroute_relay::smtp::session::{ListenerKind, SessionConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -129,22 +130,22 @@ struct Cli {
         default_value_t = 300
     )]
     idle_timeout: u64,
-}
-
-/// Until routing and delivery land, an accepted message cannot go anywhere: say so with a
-/// temporary failure, so the client keeps it, instead of a 250 that would lose it.
-struct NoDeliveryYet;
-
-impl Deliver for NoDeliveryYet {
-    fn deliver(&self, _: Transaction) -> BoxFuture<'_, Reply> {
-        Box::pin(async {
-            Reply::new(
-                451,
-                "4.3.0",
-                "No delivery path is configured; message not accepted, try again later",
-            )
-        })
-    }
+    /// Name server (IP:PORT) for MX and host lookups. Default: the system's resolver.
+    #[arg(long, value_name = "ADDR", env = "MAILROUTE_DNS_SERVER")]
+    dns_server: Option<SocketAddr>,
+    /// When the shared store (the delivery ledger) cannot be reached: `closed` answers
+    /// 451 4.3.0, `open` delivers without it (a retry may then duplicate).
+    #[arg(long, value_name = "MODE", env = "MAILROUTE_STORE_FAILURE", default_value = "closed",
+          value_parser = ["closed", "open"])]
+    store_failure: String,
+    /// Deliveries the in-memory ledger remembers (about 60 bytes each); past it the oldest go.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "MAILROUTE_LEDGER_MAX_ENTRIES",
+        default_value_t = 1_000_000
+    )]
+    ledger_max_entries: usize,
 }
 
 fn system_hostname() -> Option<String> {
@@ -235,8 +236,34 @@ async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
 
     let accounts = Accounts::from_credentials(&loaded.credentials);
     let directory = Directory::new(&loaded.document.config, accounts.clone());
+    let router = Arc::new(Router::new(&loaded.document.config));
+    let forwarder = Forwarder::new(
+        &loaded.document.config,
+        &loaded.credentials,
+        Arc::clone(&router),
+        Arc::new(MemoryLedger::new(cli.ledger_max_entries)),
+        delivery::Settings {
+            hostname: hostname.clone(),
+            store_failure_open: cli.store_failure == "open",
+            dns_server: cli.dns_server,
+        },
+        Arc::clone(&metrics),
+    )
+    .map_err(|e| anyhow::anyhow!("setting up delivery: {e}"))?;
+    let forwarder = Arc::new(forwarder);
+    let sweeper = {
+        let forwarder = Arc::clone(&forwarder);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                forwarder.sweep();
+            }
+        })
+    };
     let mut session = SessionConfig::new(hostname);
     session.directory = Some(Arc::new(directory));
+    session.router = Some(router);
     session.tls_available = tls.is_some();
     // AUTH is only ever offered inside TLS, and only when some tenant has accounts.
     session.auth_available = tls.is_some() && !accounts.is_empty();
@@ -255,7 +282,7 @@ async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
         session: Arc::new(session),
         limits,
         tls,
-        deliver: Arc::new(NoDeliveryYet),
+        deliver: forwarder,
         auth: Arc::new(accounts),
         throttle: AuthThrottle::new(ThrottleConfig::default()),
         metrics,
@@ -295,6 +322,7 @@ async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
         None => None,
     };
     Server::new(shared, listeners).run(shutdown_signal()).await;
+    sweeper.abort();
     let _ = stop_admin.send(());
     if let Some(admin) = admin {
         let _ = admin.await;

@@ -5,7 +5,8 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
 
 /// Labels of `mailroute_relay_sessions_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -15,13 +16,82 @@ pub struct SessionLabels {
     pub tls: String,
 }
 
+/// Labels of the message and recipient counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficLabels {
+    /// A tenant name from the configuration, or `none`.
+    pub tenant: String,
+    /// `inbound`, `internal`, `outbound` (or `none` when refused before routing).
+    pub direction: String,
+    /// `delivered`, `deferred` (4xx to the client) or `refused` (5xx).
+    pub outcome: String,
+}
+
+/// Labels of per-route metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// A MailRoute name, or `mx` for direct delivery.
+    pub route: String,
+}
+
+/// Labels of `mailroute_relay_upstream_replies_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub route: String,
+    /// `2xx`, `4xx`, `5xx`, or `error` (connection, timeout, TLS policy).
+    pub class: String,
+}
+
+/// Labels of `mailroute_relay_rule_matches_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    pub tenant: String,
+    pub rule: String,
+    /// `enforce` or `audit` (matched, changed nothing).
+    pub mode: String,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0,
+    ])
+}
+
 /// Every relay metric.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     pub sessions_active: Gauge,
     pub sessions: Family<SessionLabels, Counter>,
     pub bytes_received: Counter,
     pub config_generation: Gauge,
+    pub messages: Family<TrafficLabels, Counter>,
+    pub recipients: Family<TrafficLabels, Counter>,
+    pub delivery_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub upstream_replies: Family<UpstreamLabels, Counter>,
+    pub rule_matches: Family<RuleLabels, Counter>,
+    /// Copies not made because the message already was one (loop protection).
+    pub copies_suppressed: Counter,
+    /// Ledger lookups or records that failed (SPEC 5.3a).
+    pub store_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            sessions_active: Gauge::default(),
+            sessions: Family::default(),
+            bytes_received: Counter::default(),
+            config_generation: Gauge::default(),
+            messages: Family::default(),
+            recipients: Family::default(),
+            delivery_duration: Family::new_with_constructor(duration_histogram),
+            upstream_replies: Family::default(),
+            rule_matches: Family::default(),
+            copies_suppressed: Counter::default(),
+            store_errors: Counter::default(),
+        }
+    }
 }
 
 impl Metrics {
@@ -47,6 +117,42 @@ impl Metrics {
             "mailroute_relay_config_generation",
             "Generation of the relay configuration in force",
             metrics.config_generation.clone(),
+        );
+        registry.register(
+            "mailroute_relay_messages",
+            "Messages that reached end of data, by tenant, direction and what the client was told",
+            metrics.messages.clone(),
+        );
+        registry.register(
+            "mailroute_relay_recipients",
+            "Recipients of those messages, by tenant, direction and outcome",
+            metrics.recipients.clone(),
+        );
+        registry.register_with_unit(
+            "mailroute_relay_delivery_duration",
+            "Time to deliver one leg to its upstream, by route",
+            Unit::Seconds,
+            metrics.delivery_duration.clone(),
+        );
+        registry.register(
+            "mailroute_relay_upstream_replies",
+            "Upstream transactions by route and reply class",
+            metrics.upstream_replies.clone(),
+        );
+        registry.register(
+            "mailroute_relay_rule_matches",
+            "Routing rule matches per recipient, by tenant, rule and mode",
+            metrics.rule_matches.clone(),
+        );
+        registry.register(
+            "mailroute_relay_copies_suppressed",
+            "Copies not made because the message already was a copy (loop protection)",
+            metrics.copies_suppressed.clone(),
+        );
+        registry.register(
+            "mailroute_relay_store_errors",
+            "Shared store operations that failed",
+            metrics.store_errors.clone(),
         );
         metrics
     }

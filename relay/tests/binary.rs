@@ -1,16 +1,14 @@
-//! The real `mailroute-relay` binary: admin endpoints, an SMTP session, and SIGTERM.
+//! The real `mailroute-relay` binary: admin endpoints, a message delivered to an smtp-sink
+//! upstream, and SIGTERM.
+
+mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("{e}"))
-}
+use support::sink::free_port;
 
 fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s =
@@ -44,7 +42,28 @@ fn wait_for(addr: SocketAddr) {
 fn the_relay_binary_serves_smtp_and_admin_and_stops_cleanly_on_sigterm() {
     let smtp: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/dual-delivery");
+    let sink = support::sink::Sink::start();
+    let manifests = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        manifests.path().join("relay.yaml"),
+        format!(
+            r#"
+apiVersion: mailroute.io/v1alpha1
+kind: MailRoute
+metadata: {{name: mailbox, namespace: mail}}
+spec: {{host: {}, port: {}, tls: {{mode: Opportunistic}}}}
+---
+apiVersion: mailroute.io/v1alpha1
+kind: RelayPolicy
+metadata: {{name: example, namespace: mail}}
+spec: {{domains: [example.com], licenses: 1, inboundRoute: mailbox}}
+"#,
+            sink.addr.ip(),
+            sink.addr.port()
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let examples = manifests.path().to_str().unwrap_or_default();
     let mut child = Command::new(env!("CARGO_BIN_EXE_mailroute-relay"))
         .args([
             "--manifests",
@@ -90,7 +109,10 @@ fn the_relay_binary_serves_smtp_and_admin_and_stops_cleanly_on_sigterm() {
         ("MAIL FROM:<a@example.com>\r\n", "250"),
         ("RCPT TO:<alice@example.com>\r\n", "250"),
         ("DATA\r\n", "354"),
-        ("Subject: x\r\n\r\nbody\r\n.\r\n", "451 4.3.0"),
+        (
+            "Subject: through the binary\r\n\r\nbody\r\n.\r\n",
+            "250 2.0.0",
+        ),
     ] {
         writer
             .write_all(command.as_bytes())
@@ -99,6 +121,7 @@ fn the_relay_binary_serves_smtp_and_admin_and_stops_cleanly_on_sigterm() {
         assert!(got.starts_with(expected), "{command:?}: {got}");
     }
 
+    assert_eq!(sink.wait_count("Subject: through the binary\n", 1), 1);
     let (status, metrics) = http_get(admin, "/metrics");
     assert_eq!(status, 200);
     for name in [

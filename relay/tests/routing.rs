@@ -206,7 +206,11 @@ fn outbound_gateway_and_archive_copy() {
         &rcpts(&["x@customer.example"]),
         false,
     );
-    let primary = plan.legs.iter().find(|l| !l.copy).unwrap_or_else(|| panic!());
+    let primary = plan
+        .legs
+        .iter()
+        .find(|l| !l.copy)
+        .unwrap_or_else(|| panic!());
     assert_eq!(primary.headers.len(), 1);
     assert_eq!(primary.headers[0].name, "X-Archived-By");
     // A message that is already a copy gets none: two relays copying to each other stop.
@@ -301,10 +305,7 @@ fn rule_actions_filters_priority_stop_processing_and_audit() {
         .route_recipient(None, "ceo@acme-support.example", "ben@acme.example")
         .err()
         .unwrap_or_else(|| panic!("not refused"));
-    assert_eq!(
-        (refused.code(), refused.enhanced()),
-        (550, Some("5.7.1"))
-    );
+    assert_eq!((refused.code(), refused.enhanced()), (550, Some("5.7.1")));
     assert_eq!(refused.text(), "Lookalike domain refused");
 
     // The board member: changed route, rewritten domain, TLS, header; stopProcessing keeps
@@ -354,5 +355,8 @@ fn rule_actions_filters_priority_stop_processing_and_audit() {
             "mx:elsewhere.example: z@elsewhere.example",
         ]
     );
-    assert_eq!(plan.recipients[0].as_ref().map(|r| r.1), Some(Direction::Outbound));
+    assert_eq!(
+        plan.recipients[0].as_ref().map(|r| r.1),
+        Some(Direction::Outbound)
+    );
 }

@@ -1,128 +1,31 @@
-//! What an upstream receives: messages accepted by the relay are written to a real Postfix
-//! `smtp-sink` with the relay's dot-stuffing writer, and the sink's dump equals what the client
+//! What an upstream receives: messages accepted by the relay are forwarded to a real Postfix
+//! `smtp-sink` by the relay's delivery (pooled connection, dot-stuffing writer), and the sink's dump equals what the client
 //! sent plus the relay's one `Received:` header: no line added, removed or changed.
 
 mod support;
 
-use mailroute_relay::server::{BoxFuture, Deliver};
 use mailroute_relay::smtp::data::dot_stuff;
-use mailroute_relay::smtp::reply::Reply;
-use mailroute_relay::smtp::session::Transaction;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command};
-use std::sync::Arc;
 use std::time::Duration;
-use support::{Client, Options, Relay, bounded};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use support::sink::Sink;
+use support::{Client, bounded, configured};
 
-/// A Postfix smtp-sink on a free loopback port, dumping every message to a directory.
-struct Sink {
-    child: Child,
-    addr: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-impl Sink {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap_or_else(|e| panic!("{e}"))
-            .port();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let template = format!("{}/%M.", dir.path().display());
-        let child = Command::new("smtp-sink")
-            .args(["-u", "root", "-d", &template, &addr.to_string(), "50"])
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("smtp-sink (Debian package postfix; scripts/test installs it): {e}")
-            });
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(addr).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self { child, addr, dir }
-    }
-
-    fn dumps(&self) -> Vec<Vec<u8>> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
-            .unwrap_or_else(|e| panic!("{e}"))
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        files.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
-        files
-            .iter()
-            .map(|p| std::fs::read(p).unwrap_or_default())
-            .collect()
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Forwards each message to the sink: envelope commands, then the content dot-stuffed and
-/// written together with its end-of-data line in one write.
-struct ToSink(SocketAddr);
-
-async fn reply(reader: &mut BufReader<TcpStream>) -> String {
-    let mut all = String::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
-            return all;
-        }
-        all.push_str(&line);
-        if line.as_bytes().get(3) == Some(&b' ') {
-            return all;
-        }
-    }
-}
-
-impl Deliver for ToSink {
-    fn deliver(&self, t: Transaction) -> BoxFuture<'_, Reply> {
-        Box::pin(async move {
-            let Ok(stream) = TcpStream::connect(self.0).await else {
-                return Reply::new(451, "4.4.1", "sink unreachable");
-            };
-            let mut s = BufReader::new(stream);
-            reply(&mut s).await;
-            let mut commands = format!("EHLO relay.test\r\nMAIL FROM:<{}>\r\n", t.mail_from);
-            for r in &t.recipients {
-                commands.push_str(&format!("RCPT TO:<{r}>\r\n"));
-            }
-            for line in commands.lines() {
-                let _ = s
-                    .get_mut()
-                    .write_all(format!("{line}\r\n").as_bytes())
-                    .await;
-                if !reply(&mut s).await.starts_with('2') {
-                    return Reply::new(451, "4.4.0", "sink refused");
-                }
-            }
-            let _ = s.get_mut().write_all(b"DATA\r\n").await;
-            if !reply(&mut s).await.starts_with("354") {
-                return Reply::new(451, "4.4.0", "sink refused DATA");
-            }
-            let mut wire = Vec::with_capacity(t.content.len() + 16);
-            dot_stuff(&t.content, &mut wire);
-            let _ = s.get_mut().write_all(&wire).await;
-            let answer = reply(&mut s).await;
-            let _ = s.get_mut().write_all(b"QUIT\r\n").await;
-            if answer.starts_with("250") {
-                Reply::message_accepted(&t.id)
-            } else {
-                Reply::new(451, "4.4.0", "sink refused the content")
-            }
-        })
-    }
+/// One tenant whose mailbox route is the sink.
+fn to_sink(sink: std::net::SocketAddr) -> String {
+    format!(
+        r#"
+apiVersion: mailroute.io/v1alpha1
+kind: MailRoute
+metadata: {{name: mailbox, namespace: mail}}
+spec: {{host: {}, port: {}, tls: {{mode: Disabled}}}}
+---
+apiVersion: mailroute.io/v1alpha1
+kind: RelayPolicy
+metadata: {{name: example, namespace: mail}}
+spec: {{domains: [example.com], licenses: 1, inboundRoute: mailbox}}
+"#,
+        sink.ip(),
+        sink.port()
+    )
 }
 
 /// The sink's dump without its own trace headers: from the relay's Received: header on.
@@ -144,11 +47,8 @@ fn after_sink_headers(dump: &[u8]) -> &[u8] {
 async fn the_upstream_receives_exactly_what_the_client_sent_plus_one_received_header() {
     bounded(60, async {
         let sink = Sink::start();
-        let relay = Relay::start(Options {
-            deliver: Some(Arc::new(ToSink(sink.addr))),
-            ..Options::default()
-        })
-        .await;
+        let config = configured(&to_sink(sink.addr));
+        let relay = config.start().await;
         let messages: Vec<Vec<u8>> = vec![
             b"Subject: one\r\n\r\nbody\r\n".to_vec(),
             b"Subject: dots\r\n\r\n.\r\n..\r\n.leading\r\n...three\r\n".to_vec(),

@@ -12,10 +12,10 @@ pub use plan::{Leg, LegRecipient, Plan};
 
 use crate::policy::domains::DomainIndex;
 use crate::smtp::reply::Reply;
+use mailroute_config::RelayConfig;
 use mailroute_config::document::{Header, Matcher, Rule};
 use mailroute_config::names::{Address, Domain};
 use mailroute_config::resources::{AccountType, DeliveryMode, MessageKind, RuleMode};
-use mailroute_config::RelayConfig;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;

@@ -63,8 +63,10 @@ impl Router {
         for (i, recipient) in recipients.iter().enumerate() {
             match self.route_recipient(bound, sender, recipient) {
                 Ok(route) => {
-                    plan.recipients
-                        .push(Some((std::sync::Arc::clone(&route.tenant), route.direction)));
+                    plan.recipients.push(Some((
+                        std::sync::Arc::clone(&route.tenant),
+                        route.direction,
+                    )));
                     plan.matches
                         .extend(route.matches.iter().cloned().map(|m| (i, m)));
                     routed.push((i, route));

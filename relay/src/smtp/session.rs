@@ -61,6 +61,8 @@ pub struct SessionConfig {
     pub now: fn() -> SystemTime,
     /// Tenants and the no-open-relay rule; `None` accepts every recipient (protocol tests).
     pub directory: Option<Arc<crate::policy::tenants::Directory>>,
+    /// Routing rules, for refusals at RCPT time (`actions.reject`).
+    pub router: Option<Arc<crate::routing::Router>>,
 }
 
 impl SessionConfig {
@@ -76,6 +78,7 @@ impl SessionConfig {
             max_received_headers: 50,
             now: SystemTime::now,
             directory: None,
+            router: None,
         }
     }
 }
@@ -101,6 +104,8 @@ pub struct Transaction {
     pub content: Vec<u8>,
     /// Length of the `Received:` header at the start of `content`.
     pub received_len: usize,
+    /// The tenant the session is bound to (SPEC 5.4), if any.
+    pub tenant: Option<Arc<str>>,
 }
 
 /// What the driver must do.
@@ -617,9 +622,27 @@ impl Session {
             self.helo.as_deref(),
         );
         let sender = self.envelope.as_ref().map_or("", |e| e.mail_from.as_str());
-        directory
-            .check_recipient(&binding, self.tls.is_some(), sender, recipient)
+        if let Err(reply) =
+            directory.check_recipient(&binding, self.tls.is_some(), sender, recipient)
+        {
+            return Some(reply);
+        }
+        let router = self.config.router.as_ref()?;
+        router
+            .route_recipient(binding.tenant.as_deref(), sender, recipient)
             .err()
+    }
+
+    /// The tenant this session is bound to now.
+    fn tenant(&self) -> Option<Arc<str>> {
+        let directory = self.config.directory.as_ref()?;
+        directory
+            .bind(
+                self.authenticated.as_deref(),
+                self.peer.ip(),
+                self.helo.as_deref(),
+            )
+            .tenant
     }
 
     fn ehlo_reply(&self) -> Reply {
@@ -788,6 +811,7 @@ impl Session {
             smtputf8: envelope.smtputf8,
             received_len: received.len(),
             content,
+            tenant: self.tenant(),
         }));
     }
 

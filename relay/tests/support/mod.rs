@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod sink;
+
 use mailroute_relay::metrics::Metrics;
 use mailroute_relay::server::auth_throttle::{AuthThrottle, ThrottleConfig};
 use mailroute_relay::server::tls::CertificateStore;
@@ -106,6 +108,8 @@ pub struct Options {
     pub throttle: ThrottleConfig,
     pub session: SessionConfig,
     pub delivery_delay: Duration,
+    /// Port of the smtp listener (default: any free one).
+    pub smtp_port: u16,
 }
 
 impl Default for Options {
@@ -119,6 +123,7 @@ impl Default for Options {
             throttle: ThrottleConfig::default(),
             session,
             delivery_delay: Duration::ZERO,
+            smtp_port: 0,
         }
     }
 }
@@ -152,7 +157,10 @@ impl Relay {
                 .await
                 .unwrap_or_else(|e| panic!("{e}"))
         };
-        let (smtp, submission, smtps) = (bind().await, bind().await, bind().await);
+        let smtp = tokio::net::TcpListener::bind(("127.0.0.1", options.smtp_port))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (submission, smtps) = (bind().await, bind().await);
         let addrs = [
             smtp.local_addr(),
             submission.local_addr(),
@@ -338,4 +346,121 @@ pub async fn bounded<F: std::future::Future<Output = ()>>(seconds: u64, body: F)
     {
         panic!("test did not finish within {seconds} s");
     }
+}
+
+/// A relay configured from manifests, as the binary would run it: tenants and rules in the
+/// session, a [`Forwarder`] delivering with the in-memory ledger.
+pub struct Configured {
+    pub session: SessionConfig,
+    pub forwarder: Arc<mailroute_relay::delivery::Forwarder>,
+    pub ledger: Arc<mailroute_relay::delivery::ledger::MemoryLedger>,
+    pub metrics: Arc<Metrics>,
+    pub registry: prometheus_client::registry::Registry,
+}
+
+pub fn configured(yaml: &str) -> Configured {
+    configured_with_ledger(
+        yaml,
+        Arc::new(mailroute_relay::delivery::ledger::MemoryLedger::new(
+            100_000,
+        )),
+    )
+}
+
+pub fn configured_with_ledger(
+    yaml: &str,
+    ledger: Arc<mailroute_relay::delivery::ledger::MemoryLedger>,
+) -> Configured {
+    use mailroute_relay::policy::accounts::Accounts;
+    use mailroute_relay::policy::tenants::Directory;
+    use mailroute_relay::routing::Router;
+    let mut manifests = mailroute_config::Manifests::default();
+    manifests
+        .add_yaml(std::path::Path::new("test.yaml"), yaml)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let inputs = manifests.namespaces.remove("mail").unwrap_or_default();
+    let compiled = mailroute_config::compile(&inputs);
+    assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
+    let accounts = Accounts::from_credentials(&compiled.credentials);
+    let router = Arc::new(Router::new(&compiled.config));
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(Metrics::register(&mut registry));
+    let forwarder = mailroute_relay::delivery::Forwarder::new(
+        &compiled.config,
+        &compiled.credentials,
+        Arc::clone(&router),
+        ledger.clone(),
+        mailroute_relay::delivery::Settings {
+            hostname: "relay.test".into(),
+            store_failure_open: false,
+            dns_server: None,
+        },
+        Arc::clone(&metrics),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut session = SessionConfig::new("relay.test");
+    session.tls_available = true;
+    session.auth_available = !accounts.is_empty();
+    session.directory = Some(Arc::new(Directory::new(&compiled.config, accounts)));
+    session.router = Some(router);
+    Configured {
+        session,
+        forwarder: Arc::new(forwarder),
+        ledger,
+        metrics,
+        registry,
+    }
+}
+
+impl Configured {
+    /// The metrics in Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Starts a relay serving this configuration.
+    pub async fn start(&self) -> Relay {
+        self.start_on(0).await
+    }
+
+    /// Starts a relay whose smtp listener is on `port`.
+    pub async fn start_on(&self, port: u16) -> Relay {
+        Relay::start(Options {
+            deliver: Some(self.forwarder.clone()),
+            session: self.session.clone(),
+            smtp_port: port,
+            ..Options::default()
+        })
+        .await
+    }
+}
+
+/// Sends one message over a fresh session; returns the reply after DATA (or the first
+/// refusal, prefixed with the command).
+pub async fn send_message(addr: SocketAddr, from: &str, to: &[&str], message: &str) -> String {
+    let mut client = Client::connect(addr).await;
+    client.reply().await;
+    client.command("EHLO client.test").await;
+    let r = client.command(&format!("MAIL FROM:<{from}>")).await;
+    if !r.starts_with('2') {
+        return format!("MAIL: {r}");
+    }
+    for rcpt in to {
+        let r = client.command(&format!("RCPT TO:<{rcpt}>")).await;
+        if !r.starts_with('2') {
+            return format!("RCPT: {r}");
+        }
+    }
+    let r = client.command("DATA").await;
+    if !r.starts_with("354") {
+        return format!("DATA: {r}");
+    }
+    let mut wire = Vec::new();
+    mailroute_relay::smtp::data::dot_stuff(message.as_bytes(), &mut wire);
+    client.send(&wire).await;
+    let answer = client.reply().await;
+    let _ = client.command("QUIT").await;
+    answer
 }

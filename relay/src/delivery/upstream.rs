@@ -1,0 +1,504 @@
+//! One connection to an upstream SMTP server, driven with mail-send's client: greeting, EHLO,
+//! STARTTLS or implicit TLS as the route's policy says, AUTH, then transactions with MAIL,
+//! RCPT and DATA pipelined when the server offers PIPELINING, and the message and its end
+//! marker in one write.
+//!
+//! mail-send's own message writer is not used: it appends an extra CRLF and does not dot-stuff
+//! a leading dot; the relay's `dot_stuff` writes the content exactly as it was received.
+
+use crate::smtp::reply::Reply;
+use mail_send::SmtpClient;
+use smtp_proto::{
+    EXT_8BIT_MIME, EXT_DSN, EXT_PIPELINING, EXT_SMTP_UTF8, EXT_START_TLS, EhloResponse, Response,
+};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+const END_OF_DATA: &str = "end of data";
+
+/// A plaintext or TLS stream to an upstream.
+#[derive(Debug)]
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// How to reach and greet one upstream host.
+#[derive(Clone, Debug)]
+pub struct Dial {
+    pub addr: SocketAddr,
+    /// Host name (or IP text) for certificate checks and logs.
+    pub host: String,
+    pub helo: String,
+    pub tls: TlsPlan,
+    pub credentials: Option<(String, String)>,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+}
+
+/// What TLS the connection must have.
+#[derive(Clone)]
+pub enum TlsPlan {
+    /// Never STARTTLS.
+    Off,
+    /// STARTTLS when offered.
+    Opportunistic(TlsConnector),
+    /// STARTTLS, or no delivery.
+    Required(TlsConnector),
+    /// TLS from the first byte.
+    Implicit(TlsConnector),
+}
+
+impl std::fmt::Debug for TlsPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TlsPlan::Off => "Off",
+            TlsPlan::Opportunistic(_) => "Opportunistic",
+            TlsPlan::Required(_) => "Required",
+            TlsPlan::Implicit(_) => "Implicit",
+        })
+    }
+}
+
+/// Why an upstream could not take a message.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connect to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("{stage} timed out after {after:?}")]
+    Timeout {
+        stage: &'static str,
+        after: Duration,
+    },
+    #[error("{stage}: {detail}")]
+    Protocol { stage: &'static str, detail: String },
+    /// The upstream answered with a failure outside a transaction (greeting, EHLO, AUTH).
+    #[error("{stage}: upstream said {}", .reply.code())]
+    Refused { stage: &'static str, reply: Reply },
+    #[error("TLS required but the upstream does not offer STARTTLS")]
+    TlsNotOffered,
+    #[error("TLS handshake: {0}")]
+    Tls(String),
+    #[error("AUTH credentials are never sent without TLS")]
+    AuthWithoutTls,
+}
+
+impl UpstreamError {
+    /// Whether the failure came before the message content was sent: nothing can have been
+    /// delivered, so another host (or a fresh connection) may be tried.
+    pub fn is_before_data(&self) -> bool {
+        match self {
+            UpstreamError::Timeout { stage, .. } | UpstreamError::Protocol { stage, .. } => {
+                *stage != END_OF_DATA
+            }
+            _ => true,
+        }
+    }
+
+    /// Enhanced code for the client's `451` (RFC 3463).
+    pub fn enhanced(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect { .. } => "4.4.1",
+            UpstreamError::Timeout { .. } => "4.4.2",
+            UpstreamError::TlsNotOffered | UpstreamError::Tls(_) => "4.7.5",
+            UpstreamError::AuthWithoutTls => "4.7.5",
+            UpstreamError::Refused { .. } | UpstreamError::Protocol { .. } => "4.4.0",
+        }
+    }
+}
+
+fn from_mail_send(stage: &'static str, error: mail_send::Error, after: Duration) -> UpstreamError {
+    match error {
+        mail_send::Error::Timeout => UpstreamError::Timeout { stage, after },
+        mail_send::Error::UnexpectedReply(r) | mail_send::Error::AuthenticationFailed(r) => {
+            UpstreamError::Refused {
+                stage,
+                reply: to_reply(&r),
+            }
+        }
+        mail_send::Error::Tls(e) => UpstreamError::Tls(e.to_string()),
+        other => UpstreamError::Protocol {
+            stage,
+            detail: other.to_string(),
+        },
+    }
+}
+
+/// An upstream reply as a [`Reply`] (its enhanced code kept when well formed).
+pub fn to_reply(response: &Response<String>) -> Reply {
+    let esc = response.esc;
+    let enhanced = (esc[0] != 0).then(|| format!("{}.{}.{}", esc[0], esc[1], esc[2]));
+    Reply::relayed(
+        response.code,
+        enhanced.as_deref(),
+        response.message.replace(['\r', '\n'], " "),
+    )
+}
+
+/// One recipient as sent upstream.
+#[derive(Debug)]
+pub struct Recipient<'a> {
+    pub address: &'a str,
+    pub notify_never: bool,
+}
+
+/// What the upstream said to one transaction.
+#[derive(Debug)]
+pub struct Answers {
+    /// The MAIL reply when it was a failure.
+    pub mail: Option<Reply>,
+    /// One per recipient: `None` when accepted.
+    pub recipients: Vec<Option<Reply>>,
+    /// The reply after the end of data, when DATA was reached: `None` when accepted.
+    pub data: Option<Option<Reply>>,
+}
+
+/// An open, greeted connection.
+pub struct Upstream {
+    client: SmtpClient<Stream>,
+    capabilities: u32,
+    pub tls: bool,
+    pub messages: u32,
+    pub idle_since: Instant,
+    /// Broken or out of step: never reuse.
+    pub poisoned: bool,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("tls", &self.tls)
+            .field("messages", &self.messages)
+            .field("poisoned", &self.poisoned)
+            .finish()
+    }
+}
+
+impl Upstream {
+    /// Connects, reads the greeting, says EHLO, upgrades to TLS and authenticates as planned.
+    pub async fn connect(dial: &Dial) -> Result<Self, UpstreamError> {
+        let connect = tokio::time::timeout(dial.connect_timeout, TcpStream::connect(dial.addr))
+            .await
+            .map_err(|_| UpstreamError::Timeout {
+                stage: "connect",
+                after: dial.connect_timeout,
+            })?
+            .map_err(|source| UpstreamError::Connect {
+                addr: dial.addr,
+                source,
+            })?;
+        let _ = connect.set_nodelay(true);
+        let t = dial.command_timeout;
+        let (stream, mut tls) = match &dial.tls {
+            TlsPlan::Implicit(connector) => {
+                (handshake(connector, &dial.host, connect, t).await?, true)
+            }
+            _ => (Stream::Plain(connect), false),
+        };
+        let mut client = SmtpClient { stream, timeout: t };
+        let greeting = tokio::time::timeout(t, client.read())
+            .await
+            .map_err(|_| UpstreamError::Timeout {
+                stage: "greeting",
+                after: t,
+            })?
+            .map_err(|e| from_mail_send("greeting", e, t))?;
+        if greeting.code != 220 {
+            return Err(UpstreamError::Refused {
+                stage: "greeting",
+                reply: to_reply(&greeting),
+            });
+        }
+        let mut ehlo = client
+            .ehlo(&dial.helo)
+            .await
+            .map_err(|e| from_mail_send("EHLO", e, t))?;
+        let wants_tls = match &dial.tls {
+            TlsPlan::Required(c) => Some((c, true)),
+            TlsPlan::Opportunistic(c) => Some((c, false)),
+            TlsPlan::Off | TlsPlan::Implicit(_) => None,
+        };
+        if let Some((connector, required)) = wants_tls
+            && !tls
+        {
+            if ehlo.has_capability(EXT_START_TLS) {
+                let reply = client
+                    .cmd(b"STARTTLS\r\n")
+                    .await
+                    .map_err(|e| from_mail_send("STARTTLS", e, t))?;
+                if reply.code != 220 {
+                    return Err(UpstreamError::Refused {
+                        stage: "STARTTLS",
+                        reply: to_reply(&reply),
+                    });
+                }
+                let Stream::Plain(tcp) = client.stream else {
+                    return Err(UpstreamError::Tls("already encrypted".into()));
+                };
+                client = SmtpClient {
+                    stream: handshake(connector, &dial.host, tcp, t).await?,
+                    timeout: t,
+                };
+                tls = true;
+                ehlo = client
+                    .ehlo(&dial.helo)
+                    .await
+                    .map_err(|e| from_mail_send("EHLO after STARTTLS", e, t))?;
+            } else if required {
+                let _ = client.cmd(b"QUIT\r\n").await;
+                return Err(UpstreamError::TlsNotOffered);
+            }
+        }
+        if let Some((username, password)) = &dial.credentials {
+            if !tls {
+                let _ = client.cmd(b"QUIT\r\n").await;
+                return Err(UpstreamError::AuthWithoutTls);
+            }
+            let credentials = mail_send::Credentials::new(username.as_str(), password.as_str());
+            client
+                .authenticate(&credentials, &ehlo)
+                .await
+                .map_err(|e| from_mail_send("AUTH", e, t))?;
+        }
+        Ok(Self {
+            capabilities: capabilities(&ehlo),
+            client,
+            tls,
+            messages: 0,
+            idle_since: Instant::now(),
+            poisoned: false,
+        })
+    }
+
+    /// Runs one transaction. `wire`: the message, dot-stuffed, ending with the end marker.
+    /// A failure of the connection itself is an `Err` (and the connection is poisoned);
+    /// refusals are in the [`Answers`].
+    pub async fn send(
+        &mut self,
+        sender: &str,
+        recipients: &[Recipient<'_>],
+        eight_bit: bool,
+        smtputf8: bool,
+        wire: &[u8],
+        data_timeout: Duration,
+    ) -> Result<Answers, UpstreamError> {
+        self.poisoned = true;
+        self.messages += 1;
+        let t = self.client.timeout;
+        let mut mail = format!("MAIL FROM:<{sender}>");
+        if eight_bit && self.capabilities & EXT_8BIT_MIME != 0 {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        if smtputf8 && self.capabilities & EXT_SMTP_UTF8 != 0 {
+            mail.push_str(" SMTPUTF8");
+        }
+        mail.push_str("\r\n");
+        let dsn = self.capabilities & EXT_DSN != 0;
+        let rcpt_lines: Vec<String> = recipients
+            .iter()
+            .map(|r| {
+                if r.notify_never && dsn {
+                    format!("RCPT TO:<{}> NOTIFY=NEVER\r\n", r.address)
+                } else {
+                    format!("RCPT TO:<{}>\r\n", r.address)
+                }
+            })
+            .collect();
+        let mut answers = Answers {
+            mail: None,
+            recipients: Vec::with_capacity(recipients.len()),
+            data: None,
+        };
+        let data_reply = if self.capabilities & EXT_PIPELINING != 0 {
+            let mut batch = mail;
+            for line in &rcpt_lines {
+                batch.push_str(line);
+            }
+            batch.push_str("DATA\r\n");
+            let expected = rcpt_lines.len() + 2;
+            let client = &mut self.client;
+            let replies = tokio::time::timeout(t, async {
+                client.stream.write_all(batch.as_bytes()).await?;
+                client.stream.flush().await?;
+                client.read_many(expected).await
+            })
+            .await
+            .map_err(|_| UpstreamError::Timeout {
+                stage: "MAIL, RCPT and DATA",
+                after: t,
+            })?
+            .map_err(|e| from_mail_send("MAIL, RCPT and DATA", e, t))?;
+            let mut it = replies.into_iter();
+            let mail_reply = it.next();
+            answers.mail = mail_reply
+                .filter(|r| r.code / 100 != 2)
+                .map(|r| to_reply(&r));
+            for _ in recipients {
+                let r = it.next();
+                answers
+                    .recipients
+                    .push(r.filter(|r| r.code / 100 != 2).map(|r| to_reply(&r)));
+            }
+            it.next()
+        } else {
+            let reply = self
+                .client
+                .cmd(mail.as_bytes())
+                .await
+                .map_err(|e| from_mail_send("MAIL", e, t))?;
+            if reply.code / 100 != 2 {
+                answers.mail = Some(to_reply(&reply));
+                answers
+                    .recipients
+                    .extend(recipients.iter().map(|_| Some(to_reply(&reply))));
+                self.reset().await;
+                return Ok(answers);
+            }
+            for line in &rcpt_lines {
+                let reply = self
+                    .client
+                    .cmd(line.as_bytes())
+                    .await
+                    .map_err(|e| from_mail_send("RCPT", e, t))?;
+                answers
+                    .recipients
+                    .push((reply.code / 100 != 2).then(|| to_reply(&reply)));
+            }
+            if answers.recipients.iter().all(Option::is_some) {
+                self.reset().await;
+                return Ok(answers);
+            }
+            Some(
+                self.client
+                    .cmd(b"DATA\r\n")
+                    .await
+                    .map_err(|e| from_mail_send("DATA", e, t))?,
+            )
+        };
+        if let Some(failure) = &answers.mail {
+            for r in answers.recipients.iter_mut() {
+                if r.is_none() {
+                    *r = Some(failure.clone());
+                }
+            }
+        }
+        match data_reply {
+            Some(r) if r.code == 354 => {
+                let accepted = answers.recipients.iter().any(Option::is_none);
+                // NB: a server that said 354 with no recipient accepted gets an empty message
+                // it must refuse; the content is never sent to it.
+                let body: &[u8] = if accepted { wire } else { b".\r\n" };
+                let final_reply = tokio::time::timeout(data_timeout, async {
+                    self.client.stream.write_all(body).await?;
+                    self.client.stream.flush().await?;
+                    self.client.read().await.map_err(io::Error::other)
+                })
+                .await
+                .map_err(|_| UpstreamError::Timeout {
+                    stage: END_OF_DATA,
+                    after: data_timeout,
+                })?
+                .map_err(|e| UpstreamError::Protocol {
+                    stage: END_OF_DATA,
+                    detail: e.to_string(),
+                })?;
+                if accepted {
+                    answers.data =
+                        Some((final_reply.code / 100 != 2).then(|| to_reply(&final_reply)));
+                }
+            }
+            _ => {
+                // DATA refused (no valid recipient, or MAIL failed): leave the transaction.
+                self.reset().await;
+                return Ok(answers);
+            }
+        }
+        self.poisoned = false;
+        self.idle_since = Instant::now();
+        Ok(answers)
+    }
+
+    async fn reset(&mut self) {
+        if let Ok(r) = self.client.cmd(b"RSET\r\n").await
+            && r.code / 100 == 2
+        {
+            self.poisoned = false;
+            self.idle_since = Instant::now();
+        }
+    }
+
+    /// Ends the session politely.
+    pub async fn quit(mut self) {
+        let _ = self.client.cmd(b"QUIT\r\n").await;
+        let _ = self.client.stream.shutdown().await;
+    }
+}
+
+fn capabilities(ehlo: &EhloResponse<String>) -> u32 {
+    ehlo.capabilities
+}
+
+async fn handshake(
+    connector: &TlsConnector,
+    host: &str,
+    tcp: TcpStream,
+    timeout: Duration,
+) -> Result<Stream, UpstreamError> {
+    let name = super::tls::server_name(host)
+        .ok_or_else(|| UpstreamError::Tls(format!("{host:?} is not a valid TLS server name")))?;
+    match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+        Ok(Ok(tls)) => Ok(Stream::Tls(Box::new(tls))),
+        Ok(Err(e)) => Err(UpstreamError::Tls(e.to_string())),
+        Err(_) => Err(UpstreamError::Timeout {
+            stage: "TLS handshake",
+            after: timeout,
+        }),
+    }
+}
