@@ -249,7 +249,7 @@ async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
         },
         Arc::clone(&metrics),
     )
-    .map_err(|e| anyhow::anyhow!("setting up delivery: {e}"))?;
+    .context("setting up delivery")?;
     let forwarder = Arc::new(forwarder);
     let sweeper = {
         let forwarder = Arc::clone(&forwarder);

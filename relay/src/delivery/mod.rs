@@ -56,6 +56,13 @@ pub struct Settings {
     pub dns_server: Option<std::net::SocketAddr>,
 }
 
+/// Why delivery could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("DNS resolver: {0}")]
+    Resolver(String),
+}
+
 /// One route, ready to use.
 struct RouteRuntime {
     name: Arc<str>,
@@ -96,7 +103,8 @@ impl RouteRuntime {
     }
 }
 
-/// Direct delivery's settings (no MailRoute): port 25, opportunistic TLS.
+/// Direct delivery's settings (no MailRoute): port 25, opportunistic TLS, Internet-sized
+/// timeouts. The destination is a placeholder: MX targets are resolved per recipient domain.
 fn mx_route() -> Route {
     Route {
         destination: Destination::Host(mailroute_config::document::HostPort {
@@ -155,7 +163,7 @@ impl Forwarder {
         ledger: Arc<dyn Ledger>,
         settings: Settings,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SetupError> {
         let routes = config
             .routes
             .iter()
@@ -172,7 +180,7 @@ impl Forwarder {
             routes,
             mx: RouteRuntime::new("mx", mx_route(), &Credentials::default()),
             pool: pool::Pool::default(),
-            resolver: Resolver::new(settings.dns_server)?,
+            resolver: Resolver::new(settings.dns_server).map_err(SetupError::Resolver)?,
             ledger,
             settings,
             metrics,
@@ -530,9 +538,7 @@ impl Forwarder {
                     .await
                 {
                     Ok(answers) => {
-                        let reused = conn.reused;
                         self.pool.put(key.clone(), conn, limits);
-                        let _ = reused;
                         return Ok(answers_to_outcomes(&answers, pending.len()));
                     }
                     Err(e) if e.is_before_data() => {

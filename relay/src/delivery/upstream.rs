@@ -8,9 +8,7 @@
 
 use crate::smtp::reply::Reply;
 use mail_send::SmtpClient;
-use smtp_proto::{
-    EXT_8BIT_MIME, EXT_DSN, EXT_PIPELINING, EXT_SMTP_UTF8, EXT_START_TLS, EhloResponse, Response,
-};
+use smtp_proto::{EXT_8BIT_MIME, EXT_DSN, EXT_PIPELINING, EXT_SMTP_UTF8, EXT_START_TLS, Response};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -308,7 +306,7 @@ impl Upstream {
                 .map_err(|e| from_mail_send("AUTH", e, t))?;
         }
         Ok(Self {
-            capabilities: capabilities(&ehlo),
+            capabilities: ehlo.capabilities,
             client,
             tls,
             messages: 0,
@@ -479,10 +477,6 @@ impl Upstream {
         let _ = self.client.cmd(b"QUIT\r\n").await;
         let _ = self.client.stream.shutdown().await;
     }
-}
-
-fn capabilities(ehlo: &EhloResponse<String>) -> u32 {
-    ehlo.capabilities
 }
 
 async fn handshake(
