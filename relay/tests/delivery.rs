@@ -317,3 +317,82 @@ async fn two_relays_copying_to_each_other_stop_after_one_hop() {
     })
     .await;
 }
+
+/// A scripted upstream that offers PIPELINING and refuses MAIL temporarily: the pipelined
+/// RCPTs then get "503 need MAIL", and the recipients must carry the MAIL reply (a 4xx the
+/// client retries), not the 503.
+#[tokio::test]
+async fn a_pipelined_mail_refusal_is_what_the_recipients_get() {
+    use mailroute_relay::delivery::upstream::{Dial, Recipient, TlsPlan, Upstream};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    bounded(20, async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = vec![0u8; 4096];
+            let _ = s.write_all(b"220 scripted ESMTP\r\n").await;
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(b"250-scripted\r\n250 PIPELINING\r\n").await;
+            let mut got = Vec::new();
+            while !got.ends_with(b"DATA\r\n") {
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            let _ = s
+                .write_all(b"451 4.3.0 try later\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n554 5.5.1 no valid recipients\r\n")
+                .await;
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(b"250 2.0.0 reset\r\n").await;
+            let _ = s.read(&mut buf).await;
+        });
+        let dial = Dial {
+            addr,
+            host: "127.0.0.1".into(),
+            helo: "relay.test".into(),
+            tls: TlsPlan::Off,
+            credentials: None,
+            connect_timeout: Duration::from_secs(2),
+            command_timeout: Duration::from_secs(2),
+        };
+        let mut up = Upstream::connect(&dial)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let answers = up
+            .send(
+                "a@example.com",
+                &[
+                    Recipient {
+                        address: "b@example.com",
+                        notify_never: false,
+                    },
+                    Recipient {
+                        address: "c@example.com",
+                        notify_never: false,
+                    },
+                ],
+                false,
+                false,
+                b"Subject: x\r\n\r\nbody\r\n.\r\n",
+                Duration::from_secs(2),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let codes: Vec<u16> = answers
+            .recipients
+            .iter()
+            .map(|r| r.as_ref().map_or(250, |r| r.code()))
+            .collect();
+        assert_eq!(codes, [451, 451]);
+        assert!(answers.data.is_none(), "no content sent");
+        assert!(!up.poisoned, "RSET kept the connection usable");
+    })
+    .await;
+}

@@ -421,10 +421,10 @@ impl Upstream {
             )
         };
         if let Some(failure) = &answers.mail {
+            // NB: pipelined RCPTs after a refused MAIL get "503 need MAIL": the MAIL reply is
+            // the one that says what happened (and whether to try again).
             for r in answers.recipients.iter_mut() {
-                if r.is_none() {
-                    *r = Some(failure.clone());
-                }
+                *r = Some(failure.clone());
             }
         }
         match data_reply {
