@@ -1,7 +1,8 @@
 //! Routing tables for each seed scenario (SPEC 6.1-6.3): which legs a message becomes, from the
 //! examples users start from, plus the rule semantics the examples do not exercise.
 
-use mailroute_config::{Manifests, compile};
+mod support;
+
 use mailroute_relay::config_source;
 use mailroute_relay::routing::{Direction, Plan, Router, Target};
 use std::path::Path;
@@ -15,14 +16,7 @@ fn example(name: &str) -> Router {
 }
 
 fn from_yaml(yaml: &str) -> Router {
-    let mut manifests = Manifests::default();
-    manifests
-        .add_yaml(Path::new("test.yaml"), yaml)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let inputs = manifests.namespaces.remove("mail").unwrap_or_default();
-    let compiled = compile(&inputs);
-    assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
-    Router::new(&compiled.config)
+    Router::new(&support::compile_yaml(yaml).config)
 }
 
 /// A plan as `target[copy]: recipients` lines, sorted, for table comparison.

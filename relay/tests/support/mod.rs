@@ -358,6 +358,18 @@ pub struct Configured {
     pub registry: prometheus_client::registry::Registry,
 }
 
+/// Compiles manifests of namespace `mail`, which must have no problem.
+pub fn compile_yaml(yaml: &str) -> mailroute_config::Compiled {
+    let mut manifests = mailroute_config::Manifests::default();
+    manifests
+        .add_yaml(std::path::Path::new("test.yaml"), yaml)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let inputs = manifests.namespaces.remove("mail").unwrap_or_default();
+    let compiled = mailroute_config::compile(&inputs);
+    assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
+    compiled
+}
+
 pub fn configured(yaml: &str) -> Configured {
     configured_with_ledger(
         yaml,
@@ -374,13 +386,7 @@ pub fn configured_with_ledger(
     use mailroute_relay::policy::accounts::Accounts;
     use mailroute_relay::policy::tenants::Directory;
     use mailroute_relay::routing::Router;
-    let mut manifests = mailroute_config::Manifests::default();
-    manifests
-        .add_yaml(std::path::Path::new("test.yaml"), yaml)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let inputs = manifests.namespaces.remove("mail").unwrap_or_default();
-    let compiled = mailroute_config::compile(&inputs);
-    assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
+    let compiled = compile_yaml(yaml);
     let accounts = Accounts::from_credentials(&compiled.credentials);
     let router = Arc::new(Router::new(&compiled.config));
     let mut registry = prometheus_client::registry::Registry::default();
