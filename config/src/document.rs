@@ -212,6 +212,9 @@ pub struct Route {
     pub delivery: DeliveryMode,
     /// How often the operator probes the route's TLS, in milliseconds.
     pub probe_interval_ms: u64,
+    /// Recipients are checked with this route's upstream at RCPT time.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub verify_recipients: bool,
 }
 
 /// Where a route delivers.

@@ -5,7 +5,11 @@
 //!   in-process, or `--config FILE`, a compiled document) and the checks it passes before use.
 //! - [`smtp`]: the protocol, free of I/O: replies, command framing and parsing, the strict
 //!   DATA/BDAT receiver and dot-stuffing writer, and the session state machine.
-//! - [`policy`]: who may use the relay and as whom (so far: SMTP AUTH accounts).
+//! - [`policy`]: who may use the relay and as whom: AUTH accounts, tenant binding, no open relay.
+//! - [`quota`]: sending limits per user and tenant: counters, reserve, settle, release; the
+//!   in-memory store.
+//! - [`redis_store`]: the shared store for replicas (quotas and the delivery ledger in Redis).
+//! - [`admission`]: RCPT-time checks with I/O (quotas, then recipient verification upstream).
 //! - [`routing`]: which upstreams each recipient goes to (rules, copies, legs): pure functions.
 //! - [`delivery`]: carrying a plan out: upstream connections, pooling, TLS, the ledger, the reply.
 //! - [`server`]: listeners, TLS, the per-connection driver, AUTH throttling, graceful shutdown.
@@ -13,10 +17,13 @@
 //! - [`metrics`]: the relay's Prometheus metrics.
 
 pub mod admin;
+pub mod admission;
 pub mod config_source;
 pub mod delivery;
 pub mod metrics;
 pub mod policy;
+pub mod quota;
+pub mod redis_store;
 pub mod routing;
 pub mod server;
 pub mod smtp;

@@ -2,11 +2,16 @@
 
 use anyhow::Context;
 use clap::{ArgGroup, Parser};
+use mailroute_relay::admission::Gate;
 use mailroute_relay::config_source;
-use mailroute_relay::delivery::{self, Forwarder, ledger::MemoryLedger};
+use mailroute_relay::delivery::ledger::{Ledger, MemoryLedger};
+use mailroute_relay::delivery::{self, Forwarder};
 use mailroute_relay::metrics::Metrics;
 use mailroute_relay::policy::accounts::Accounts;
 use mailroute_relay::policy::tenants::Directory;
+use mailroute_relay::quota::memory::MemoryQuotaStore;
+use mailroute_relay::quota::{QuotaStore, Quotas};
+use mailroute_relay::redis_store::RedisStore;
 use mailroute_relay::routing::Router;
 use mailroute_relay::server::auth_throttle::{AuthThrottle, ThrottleConfig};
 use mailroute_relay::server::tls::CertificateStore;
@@ -133,8 +138,34 @@ struct Cli {
     /// Name server (IP:PORT) for MX and host lookups. Default: the system's resolver.
     #[arg(long, value_name = "ADDR", env = "MAILROUTE_DNS_SERVER")]
     dns_server: Option<SocketAddr>,
-    /// When the shared store (the delivery ledger) cannot be reached: `closed` answers
-    /// 451 4.3.0, `open` delivers without it (a retry may then duplicate).
+    /// Where sending quotas and the delivery ledger live: `memory` (one relay) or a Redis URL
+    /// (`redis://host:6379/0`, `rediss://` for TLS) shared by every replica.
+    #[arg(
+        long,
+        value_name = "STORE",
+        env = "MAILROUTE_STORE",
+        default_value = "memory"
+    )]
+    store: String,
+    /// Longest wait for the shared store, in milliseconds, before it counts as unavailable.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "MAILROUTE_STORE_TIMEOUT_MS",
+        default_value_t = 1000
+    )]
+    store_timeout_ms: u64,
+    /// Seconds a quota reservation made at RCPT lives unless the transaction ends first (it
+    /// bounds how long a relay that died keeps reservations counted).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        env = "MAILROUTE_QUOTA_HOLD",
+        default_value_t = 900
+    )]
+    quota_hold: u64,
+    /// When the shared store (quotas, the delivery ledger) cannot be reached: `closed` answers
+    /// 451 4.3.0, `open` accepts without it (quotas unenforced, a retry may duplicate).
     #[arg(long, value_name = "MODE", env = "MAILROUTE_STORE_FAILURE", default_value = "closed",
           value_parser = ["closed", "open"])]
     store_failure: String,
@@ -237,11 +268,29 @@ async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
     let accounts = Accounts::from_credentials(&loaded.credentials);
     let directory = Directory::new(&loaded.document.config, accounts.clone());
     let router = Arc::new(Router::new(&loaded.document.config));
+    let store_timeout = Duration::from_millis(cli.store_timeout_ms.max(1));
+    let (ledger, quota_store): (Arc<dyn Ledger>, Arc<dyn QuotaStore>) = if cli.store == "memory" {
+        (
+            Arc::new(MemoryLedger::new(cli.ledger_max_entries)),
+            Arc::new(MemoryQuotaStore::default()),
+        )
+    } else if cli.store.starts_with("redis://") || cli.store.starts_with("rediss://") {
+        let redis = Arc::new(
+            RedisStore::new(&cli.store, store_timeout)
+                .map_err(|e| anyhow::anyhow!("--store: {e}"))?,
+        );
+        (redis.clone(), redis)
+    } else {
+        anyhow::bail!(
+            "--store: expected `memory` or a redis:// or rediss:// URL, got {:?}",
+            cli.store
+        );
+    };
     let forwarder = Forwarder::new(
         &loaded.document.config,
         &loaded.credentials,
         Arc::clone(&router),
-        Arc::new(MemoryLedger::new(cli.ledger_max_entries)),
+        ledger,
         delivery::Settings {
             hostname: hostname.clone(),
             store_failure_open: cli.store_failure == "open",
@@ -261,7 +310,13 @@ async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
             }
         })
     };
+    let mut quotas = Quotas::new(&loaded.document.config, quota_store, Arc::clone(&metrics));
+    quotas.hold_ttl = Duration::from_secs(cli.quota_hold.max(1));
+    quotas.store_timeout = store_timeout;
+    quotas.store_failure_open = cli.store_failure == "open";
+    let gate = Gate::new(&loaded.document.config, quotas, &forwarder);
     let mut session = SessionConfig::new(hostname);
+    session.check_recipients = gate.is_active();
     session.directory = Some(Arc::new(directory));
     session.router = Some(router);
     session.tls_available = tls.is_some();
@@ -284,6 +339,7 @@ async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
         tls,
         deliver: forwarder,
         auth: Arc::new(accounts),
+        admit: Some(Arc::new(gate)),
         throttle: AuthThrottle::new(ThrottleConfig::default()),
         metrics,
         ready: Arc::clone(&ready),

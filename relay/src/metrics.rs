@@ -51,6 +51,23 @@ pub struct RuleLabels {
     pub mode: String,
 }
 
+/// Labels of `mailroute_relay_quota_rejections_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QuotaLabels {
+    pub tenant: String,
+    /// `user_messages_per_day`, `user_unique_recipients_per_day`,
+    /// `customer_recipients_per_day` or `customer_recipients_per_10_minutes`.
+    pub limit: String,
+}
+
+/// Labels of `mailroute_relay_recipient_verifications_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerificationLabels {
+    pub route: String,
+    /// `accepted`, `refused` (5xx), `deferred` (4xx) or `unavailable` (no answer: accepted).
+    pub result: String,
+}
+
 fn duration_histogram() -> Histogram {
     Histogram::new([
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -72,8 +89,10 @@ pub struct Metrics {
     pub rule_matches: Family<RuleLabels, Counter>,
     /// Copies not made because the message already was one (loop protection).
     pub copies_suppressed: Counter,
-    /// Ledger lookups or records that failed (SPEC 5.3a).
+    /// Ledger and quota store operations that failed (SPEC 5.3a).
     pub store_errors: Counter,
+    pub quota_rejections: Family<QuotaLabels, Counter>,
+    pub recipient_verifications: Family<VerificationLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -90,6 +109,8 @@ impl Default for Metrics {
             rule_matches: Family::default(),
             copies_suppressed: Counter::default(),
             store_errors: Counter::default(),
+            quota_rejections: Family::default(),
+            recipient_verifications: Family::default(),
         }
     }
 }
@@ -153,6 +174,16 @@ impl Metrics {
             "mailroute_relay_store_errors",
             "Shared store operations that failed",
             metrics.store_errors.clone(),
+        );
+        registry.register(
+            "mailroute_relay_quota_rejections",
+            "Recipients refused because a sending limit was reached, by tenant and limit",
+            metrics.quota_rejections.clone(),
+        );
+        registry.register(
+            "mailroute_relay_recipient_verifications",
+            "Recipients checked with the primary upstream at RCPT time, by route and result",
+            metrics.recipient_verifications.clone(),
         );
         metrics
     }

@@ -11,6 +11,8 @@ struct Dialogue {
     closed: bool,
     delivered: Vec<Transaction>,
     tls_handshakes: usize,
+    /// Recipients handed to the checks with I/O, and how many were accepted before each.
+    checked: Vec<(String, usize)>,
 }
 
 impl Dialogue {
@@ -29,6 +31,7 @@ impl Dialogue {
             closed: false,
             delivered: Vec::new(),
             tls_handshakes: 0,
+            checked: Vec::new(),
         }
     }
 
@@ -76,6 +79,21 @@ impl Dialogue {
                         let reply = mailroute_relay::smtp::reply::Reply::message_accepted(&t.id);
                         self.delivered.push(t);
                         self.session.delivered(reply, &mut more);
+                        progressed = true;
+                    }
+                    Event::CheckRecipient(q) => {
+                        // The checks with I/O, played by the test: `full...` is over a quota.
+                        let verdict = if q.recipient.starts_with("full") {
+                            Err(mailroute_relay::smtp::reply::Reply::new(
+                                450,
+                                "4.2.1",
+                                "Peak SMTP relay limit exceeded for customer",
+                            ))
+                        } else {
+                            Ok(())
+                        };
+                        self.checked.push((q.recipient, q.accepted));
+                        self.session.recipient_checked(verdict, &mut more);
                         progressed = true;
                     }
                     Event::Close => self.closed = true,
@@ -222,6 +240,33 @@ fn the_null_sender_gets_one_recipient_per_transaction() {
     d.says(
         "MAIL FROM:<>\r\nRCPT TO:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n",
         &["250 2.1.0", "250 2.1.5", "452 4.5.3"],
+    );
+}
+
+#[test]
+fn pipelined_recipients_are_checked_one_by_one_and_refusals_do_not_end_the_session() {
+    let mut config = SessionConfig::new("relay.example");
+    config.check_recipients = true;
+    let mut d = Dialogue::with(config);
+    d.ehlo();
+    let mut batch = String::from("MAIL FROM:<a@example.com>\r\nRCPT TO:<ok1@example.com>\r\n");
+    for i in 0..12 {
+        batch.push_str(&format!("RCPT TO:<full{i}@example.com>\r\n"));
+    }
+    batch.push_str("RCPT TO:<ok2@example.com>\r\nRCPT TO:<>\r\n");
+    let mut expected = vec!["250 2.1.0", "250 2.1.5"];
+    expected.extend(std::iter::repeat_n("450 4.2.1", 12));
+    expected.extend(["250 2.1.5", "501"]);
+    d.says(&batch, &expected);
+    // An empty address is refused by the session itself, never handed over.
+    assert_eq!(d.checked.len(), 14);
+    assert_eq!(d.checked[0], ("ok1@example.com".to_owned(), 0));
+    assert_eq!(d.checked[13], ("ok2@example.com".to_owned(), 1));
+    d.says("DATA\r\n", &["354"]);
+    d.says("Subject: x\r\n\r\nhi\r\n.\r\n", &["250 2.0.0"]);
+    assert_eq!(
+        d.delivered[0].recipients,
+        ["ok1@example.com", "ok2@example.com"]
     );
 }
 

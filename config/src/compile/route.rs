@@ -176,6 +176,7 @@ pub(super) fn compile(
         timeouts,
         delivery: spec.delivery,
         probe_interval_ms,
+        verify_recipients: spec.verify_recipients,
     })
 }
 

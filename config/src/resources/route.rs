@@ -77,6 +77,13 @@ pub struct MailRouteSpec {
     /// Default `5m`; at least `10s`.
     #[serde(default = "default_probe_interval")]
     pub probe_interval: String,
+    /// Check each recipient with this destination while the client is still at RCPT (MAIL
+    /// FROM, RCPT TO, RSET over a pooled connection; no mail is sent), so an address the
+    /// destination refuses is refused to the client at once, with the destination's own
+    /// reply, instead of after the message. Applies where this route is a recipient's primary
+    /// destination. Default false.
+    #[serde(default)]
+    pub verify_recipients: bool,
 }
 
 fn default_port() -> u16 {

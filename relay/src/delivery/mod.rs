@@ -20,12 +20,14 @@ pub mod upstream;
 
 pub use crate::server::BoxFuture;
 
-use crate::metrics::{Metrics, RouteLabels, RuleLabels, TrafficLabels, UpstreamLabels};
-use crate::routing::{Leg, Router, Target};
+use crate::metrics::{
+    Metrics, RouteLabels, RuleLabels, TrafficLabels, UpstreamLabels, VerificationLabels,
+};
+use crate::routing::{Leg, RecipientRoute, Router, Target};
 use crate::server::Deliver;
 use crate::smtp::data::dot_stuff;
 use crate::smtp::reply::Reply;
-use crate::smtp::session::Transaction;
+use crate::smtp::session::{RecipientQuery, Transaction};
 use hosts::{Candidate, ResolveError, Resolver};
 use ledger::Ledger;
 use mailroute_config::document::{Destination, Pool as PoolConfig, Route, RouteTimeouts, RouteTls};
@@ -40,6 +42,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsConnector;
 use upstream::{Dial, TlsPlan, Upstream, UpstreamError};
+
+/// Longest RCPT-time recipient check; past it the recipient is accepted and delivery after
+/// DATA decides (the client must not wait on a slow upstream for every recipient).
+pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The header a relay adds to the copies it makes; a message carrying it gets no further
 /// copies, so two relays copying to each other stop after one hop.
@@ -131,6 +137,7 @@ fn mx_route() -> Route {
         },
         delivery: DeliveryMode::Required,
         probe_interval_ms: 0,
+        verify_recipients: false,
     }
 }
 
@@ -201,6 +208,126 @@ impl Forwarder {
                 .limits()
                 .idle_timeout
         });
+    }
+
+    /// Checks a recipient with its primary route's upstream at RCPT time (SPEC 6.4), when that
+    /// route has `verifyRecipients` and is required. `Err`: the upstream's refusal, for the
+    /// client. An upstream that cannot be asked (unreachable, slow, TLS policy) accepts: the
+    /// message's delivery decides, with the reply rules of SPEC 6.5.
+    pub async fn verify_recipient(&self, query: &RecipientQuery) -> Result<(), Reply> {
+        let Ok(route) =
+            self.router
+                .route_recipient(query.tenant.as_deref(), &query.sender, &query.recipient)
+        else {
+            return Ok(());
+        };
+        let Target::Route(name) = &route.target else {
+            return Ok(());
+        };
+        let Some(runtime) = self.routes.get(&**name) else {
+            return Ok(());
+        };
+        if !runtime.route.verify_recipients || !self.router.is_required(&route.target) {
+            return Ok(());
+        }
+        let answer = tokio::time::timeout(VERIFY_TIMEOUT, self.probe(runtime, &route, query))
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout {
+                stage: "recipient check",
+                after: VERIFY_TIMEOUT,
+            }));
+        let (result, verdict) = match answer {
+            Ok(None) => ("accepted", Ok(())),
+            Ok(Some(refusal)) if refusal.code() >= 500 => ("refused", Err(refusal)),
+            Ok(Some(refusal)) => ("deferred", Err(refusal)),
+            Err(e) => {
+                tracing::info!(transaction = %query.transaction, route = %runtime.name, error = %e, "recipient check unavailable; accepting");
+                ("unavailable", Ok(()))
+            }
+        };
+        self.metrics
+            .recipient_verifications
+            .get_or_create(&VerificationLabels {
+                route: runtime.name.to_string(),
+                result: result.to_owned(),
+            })
+            .inc();
+        verdict
+    }
+
+    /// One recipient check over a pooled connection, trying the route's hosts in order.
+    async fn probe(
+        &self,
+        runtime: &RouteRuntime,
+        route: &RecipientRoute,
+        query: &RecipientQuery,
+    ) -> Result<Option<Reply>, UpstreamError> {
+        let candidates = self
+            .resolver
+            .route_hosts(&runtime.route.destination)
+            .await
+            .map_err(|e| UpstreamError::Protocol {
+                stage: "host lookup",
+                detail: e.to_string(),
+            })?;
+        let tls_required = route.require_tls || runtime.route.tls.mode == TlsMode::Required;
+        let limits = runtime.limits();
+        let mut last = None;
+        'hosts: for candidate in &candidates {
+            let key = PoolKey {
+                route: Arc::clone(&runtime.name),
+                addr: candidate.addr,
+                tls_required,
+            };
+            for attempt in 0..2 {
+                let pooled = if attempt == 0 {
+                    self.pool.take(&key, limits)
+                } else {
+                    None
+                };
+                let mut conn = match pooled {
+                    Some(conn) => conn,
+                    None => {
+                        let permit = self
+                            .pool
+                            .permit(
+                                &key,
+                                &runtime.permits,
+                                runtime.route.pool.max_connections,
+                                Duration::from_millis(runtime.route.timeouts.connect_ms),
+                            )
+                            .await
+                            .map_err(|busy| UpstreamError::Protocol {
+                                stage: "connection pool",
+                                detail: busy.to_string(),
+                            })?;
+                        match self.open(runtime, candidate, route.require_tls).await {
+                            Ok(up) => pool::Pool::wrap(up, permit),
+                            Err(e) => {
+                                last = Some(e);
+                                continue 'hosts;
+                            }
+                        }
+                    }
+                };
+                match conn.upstream.verify(&query.sender, &route.deliver_as).await {
+                    Ok(answer) => {
+                        self.pool.put(key, conn, limits);
+                        return Ok(answer);
+                    }
+                    // NB: a reused connection the upstream closed meanwhile: once more, fresh.
+                    Err(e) if conn.reused => last = Some(e),
+                    Err(e) => {
+                        last = Some(e);
+                        continue 'hosts;
+                    }
+                }
+            }
+        }
+        Err(last.unwrap_or(UpstreamError::Protocol {
+            stage: "host lookup",
+            detail: "no host to ask".to_owned(),
+        }))
     }
 
     async fn forward(&self, tx: Transaction) -> Reply {

@@ -463,6 +463,72 @@ impl Upstream {
         Ok(answers)
     }
 
+    /// Asks whether the upstream would take `recipient` from `sender`: MAIL, RCPT and RSET
+    /// (pipelined when offered), no message. `Ok(None)`: it would; `Ok(Some(reply))`: its
+    /// refusal (of the MAIL, when that failed).
+    pub async fn verify(
+        &mut self,
+        sender: &str,
+        recipient: &str,
+    ) -> Result<Option<Reply>, UpstreamError> {
+        self.poisoned = true;
+        let t = self.client.timeout;
+        let mail = format!("MAIL FROM:<{sender}>\r\n");
+        let rcpt = format!("RCPT TO:<{recipient}>\r\n");
+        let (mail_reply, rcpt_reply) = if self.capabilities & EXT_PIPELINING != 0 {
+            let batch = format!("{mail}{rcpt}RSET\r\n");
+            let client = &mut self.client;
+            let replies = tokio::time::timeout(t, async {
+                client.stream.write_all(batch.as_bytes()).await?;
+                client.stream.flush().await?;
+                client.read_many(3).await
+            })
+            .await
+            .map_err(|_| UpstreamError::Timeout {
+                stage: "recipient check",
+                after: t,
+            })?
+            .map_err(|e| from_mail_send("recipient check", e, t))?;
+            let mut it = replies.into_iter();
+            let (m, r, reset) = (it.next(), it.next(), it.next());
+            if reset.is_some_and(|r| r.code / 100 == 2) {
+                self.poisoned = false;
+            }
+            (m, r)
+        } else {
+            let m = self
+                .client
+                .cmd(mail.as_bytes())
+                .await
+                .map_err(|e| from_mail_send("MAIL", e, t))?;
+            let r = if m.code / 100 == 2 {
+                Some(
+                    self.client
+                        .cmd(rcpt.as_bytes())
+                        .await
+                        .map_err(|e| from_mail_send("RCPT", e, t))?,
+                )
+            } else {
+                None
+            };
+            self.reset().await;
+            (Some(m), r)
+        };
+        self.idle_since = Instant::now();
+        let refusal = match (mail_reply, rcpt_reply) {
+            (Some(m), _) if m.code / 100 != 2 => Some(to_reply(&m)),
+            (_, Some(r)) if r.code / 100 != 2 => Some(to_reply(&r)),
+            (Some(_), Some(_)) => None,
+            _ => {
+                return Err(UpstreamError::Protocol {
+                    stage: "recipient check",
+                    detail: "missing replies".to_owned(),
+                });
+            }
+        };
+        Ok(refusal)
+    }
+
     async fn reset(&mut self) {
         if let Ok(r) = self.client.cmd(b"RSET\r\n").await
             && r.code / 100 == 2

@@ -79,14 +79,45 @@ enum End {
     Close,
 }
 
+/// What the current transaction reserved at RCPT time (quotas), until it ends.
+#[derive(Default)]
+struct Holds(Vec<crate::quota::Hold>);
+
+impl Holds {
+    /// Settles (`accepted`) or releases everything held.
+    async fn finish(&mut self, shared: &Shared, accepted: bool) {
+        if self.0.is_empty() {
+            return;
+        }
+        if let Some(admit) = &shared.admit {
+            admit.finish(std::mem::take(&mut self.0), accepted).await;
+        }
+    }
+}
+
 /// Runs one session to its end.
 pub(crate) async fn drive(
-    mut conn: Conn,
+    conn: Conn,
     peer: SocketAddr,
     listener: ListenerKind,
     shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    id: String,
+) {
+    let mut holds = Holds::default();
+    run(conn, peer, listener, &shared, shutdown, id, &mut holds).await;
+    // NB: a client that disconnects in the middle of a transaction releases what it held.
+    holds.finish(&shared, false).await;
+}
+
+async fn run(
+    mut conn: Conn,
+    peer: SocketAddr,
+    listener: ListenerKind,
+    shared: &Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
     id: String,
+    holds: &mut Holds,
 ) {
     let limits = &shared.limits;
     let mut session = Session::new(
@@ -127,7 +158,7 @@ pub(crate) async fn drive(
             }
         };
         match read {
-            Ok(Ok(0)) | Ok(Err(_)) => return finish(&shared, &conn, listener),
+            Ok(Ok(0)) | Ok(Err(_)) => return finish(shared, &conn, listener),
             Ok(Ok(n)) => {
                 shared.metrics.bytes_received.inc_by(n as u64);
             }
@@ -141,13 +172,27 @@ pub(crate) async fn drive(
                 break;
             }
         }
-        match process(&mut session, &mut conn, &mut input, &mut out, &shared, peer).await {
+        let processed = process(
+            &mut session,
+            &mut conn,
+            &mut input,
+            &mut out,
+            shared,
+            peer,
+            holds,
+        )
+        .await;
+        if !session.in_transaction() {
+            // RSET, a new STARTTLS, a refused message: nothing of it will be accepted.
+            holds.finish(shared, false).await;
+        }
+        match processed {
             Ok(()) => {}
             Err(End::Close) => break,
         }
         if !out.is_empty() {
             if conn.write_all(&out).await.is_err() {
-                return finish(&shared, &conn, listener);
+                return finish(shared, &conn, listener);
             }
             out.clear();
         }
@@ -159,7 +204,7 @@ pub(crate) async fn drive(
         let _ = timeout(limits.idle_timeout, conn.write_all(&out)).await;
     }
     conn.shutdown().await;
-    finish(&shared, &conn, listener);
+    finish(shared, &conn, listener);
 }
 
 fn finish(shared: &Shared, conn: &Conn, listener: ListenerKind) {
@@ -186,6 +231,7 @@ async fn process(
     out: &mut Vec<u8>,
     shared: &Arc<Shared>,
     peer: SocketAddr,
+    holds: &mut Holds,
 ) -> Result<(), End> {
     loop {
         let mut events = Vec::new();
@@ -239,6 +285,23 @@ async fn process(
                     session.auth_result(&username, outcome, &mut more);
                     resumed = true;
                 }
+                Event::CheckRecipient(query) => {
+                    if query.accepted == 0 {
+                        // Holds belong to accepted recipients only: these are left from a
+                        // transaction ended by a command pipelined in the same read (RSET).
+                        holds.finish(shared, false).await;
+                    }
+                    let verdict = match &shared.admit {
+                        None => Ok(()),
+                        Some(admit) => {
+                            let admission = admit.admit(&query).await;
+                            holds.0.extend(admission.hold);
+                            admission.verdict
+                        }
+                    };
+                    session.recipient_checked(verdict, &mut more);
+                    resumed = true;
+                }
                 Event::Message(transaction) => {
                     if !out.is_empty() {
                         if conn.write_all(out).await.is_err() {
@@ -261,6 +324,7 @@ async fn process(
                         ),
                     };
                     tracing::info!(transaction = %id, code = reply.code(), "transaction finished");
+                    holds.finish(shared, reply.is_positive()).await;
                     session.delivered(reply, &mut more);
                     resumed = true;
                 }

@@ -8,7 +8,7 @@ pub mod tls;
 
 use crate::metrics::Metrics;
 use crate::smtp::reply::Reply;
-use crate::smtp::session::{ListenerKind, SessionConfig, Transaction};
+use crate::smtp::session::{ListenerKind, RecipientQuery, SessionConfig, Transaction};
 use auth_throttle::AuthThrottle;
 use std::future::Future;
 use std::pin::Pin;
@@ -25,6 +25,23 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// Takes an accepted message somewhere and says what to tell the client.
 pub trait Deliver: Send + Sync + 'static {
     fn deliver(&self, transaction: Transaction) -> BoxFuture<'_, Reply>;
+}
+
+/// Decisions on a recipient at RCPT time that need I/O (sending quotas in a shared store,
+/// recipient verification with the upstream), and the end of what they reserved.
+pub trait Admit: Send + Sync + 'static {
+    fn admit<'a>(&'a self, query: &'a RecipientQuery) -> BoxFuture<'a, Admission>;
+    /// The transaction ended: `accepted` when the client was told `250` for it; otherwise
+    /// (refused, deferred, RSET, disconnect) what `holds` reserved is released.
+    fn finish(&self, holds: Vec<crate::quota::Hold>, accepted: bool) -> BoxFuture<'_, ()>;
+}
+
+/// The answer to one [`Admit::admit`].
+#[derive(Debug)]
+pub struct Admission {
+    pub verdict: Result<(), Reply>,
+    /// What was reserved for the recipient; settled or released when the transaction ends.
+    pub hold: Option<crate::quota::Hold>,
 }
 
 /// Checks SMTP AUTH credentials.
@@ -78,6 +95,8 @@ pub struct Shared {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub deliver: Arc<dyn Deliver>,
     pub auth: Arc<dyn Authenticator>,
+    /// RCPT-time checks with I/O; `None` accepts what the session's own checks accept.
+    pub admit: Option<Arc<dyn Admit>>,
     pub throttle: AuthThrottle,
     pub metrics: Arc<Metrics>,
     /// False from the moment shutdown starts (`/readyz`).

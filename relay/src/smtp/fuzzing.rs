@@ -136,6 +136,7 @@ pub fn session(data: &[u8]) {
     config.auth_available = true;
     config.max_message_size = 4096;
     config.max_recipients = 5;
+    config.check_recipients = seed % 4 < 2;
     config.now = || std::time::UNIX_EPOCH;
     let mut session = Session::new(
         Arc::new(config),
@@ -176,6 +177,16 @@ pub fn session(data: &[u8]) {
                             AuthOutcome::Refused
                         };
                         session.auth_result(&username, outcome, &mut more);
+                        resumed = true;
+                    }
+                    Event::CheckRecipient(q) => {
+                        assert!(!q.recipient.is_empty());
+                        let verdict = if q.accepted % 3 == 2 {
+                            Err(Reply::new(450, "4.2.1", "limit"))
+                        } else {
+                            Ok(())
+                        };
+                        session.recipient_checked(verdict, &mut more);
                         resumed = true;
                     }
                     Event::Message(t) => {

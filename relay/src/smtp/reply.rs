@@ -313,6 +313,14 @@ impl Reply {
     pub fn already_authenticated() -> Self {
         Self::new(503, "5.5.1", "Already authenticated")
     }
+    /// The shared store (quotas, ledger) cannot answer (SPEC 5.3a).
+    pub fn store_unavailable() -> Self {
+        Self::new(
+            451,
+            "4.3.0",
+            "Temporary failure of the relay's shared store; try again later",
+        )
+    }
     pub fn auth_challenge(base64: impl Into<Cow<'static, str>>) -> Self {
         Self::bare(334, base64)
     }

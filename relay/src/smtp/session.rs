@@ -63,6 +63,9 @@ pub struct SessionConfig {
     pub directory: Option<Arc<crate::policy::tenants::Directory>>,
     /// Routing rules, for refusals at RCPT time (`actions.reject`).
     pub router: Option<Arc<crate::routing::Router>>,
+    /// Ask the driver about every recipient that passed the checks above
+    /// ([`Event::CheckRecipient`]): quotas, recipient verification with the upstream.
+    pub check_recipients: bool,
 }
 
 impl SessionConfig {
@@ -79,6 +82,7 @@ impl SessionConfig {
             now: SystemTime::now,
             directory: None,
             router: None,
+            check_recipients: false,
         }
     }
 }
@@ -108,6 +112,20 @@ pub struct Transaction {
     pub tenant: Option<Arc<str>>,
 }
 
+/// A recipient the session would accept, for the checks that need I/O (SPEC 3.4, 6.4).
+#[derive(Clone, Debug)]
+pub struct RecipientQuery {
+    /// The transaction's id, as [`Transaction::id`] will be.
+    pub transaction: String,
+    /// The tenant the session is bound to, if any.
+    pub tenant: Option<Arc<str>>,
+    /// Envelope sender as the client gave it (empty: the null sender).
+    pub sender: String,
+    pub recipient: String,
+    /// Recipients already accepted in this transaction.
+    pub accepted: usize,
+}
+
 /// What the driver must do.
 #[derive(Debug)]
 pub enum Event {
@@ -121,6 +139,8 @@ pub enum Event {
     },
     /// Deliver, then call [`Session::delivered`] with the reply for the client.
     Message(Transaction),
+    /// Check the recipient and call [`Session::recipient_checked`].
+    CheckRecipient(RecipientQuery),
     /// Write the replies so far and close the connection.
     Close,
 }
@@ -145,6 +165,7 @@ enum Phase {
     AuthLoginPassword { username: String },
     WaitingTls,
     WaitingAuth,
+    WaitingRecipient { address: String },
     WaitingDelivery,
     Closed,
 }
@@ -275,7 +296,11 @@ impl Session {
         while pos < input.len() {
             let rest = &input[pos..];
             match &mut self.phase {
-                Phase::Closed | Phase::WaitingTls | Phase::WaitingAuth | Phase::WaitingDelivery => {
+                Phase::Closed
+                | Phase::WaitingTls
+                | Phase::WaitingAuth
+                | Phase::WaitingRecipient { .. }
+                | Phase::WaitingDelivery => {
                     break;
                 }
                 Phase::Data(receiver) => {
@@ -507,6 +532,22 @@ impl Session {
                     }
                     (Some(e), None) if e.recipients.len() >= max => {
                         self.refuse(Reply::too_many_recipients(), events);
+                    }
+                    (Some(e), None) if self.config.check_recipients => {
+                        let query = RecipientQuery {
+                            transaction: format!("{}.{}", self.id, self.transactions + 1),
+                            tenant: None,
+                            sender: e.mail_from.clone(),
+                            recipient: to.address.clone().into_owned(),
+                            accepted: e.recipients.len(),
+                        };
+                        self.phase = Phase::WaitingRecipient {
+                            address: to.address.into_owned(),
+                        };
+                        events.push(Event::CheckRecipient(RecipientQuery {
+                            tenant: self.tenant(),
+                            ..query
+                        }));
                     }
                     (Some(e), None) => {
                         e.recipients.push(to.address.into_owned());
@@ -752,6 +793,26 @@ impl Session {
             }
             AuthOutcome::Refused => self.refuse(Reply::auth_failed(), events),
             AuthOutcome::Throttled => self.close(Reply::auth_too_many_failures(), events),
+        }
+    }
+
+    /// Answers a pending [`Event::CheckRecipient`]: `Ok` adds the recipient. A refusal does
+    /// not count towards the session's error limit.
+    pub fn recipient_checked(&mut self, verdict: Result<(), Reply>, events: &mut Vec<Event>) {
+        let Phase::WaitingRecipient { address } =
+            std::mem::replace(&mut self.phase, Phase::Command)
+        else {
+            return;
+        };
+        match (verdict, self.envelope.as_mut()) {
+            (Ok(()), Some(e)) => {
+                e.recipients.push(address);
+                events.push(Event::Reply(Reply::recipient_ok()));
+            }
+            (Ok(()), None) => self.refuse(Reply::bad_sequence("send MAIL first"), events),
+            // NB: not a client error (quotas, a mailbox the upstream does not have): a client
+            // sending to many recipients past a limit is not closed for it.
+            (Err(reply), _) => events.push(Event::Reply(reply)),
         }
     }
 

@@ -110,6 +110,8 @@ pub struct Options {
     pub delivery_delay: Duration,
     /// Port of the smtp listener (default: any free one).
     pub smtp_port: u16,
+    /// RCPT-time checks with I/O (quotas, recipient verification).
+    pub admit: Option<Arc<dyn mailroute_relay::server::Admit>>,
 }
 
 impl Default for Options {
@@ -124,6 +126,7 @@ impl Default for Options {
             session,
             delivery_delay: Duration::ZERO,
             smtp_port: 0,
+            admit: None,
         }
     }
 }
@@ -148,6 +151,7 @@ impl Relay {
             tls: Some(tls),
             deliver: options.deliver.unwrap_or_else(|| Arc::new(capture.clone())),
             auth: Arc::new(TestAccounts),
+            admit: options.admit,
             throttle: AuthThrottle::new(options.throttle),
             metrics: Arc::new(Metrics::register(&mut registry)),
             ready: Arc::clone(&ready),
@@ -353,6 +357,10 @@ pub async fn bounded<F: std::future::Future<Output = ()>>(seconds: u64, body: F)
 pub struct Configured {
     pub session: SessionConfig,
     pub forwarder: Arc<mailroute_relay::delivery::Forwarder>,
+    /// Quotas (in memory unless [`configured_with_stores`] says otherwise) and recipient
+    /// verification, as the binary sets them up.
+    pub gate: Arc<mailroute_relay::admission::Gate>,
+    /// The in-memory ledger (an unused one when [`configured_with_stores`] gave the stores).
     pub ledger: Arc<mailroute_relay::delivery::ledger::MemoryLedger>,
     pub metrics: Arc<Metrics>,
     pub registry: prometheus_client::registry::Registry,
@@ -364,6 +372,7 @@ pub fn compile_yaml(yaml: &str) -> mailroute_config::Compiled {
     manifests
         .add_yaml(std::path::Path::new("test.yaml"), yaml)
         .unwrap_or_else(|e| panic!("{e}"));
+    assert!(manifests.problems.is_empty(), "{:?}", manifests.problems);
     let inputs = manifests.namespaces.remove("mail").unwrap_or_default();
     let compiled = mailroute_config::compile(&inputs);
     assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
@@ -383,6 +392,24 @@ pub fn configured_with_ledger(
     yaml: &str,
     ledger: Arc<mailroute_relay::delivery::ledger::MemoryLedger>,
 ) -> Configured {
+    let stores = Stores {
+        ledger: ledger.clone(),
+        quotas: Arc::new(mailroute_relay::quota::memory::MemoryQuotaStore::default()),
+        store_failure_open: false,
+    };
+    let mut c = configured_with_stores(yaml, stores);
+    c.ledger = ledger;
+    c
+}
+
+/// The shared store a [`Configured`] relay uses.
+pub struct Stores {
+    pub ledger: Arc<dyn mailroute_relay::delivery::ledger::Ledger>,
+    pub quotas: Arc<dyn mailroute_relay::quota::QuotaStore>,
+    pub store_failure_open: bool,
+}
+
+pub fn configured_with_stores(yaml: &str, stores: Stores) -> Configured {
     use mailroute_relay::policy::accounts::Accounts;
     use mailroute_relay::policy::tenants::Directory;
     use mailroute_relay::routing::Router;
@@ -395,24 +422,36 @@ pub fn configured_with_ledger(
         &compiled.config,
         &compiled.credentials,
         Arc::clone(&router),
-        ledger.clone(),
+        stores.ledger,
         mailroute_relay::delivery::Settings {
             hostname: "relay.test".into(),
-            store_failure_open: false,
+            store_failure_open: stores.store_failure_open,
             dns_server: None,
         },
         Arc::clone(&metrics),
     )
     .unwrap_or_else(|e| panic!("{e}"));
+    let forwarder = Arc::new(forwarder);
+    let mut quotas =
+        mailroute_relay::quota::Quotas::new(&compiled.config, stores.quotas, Arc::clone(&metrics));
+    quotas.store_failure_open = stores.store_failure_open;
+    quotas.store_timeout = Duration::from_millis(500);
+    let gate = Arc::new(mailroute_relay::admission::Gate::new(
+        &compiled.config,
+        quotas,
+        &forwarder,
+    ));
     let mut session = SessionConfig::new("relay.test");
     session.tls_available = true;
     session.auth_available = !accounts.is_empty();
     session.directory = Some(Arc::new(Directory::new(&compiled.config, accounts)));
     session.router = Some(router);
+    session.check_recipients = gate.is_active();
     Configured {
         session,
-        forwarder: Arc::new(forwarder),
-        ledger,
+        forwarder,
+        gate,
+        ledger: Arc::new(mailroute_relay::delivery::ledger::MemoryLedger::new(1)),
         metrics,
         registry,
     }
@@ -435,6 +474,7 @@ impl Configured {
     pub async fn start_on(&self, port: u16) -> Relay {
         Relay::start(Options {
             deliver: Some(self.forwarder.clone()),
+            admit: Some(self.gate.clone()),
             session: self.session.clone(),
             smtp_port: port,
             ..Options::default()

@@ -1,0 +1,206 @@
+//! The shared store in Redis (`--store redis://...`): sending quotas and the delivery ledger
+//! for relays running as several replicas.
+//!
+//! - Every quota decision is one Lua script ([`reserve.lua`](reserve.lua),
+//!   [`finish.lua`](finish.lua)), so checking and reserving is atomic across replicas, and
+//!   every key it creates gets its expiry in the same script: no key without a TTL, no counter
+//!   that only grows.
+//! - Counts per window are a hash of 24 buckets; holds are a sorted set scored by expiry, so a
+//!   dead relay's holds stop counting by themselves.
+//! - Unique recipients per user are one HyperLogLog per bucket (at most 12 KiB each, whatever
+//!   the number of recipients), merged per check: standard error 0.81 %, so a user's unique
+//!   recipient limit holds within about 1 % either way.
+//! - Ledger entries are plain keys with the 5-day expiry set by the same `SET`.
+//! - Times are the relay's clock (replicas are expected to be NTP-synchronised; a skew of
+//!   seconds is small against 25-second and one-hour buckets).
+//! - The connection is made lazily and re-made after a failure, so the relay starts and
+//!   recovers without a restart while Redis is away (SPEC 5.3a).
+
+use crate::delivery::ledger::{self, Key, Ledger, StoreError};
+use crate::quota::{BUCKETS, Counter, Hold, QuotaStore, Reservation};
+use crate::server::BoxFuture;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const RESERVE: &str = include_str!("reserve.lua");
+const FINISH: &str = include_str!("finish.lua");
+
+/// Prefix of every key the relay writes.
+const PREFIX: &str = "mailroute:";
+
+/// Quotas and ledger in one Redis server.
+pub struct RedisStore {
+    connection: ConnectionManager,
+    reserve: redis::Script,
+    finish: redis::Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore").finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError(e.to_string())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().max(1) as u64
+}
+
+impl RedisStore {
+    /// A store for `url` (`redis://host:port/db`, `rediss://` for TLS). Connects lazily: the
+    /// relay starts even when Redis is away, answering `451 4.3.0` (or accepting, with
+    /// `--store-failure open`) until it is back.
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let connection =
+            ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?;
+        Ok(Self {
+            connection,
+            reserve: redis::Script::new(RESERVE),
+            finish: redis::Script::new(FINISH),
+        })
+    }
+
+    fn ledger_key(key: &Key) -> String {
+        let mut name = String::with_capacity(PREFIX.len() + 7 + 32);
+        name.push_str(PREFIX);
+        name.push_str("ledger:");
+        for b in key {
+            name.push_str(&format!("{b:02x}"));
+        }
+        name
+    }
+}
+
+/// The window's bucket numbers for `counter` at `now_ms`, oldest first.
+fn buckets(counter: &Counter, now_ms: u64) -> impl Iterator<Item = u64> {
+    let current = now_ms / ms(counter.bucket());
+    current.saturating_sub(BUCKETS - 1)..=current
+}
+
+impl QuotaStore for RedisStore {
+    fn reserve<'a>(
+        &'a self,
+        hold: &'a str,
+        counters: &'a [Counter],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Reservation, StoreError>> {
+        Box::pin(async move {
+            let now = now_ms();
+            let mut call = self.reserve.prepare_invoke();
+            call.arg(now).arg(hold).arg(now + ms(ttl));
+            for c in counters {
+                call.key(format!("{PREFIX}{}:n", c.key))
+                    .key(format!("{PREFIX}{}:h", c.key));
+                call.arg(c.max)
+                    .arg(ms(c.window))
+                    .arg(ms(c.bucket()))
+                    .arg(u8::from(c.enforce))
+                    .arg(c.member.as_deref().unwrap_or_default());
+                if c.member.is_some() {
+                    call.key(format!("{PREFIX}{}:scratch", c.key));
+                    for b in buckets(c, now) {
+                        call.key(format!("{PREFIX}{}:u:{b}", c.key));
+                    }
+                }
+            }
+            let mut connection = self.connection.clone();
+            let answer: Vec<i64> = call
+                .invoke_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            match answer.split_first() {
+                Some((0, reserved)) if reserved.len() == counters.len() => Ok(
+                    Reservation::Granted(reserved.iter().map(|r| *r == 1).collect()),
+                ),
+                Some((&i, [])) if i >= 1 => Ok(Reservation::Exceeded(i as usize - 1)),
+                _ => Err(StoreError(format!(
+                    "unexpected answer from the reserve script: {answer:?}"
+                ))),
+            }
+        })
+    }
+
+    fn finish<'a>(
+        &'a self,
+        holds: &'a [Hold],
+        accepted: bool,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let now = now_ms();
+            let mut call = self.finish.prepare_invoke();
+            call.arg(now).arg(u8::from(accepted));
+            for hold in holds {
+                for (c, reserved) in hold.counters.iter().zip(&hold.reserved) {
+                    let current = now / ms(c.bucket());
+                    call.key(format!("{PREFIX}{}:n", c.key))
+                        .key(format!("{PREFIX}{}:h", c.key))
+                        .key(format!("{PREFIX}{}:u:{current}", c.key));
+                    call.arg(&hold.id)
+                        .arg(ms(c.window))
+                        .arg(ms(c.bucket()))
+                        .arg(u8::from(*reserved))
+                        .arg(c.member.as_deref().unwrap_or_default());
+                }
+            }
+            let mut connection = self.connection.clone();
+            call.invoke_async::<i64>(&mut connection)
+                .await
+                .map(|_| ())
+                .map_err(unavailable)
+        })
+    }
+}
+
+impl Ledger for RedisStore {
+    fn contains<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<Vec<bool>, StoreError>> {
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut pipe = redis::pipe();
+            for k in keys {
+                pipe.exists(Self::ledger_key(k));
+            }
+            let mut connection = self.connection.clone();
+            pipe.query_async(&mut connection).await.map_err(unavailable)
+        })
+    }
+
+    fn record<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(());
+            }
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for k in keys {
+                pipe.cmd("SET")
+                    .arg(Self::ledger_key(k))
+                    .arg(1)
+                    .arg("PX")
+                    .arg(ms(ledger::RETENTION))
+                    .ignore();
+            }
+            let mut connection = self.connection.clone();
+            pipe.query_async::<()>(&mut connection)
+                .await
+                .map_err(unavailable)
+        })
+    }
+}
