@@ -34,7 +34,7 @@ use mailroute_config::document::{Destination, Pool as PoolConfig, Route, RouteTi
 use mailroute_config::resources::{DeliveryMode, TlsMode};
 use mailroute_config::{Credentials, RelayConfig};
 use outcome::{LegOutcome, RecipientOutcome};
-use pool::{PoolKey, Pooled};
+use pool::{Checkout, PoolKey, Pooled};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -280,27 +280,24 @@ impl Forwarder {
                 tls_required,
             };
             for attempt in 0..2 {
-                let pooled = if attempt == 0 {
-                    self.pool.take(&key, limits)
-                } else {
-                    None
-                };
-                let mut conn = match pooled {
-                    Some(conn) => conn,
-                    None => {
-                        let permit = self
-                            .pool
-                            .permit(
-                                &key,
-                                &runtime.permits,
-                                runtime.route.pool.max_connections,
-                                Duration::from_millis(runtime.route.timeouts.connect_ms),
-                            )
-                            .await
-                            .map_err(|busy| UpstreamError::Protocol {
-                                stage: "connection pool",
-                                detail: busy.to_string(),
-                            })?;
+                let checkout = self
+                    .pool
+                    .checkout(
+                        &key,
+                        limits,
+                        &runtime.permits,
+                        runtime.route.pool.max_connections,
+                        Duration::from_millis(runtime.route.timeouts.connect_ms),
+                        attempt == 0,
+                    )
+                    .await
+                    .map_err(|busy| UpstreamError::Protocol {
+                        stage: "connection pool",
+                        detail: busy.to_string(),
+                    })?;
+                let mut conn = match checkout {
+                    Checkout::Reused(conn) => conn,
+                    Checkout::Fresh(permit) => {
                         match self.open(runtime, candidate, route.require_tls).await {
                             Ok(up) => pool::Pool::wrap(up, permit),
                             Err(e) => {
@@ -615,33 +612,20 @@ impl Forwarder {
                 tls_required,
             };
             for attempt in 0..2 {
-                let pooled = if attempt == 0 {
-                    self.pool.take(&key, limits)
-                } else {
-                    None
-                };
-                let mut conn: Pooled = match pooled {
-                    Some(conn) => conn,
-                    None => {
-                        let permit = match self
-                            .pool
-                            .permit(
-                                &key,
-                                &runtime.permits,
-                                runtime.route.pool.max_connections,
-                                Duration::from_millis(runtime.route.timeouts.connect_ms),
-                            )
-                            .await
-                        {
-                            Ok(p) => p,
-                            Err(busy) => {
-                                return Err(RecipientOutcome::Unreachable(Reply::new(
-                                    451,
-                                    "4.4.5",
-                                    busy.to_string(),
-                                )));
-                            }
-                        };
+                let checkout = self
+                    .pool
+                    .checkout(
+                        &key,
+                        limits,
+                        &runtime.permits,
+                        runtime.route.pool.max_connections,
+                        Duration::from_millis(runtime.route.timeouts.connect_ms),
+                        attempt == 0,
+                    )
+                    .await;
+                let mut conn: Pooled = match checkout {
+                    Ok(Checkout::Reused(conn)) => conn,
+                    Ok(Checkout::Fresh(permit)) => {
                         match self.open(runtime, candidate, leg.require_tls).await {
                             Ok(up) => pool::Pool::wrap(up, permit),
                             Err(e) => {
@@ -650,6 +634,13 @@ impl Forwarder {
                                 continue 'hosts;
                             }
                         }
+                    }
+                    Err(busy) => {
+                        return Err(RecipientOutcome::Unreachable(Reply::new(
+                            451,
+                            "4.4.5",
+                            busy.to_string(),
+                        )));
                     }
                 };
                 match conn

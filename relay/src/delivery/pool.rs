@@ -38,6 +38,15 @@ pub struct Limits {
 #[derive(Debug, Default)]
 pub struct Pool {
     idle: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    /// Woken when a connection goes back to the pool: a leg waiting for a slot can reuse it.
+    returned: tokio::sync::Notify,
+}
+
+/// A way to run a transaction on a route: a pooled connection, or a slot to open one.
+#[derive(Debug)]
+pub enum Checkout {
+    Reused(Pooled),
+    Fresh(OwnedSemaphorePermit),
 }
 
 /// Why no connection slot could be had.
@@ -72,35 +81,60 @@ impl Pool {
         found
     }
 
-    /// A permit to open a connection for `key`'s route: a free one, else one freed by closing
-    /// an idle connection of the route to another host, else the first to come free within
-    /// `wait`.
-    pub async fn permit(
+    /// A connection for `key`: an idle one (when `reuse`), else a slot to open one: a free
+    /// slot, else one freed by closing an idle connection of the route to another host (or
+    /// to this host, when a fresh connection is wanted), else whichever comes first within
+    /// `wait`: a connection given back to the pool or a slot set free.
+    pub async fn checkout(
         &self,
         key: &PoolKey,
+        limits: Limits,
         permits: &Arc<Semaphore>,
         max: u32,
         wait: Duration,
-    ) -> Result<OwnedSemaphorePermit, Busy> {
-        if let Ok(p) = Arc::clone(permits).try_acquire_owned() {
-            return Ok(p);
+        reuse: bool,
+    ) -> Result<Checkout, Busy> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // NB: registered before looking, so a connection given back meanwhile wakes us.
+            let returned = self.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if reuse && let Some(conn) = self.take(key, limits) {
+                return Ok(Checkout::Reused(conn));
+            }
+            if let Ok(p) = Arc::clone(permits).try_acquire_owned() {
+                return Ok(Checkout::Fresh(p));
+            }
+            let victim = self.idle.lock().ok().and_then(|mut idle| {
+                idle.iter_mut()
+                    .filter(|(k, list)| {
+                        k.route == key.route && (!reuse || *k != key) && !list.is_empty()
+                    })
+                    .find_map(|(_, list)| list.pop())
+            });
+            if let Some(conn) = victim {
+                close_now(conn);
+                if let Ok(p) = Arc::clone(permits).try_acquire_owned() {
+                    return Ok(Checkout::Fresh(p));
+                }
+            }
+            tokio::select! {
+                p = Arc::clone(permits).acquire_owned() => {
+                    return p.map(Checkout::Fresh).map_err(|_| Busy {
+                        route: Arc::clone(&key.route),
+                        max,
+                    });
+                }
+                () = &mut returned => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(Busy {
+                        route: Arc::clone(&key.route),
+                        max,
+                    });
+                }
+            }
         }
-        let victim = self.idle.lock().ok().and_then(|mut idle| {
-            idle.iter_mut()
-                .filter(|(k, list)| k.route == key.route && !list.is_empty())
-                .find_map(|(_, list)| list.pop())
-        });
-        if let Some(conn) = victim {
-            close_all(vec![conn]);
-        }
-        tokio::time::timeout(wait, Arc::clone(permits).acquire_owned())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .ok_or_else(|| Busy {
-                route: Arc::clone(&key.route),
-                max,
-            })
     }
 
     pub fn wrap(upstream: Upstream, permit: OwnedSemaphorePermit) -> Pooled {
@@ -123,6 +157,7 @@ impl Pool {
         if let Ok(mut idle) = self.idle.lock() {
             idle.entry(key).or_default().push(conn);
         }
+        self.returned.notify_waiters();
     }
 
     /// Closes connections idle longer than their route allows (`idle_timeout` per route name).
@@ -148,6 +183,19 @@ impl Pool {
             .lock()
             .map(|idle| idle.values().map(Vec::len).sum())
             .unwrap_or(0)
+    }
+}
+
+/// Frees the connection's slot at once and QUITs it in the background.
+fn close_now(conn: Pooled) {
+    let Pooled {
+        upstream, _permit, ..
+    } = conn;
+    drop(_permit);
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), upstream.quit()).await;
+        });
     }
 }
 

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod redis;
 pub mod sink;
 
 use mailroute_relay::metrics::Metrics;

@@ -1,0 +1,434 @@
+//! Sending quotas (SPEC 3.4, 5.3a) with real stores: exactness under hundreds of concurrent
+//! clients (one relay on the memory store; three relay processes sharing one `redis-server`),
+//! reservations of a killed relay expiring, unique recipients, and a Redis outage.
+//!
+//! The tenant is on the Trial tier (50 recipients per 10 minutes), bound by its IP range
+//! (127.0.0.0/16), sending as an address that is not a registered user (so the tenant limits
+//! apply to it), to external recipients delivered to Postfix `smtp-sink`.
+
+mod support;
+
+use mailroute_relay::delivery::ledger::{Ledger, key};
+use mailroute_relay::quota::memory::MemoryQuotaStore;
+use mailroute_relay::redis_store::RedisStore;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use support::redis::RedisServer;
+use support::sink::{Sink, free_port};
+use support::{Client, Stores, bounded, configured, configured_with_stores};
+
+const PEAK: usize = 50;
+
+fn trial(sink: SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+apiVersion: mailroute.io/v1alpha1
+kind: MailRoute
+metadata: {{name: out, namespace: mail}}
+spec:
+  host: {}
+  port: {}
+  tls: {{mode: Disabled}}
+  connectionPool: {{maxConnections: 20}}
+---
+apiVersion: mailroute.io/v1alpha1
+kind: RelayPolicy
+metadata: {{name: example, namespace: mail}}
+spec:
+  domains: [example.com]
+  licenses: 1
+  tier: Trial
+  users: [alice@example.com]
+  authentication: {{ipRanges: [{{cidr: 127.0.0.0/16}}]}}
+  outboundRoute: out
+{extra}
+"#,
+        sink.ip(),
+        sink.port()
+    )
+}
+
+/// What happened to one client's message.
+#[derive(Debug, PartialEq, Eq)]
+enum Fate {
+    /// RCPT and the message accepted.
+    Accepted,
+    /// RCPT refused with this reply.
+    Refused(String),
+    /// RCPT accepted, the message not (its reservation was released).
+    Failed(String),
+}
+
+async fn one_message(relay: SocketAddr, from: &str, to: &str) -> Fate {
+    let mut c = Client::connect(relay).await;
+    c.reply().await;
+    c.command("EHLO app.example.com").await;
+    let mail = c.command(&format!("MAIL FROM:<{from}>")).await;
+    assert!(mail.starts_with("250"), "{mail}");
+    let rcpt = c.command(&format!("RCPT TO:<{to}>")).await;
+    if !rcpt.starts_with("250") {
+        let _ = c.command("QUIT").await;
+        return Fate::Refused(rcpt);
+    }
+    assert!(c.command("DATA").await.starts_with("354"));
+    c.send(format!("Subject: quota {to}\r\n\r\nbody\r\n.\r\n").as_bytes())
+        .await;
+    let end = c.reply().await;
+    let _ = c.command("QUIT").await;
+    if end.starts_with("250") {
+        Fate::Accepted
+    } else {
+        Fate::Failed(end)
+    }
+}
+
+/// `clients` concurrent clients, one recipient each, spread over `relays`.
+async fn burst(relays: &[SocketAddr], clients: usize) -> Vec<Fate> {
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let relay = relays[i % relays.len()];
+            tokio::spawn(async move {
+                one_message(relay, "app@example.com", &format!("r{i}@partner.example")).await
+            })
+        })
+        .collect();
+    let mut fates = Vec::new();
+    for t in tasks {
+        fates.push(t.await.unwrap_or_else(|e| panic!("{e}")));
+    }
+    fates
+}
+
+/// Checks the exactness bound and returns (accepted, refused, failed).
+fn tally(fates: &[Fate], limit: usize) -> (usize, usize, usize) {
+    let accepted = fates.iter().filter(|f| **f == Fate::Accepted).count();
+    let failed = fates
+        .iter()
+        .filter(|f| matches!(f, Fate::Failed(_)))
+        .count();
+    let refused: Vec<&String> = fates
+        .iter()
+        .filter_map(|f| match f {
+            Fate::Refused(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    for r in &refused {
+        assert!(
+            r.starts_with("450 4.2.1 Peak SMTP relay limit exceeded for customer"),
+            "{r}"
+        );
+    }
+    // Never above the limit; below it only by reservations released after a failure.
+    assert!(accepted <= limit, "{accepted} accepted, limit {limit}");
+    assert!(
+        accepted + failed >= limit,
+        "{accepted} accepted + {failed} failed < {limit}"
+    );
+    (accepted, refused.len(), failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_relay_on_the_memory_store_accepts_exactly_the_peak_limit() {
+    bounded(120, async {
+        let sink = Sink::start();
+        let config = configured(&trial(sink.addr, ""));
+        let relay = config.start().await;
+        let fates = burst(&[relay.smtp], 300).await;
+        let (accepted, refused, failed) = tally(&fates, PEAK);
+        println!("memory store, 1 relay, 300 clients: {accepted} accepted, {refused} refused, {failed} failed");
+        // 300 clients, 20 upstream connections: legs wait for a pooled connection.
+        assert_eq!(failed, 0, "{fates:?}");
+        assert_eq!(sink.wait_count("Subject: quota ", accepted), accepted);
+        let metrics = config.metrics_text();
+        assert!(
+            metrics.contains(&format!(
+                r#"mailroute_relay_quota_rejections_total{{tenant="example",limit="customer_recipients_per_10_minutes"}} {refused}"#
+            )),
+            "{metrics}"
+        );
+    })
+    .await;
+}
+
+/// A relay process on `manifests`, with extra flags; stopped on drop.
+struct RelayProcess {
+    child: Child,
+    smtp: SocketAddr,
+}
+
+impl RelayProcess {
+    fn start(manifests: &std::path::Path, args: &[&str]) -> Self {
+        let smtp: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let child = Command::new(env!("CARGO_BIN_EXE_mailroute-relay"))
+            .args(["--manifests", manifests.to_str().unwrap_or_default()])
+            .args(["--hostname", "relay.test", "--smtp", &smtp.to_string()])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(smtp).is_err() {
+            assert!(Instant::now() < deadline, "relay never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, smtp }
+    }
+
+    /// SIGKILL: nothing is released, nothing is flushed.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn manifests(yaml: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.path().join("relay.yaml"), yaml).unwrap_or_else(|e| panic!("{e}"));
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_relays_sharing_redis_never_accept_more_than_the_limit() {
+    bounded(180, async {
+        let redis = RedisServer::start();
+        let sink = Sink::start();
+        let dir = manifests(&trial(sink.addr, ""));
+        let url = redis.url();
+        let relays: Vec<RelayProcess> = (0..3)
+            .map(|_| RelayProcess::start(dir.path(), &["--store", &url]))
+            .collect();
+        let addrs: Vec<SocketAddr> = relays.iter().map(|r| r.smtp).collect();
+        let fates = burst(&addrs, 300).await;
+        let (accepted, refused, failed) = tally(&fates, PEAK);
+        println!("redis store, 3 relays, 300 clients: {accepted} accepted, {refused} refused, {failed} failed");
+        assert_eq!(sink.wait_count("Subject: quota ", accepted), accepted);
+        // A second burst: the two together still within the limit.
+        let mut all = fates;
+        all.extend(burst(&addrs, 30).await);
+        tally(&all, PEAK);
+        // Every key the relays wrote expires.
+        let keys = redis.cli(&["--scan", "--pattern", "mailroute:*"]);
+        assert!(!keys.is_empty());
+        for k in keys.lines() {
+            let ttl: i64 = redis.cli(&["PTTL", k]).parse().unwrap_or(-9);
+            assert!(ttl > 0, "{k} has no expiry ({ttl})");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_relays_reservations_expire() {
+    bounded(120, async {
+        let redis = RedisServer::start();
+        let sink = Sink::start();
+        let dir = manifests(&trial(sink.addr, ""));
+        let url = redis.url();
+        let mut doomed = RelayProcess::start(dir.path(), &["--store", &url, "--quota-hold", "3"]);
+        // 10 recipients reserved in a transaction that never ends.
+        let mut c = Client::connect(doomed.smtp).await;
+        c.reply().await;
+        c.command("EHLO app.example.com").await;
+        c.command("MAIL FROM:<app@example.com>").await;
+        for i in 0..10 {
+            assert!(
+                c.command(&format!("RCPT TO:<held{i}@partner.example>"))
+                    .await
+                    .starts_with("250")
+            );
+        }
+        doomed.kill();
+        let killed_at = Instant::now();
+        let survivor = RelayProcess::start(dir.path(), &["--store", &url, "--quota-hold", "3"]);
+        let first = burst(&[survivor.smtp], PEAK).await;
+        let accepted = first.iter().filter(|f| **f == Fate::Accepted).count();
+        assert_eq!(
+            accepted,
+            PEAK - 10,
+            "the dead relay's holds still count: {first:?}"
+        );
+        tokio::time::sleep(
+            Duration::from_secs(3).saturating_sub(killed_at.elapsed()) + Duration::from_millis(500),
+        )
+        .await;
+        let later = burst(&[survivor.smtp], 20).await;
+        let accepted = later.iter().filter(|f| **f == Fate::Accepted).count();
+        assert_eq!(
+            accepted, 10,
+            "after expiry the 10 are free again: {later:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_defers_then_service_resumes_without_restart() {
+    bounded(120, async {
+        let mut redis = RedisServer::start();
+        let sink = Sink::start();
+        let dir = manifests(&trial(sink.addr, ""));
+        let url = redis.url();
+        let closed =
+            RelayProcess::start(dir.path(), &["--store", &url, "--store-timeout-ms", "300"]);
+        let open = RelayProcess::start(
+            dir.path(),
+            &[
+                "--store",
+                &url,
+                "--store-timeout-ms",
+                "300",
+                "--store-failure",
+                "open",
+            ],
+        );
+        assert_eq!(
+            one_message(closed.smtp, "app@example.com", "a@partner.example").await,
+            Fate::Accepted
+        );
+
+        redis.stop();
+        match one_message(closed.smtp, "app@example.com", "b@partner.example").await {
+            Fate::Refused(r) => assert!(r.starts_with("451 4.3.0"), "{r}"),
+            other => panic!("closed: {other:?}"),
+        }
+        // Availability over enforcement: accepted, quota and ledger skipped.
+        assert_eq!(
+            one_message(open.smtp, "app@example.com", "c@partner.example").await,
+            Fate::Accepted
+        );
+
+        redis.resume();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match one_message(closed.smtp, "app@example.com", "d@partner.example").await {
+                Fate::Accepted => break,
+                other => {
+                    assert!(Instant::now() < deadline, "never recovered: {other:?}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        assert_eq!(sink.wait_count("Subject: quota ", 3), 3);
+        assert_eq!(sink.count("Subject: quota b@"), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_registered_users_unique_recipients_are_counted_once_in_redis() {
+    bounded(60, async {
+        let redis = RedisServer::start();
+        let sink = Sink::start();
+        let store = Arc::new(
+            RedisStore::new(&redis.url(), Duration::from_secs(1)).unwrap_or_else(|e| panic!("{e}")),
+        );
+        let yaml = trial(
+            sink.addr,
+            "  limits: {perUser: {uniqueRecipientsPerDay: 3}}",
+        );
+        let config = configured_with_stores(
+            &yaml,
+            Stores {
+                ledger: store.clone(),
+                quotas: store,
+                store_failure_open: false,
+            },
+        );
+        let relay = config.start().await;
+        let mut fates = Vec::new();
+        for to in ["a", "b", "a", "A", "c", "a", "d"] {
+            fates.push(one_message(relay.smtp, "alice@example.com", &format!("{to}@partner.example")).await);
+        }
+        let refused: Vec<usize> = fates
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| !matches!(f, Fate::Accepted))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(refused, [6], "{fates:?}");
+        assert!(
+            matches!(&fates[6], Fate::Refused(r) if r.starts_with("550 5.4.5 Daily SMTP relay limit exceeded for user")),
+            "{fates:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_redis_ledger_remembers_deliveries_for_five_days() {
+    bounded(30, async {
+        let redis = RedisServer::start();
+        let store =
+            RedisStore::new(&redis.url(), Duration::from_secs(1)).unwrap_or_else(|e| panic!("{e}"));
+        let fp = [7u8; 32];
+        let a = key(&fp, "route/a", "x@example.com");
+        let b = key(&fp, "route/b", "x@example.com");
+        assert_eq!(
+            store
+                .contains(&[a, b])
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+            [false, false]
+        );
+        store.record(&[a]).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            store
+                .contains(&[a, b])
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+            [true, false]
+        );
+        let keys = redis.cli(&["--scan", "--pattern", "mailroute:ledger:*"]);
+        let ttl: i64 = redis.cli(&["PTTL", keys.trim()]).parse().unwrap_or(-9);
+        assert!(ttl > 4 * 86_400_000 && ttl <= 5 * 86_400_000, "{ttl}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_memory_store_settles_only_accepted_messages() {
+    bounded(60, async {
+        // The upstream refuses every message: reservations are released, nothing counts.
+        let sink = Sink::start_with(&["-r", "DATA"]);
+        let store = Arc::new(MemoryQuotaStore::default());
+        let config = configured_with_stores(
+            &trial(sink.addr, ""),
+            Stores {
+                ledger: Arc::new(mailroute_relay::delivery::ledger::MemoryLedger::new(1000)),
+                quotas: store,
+                store_failure_open: false,
+            },
+        );
+        let relay = config.start().await;
+        let counted = Arc::new(AtomicUsize::new(0));
+        for i in 0..(PEAK + 10) {
+            if let Fate::Failed(r) = one_message(
+                relay.smtp,
+                "app@example.com",
+                &format!("f{i}@partner.example"),
+            )
+            .await
+            {
+                assert!(r.starts_with("451"), "{r}");
+                counted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        assert_eq!(
+            counted.load(Ordering::Relaxed),
+            PEAK + 10,
+            "never refused at RCPT"
+        );
+    })
+    .await;
+}
