@@ -138,6 +138,15 @@ struct Cli {
     /// Name server (IP:PORT) for MX and host lookups. Default: the system's resolver.
     #[arg(long, value_name = "ADDR", env = "MAILROUTE_DNS_SERVER")]
     dns_server: Option<SocketAddr>,
+    /// Port for direct delivery to MX hosts. Always 25 on the Internet; other values are for
+    /// test setups (a DNS server and upstreams on loopback).
+    #[arg(
+        long,
+        value_name = "PORT",
+        env = "MAILROUTE_MX_PORT",
+        default_value_t = 25
+    )]
+    mx_port: u16,
     /// Where sending quotas and the delivery ledger live: `memory` (one relay) or a Redis URL
     /// (`redis://host:6379/0`, `rediss://` for TLS) shared by every replica.
     #[arg(
@@ -295,6 +304,7 @@ async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
             hostname: hostname.clone(),
             store_failure_open: cli.store_failure == "open",
             dns_server: cli.dns_server,
+            mx_port: cli.mx_port,
         },
         Arc::clone(&metrics),
     )

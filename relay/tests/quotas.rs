@@ -342,7 +342,7 @@ async fn a_registered_users_unique_recipients_are_counted_once_in_redis() {
             Stores {
                 ledger: store.clone(),
                 quotas: store,
-                store_failure_open: false,
+                ..Stores::memory()
             },
         );
         let relay = config.start().await;
@@ -407,7 +407,7 @@ async fn the_memory_store_settles_only_accepted_messages() {
             Stores {
                 ledger: Arc::new(mailroute_relay::delivery::ledger::MemoryLedger::new(1000)),
                 quotas: store,
-                store_failure_open: false,
+                ..Stores::memory()
             },
         );
         let relay = config.start().await;

@@ -60,6 +60,8 @@ pub struct Settings {
     pub store_failure_open: bool,
     /// Name server for MX and host lookups (default: the system's).
     pub dns_server: Option<std::net::SocketAddr>,
+    /// Port of direct (MX) delivery: 25, except in test setups.
+    pub mx_port: u16,
 }
 
 /// Why delivery could not be set up.
@@ -556,7 +558,11 @@ impl Forwarder {
         pending: &[usize],
     ) -> Result<Vec<RecipientOutcome>, RecipientOutcome> {
         let candidates = match &leg.target {
-            Target::Mx(domain) => self.resolver.mx(domain.as_str(), 25).await,
+            Target::Mx(domain) => {
+                self.resolver
+                    .mx(domain.as_str(), self.settings.mx_port)
+                    .await
+            }
             Target::Route(_) => self.resolver.route_hosts(&runtime.route.destination).await,
         };
         let candidates = match candidates {

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod redis;
 pub mod sink;
 
@@ -395,8 +396,7 @@ pub fn configured_with_ledger(
 ) -> Configured {
     let stores = Stores {
         ledger: ledger.clone(),
-        quotas: Arc::new(mailroute_relay::quota::memory::MemoryQuotaStore::default()),
-        store_failure_open: false,
+        ..Stores::memory()
     };
     let mut c = configured_with_stores(yaml, stores);
     c.ledger = ledger;
@@ -408,6 +408,24 @@ pub struct Stores {
     pub ledger: Arc<dyn mailroute_relay::delivery::ledger::Ledger>,
     pub quotas: Arc<dyn mailroute_relay::quota::QuotaStore>,
     pub store_failure_open: bool,
+    /// Name server for MX lookups, and the port MX hosts are reached on.
+    pub dns_server: Option<SocketAddr>,
+    pub mx_port: u16,
+}
+
+impl Stores {
+    /// In-memory stores, the system resolver, MX hosts on port 25.
+    pub fn memory() -> Self {
+        Self {
+            ledger: Arc::new(mailroute_relay::delivery::ledger::MemoryLedger::new(
+                100_000,
+            )),
+            quotas: Arc::new(mailroute_relay::quota::memory::MemoryQuotaStore::default()),
+            store_failure_open: false,
+            dns_server: None,
+            mx_port: 25,
+        }
+    }
 }
 
 pub fn configured_with_stores(yaml: &str, stores: Stores) -> Configured {
@@ -427,7 +445,8 @@ pub fn configured_with_stores(yaml: &str, stores: Stores) -> Configured {
         mailroute_relay::delivery::Settings {
             hostname: "relay.test".into(),
             store_failure_open: stores.store_failure_open,
-            dns_server: None,
+            dns_server: stores.dns_server,
+            mx_port: stores.mx_port,
         },
         Arc::clone(&metrics),
     )
