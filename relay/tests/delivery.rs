@@ -396,3 +396,78 @@ async fn a_pipelined_mail_refusal_is_what_the_recipients_get() {
     })
     .await;
 }
+
+/// TLS handshake failure: the upstream (a second relay, with a self-signed certificate)
+/// offers STARTTLS, but a `Required` route that checks certificates cannot verify it. Nothing
+/// may be sent, in clear or otherwise; with the checks off the same upstream gets the message
+/// over TLS.
+#[tokio::test]
+async fn a_certificate_that_fails_the_checks_stops_a_required_route() {
+    bounded(60, async {
+        let sink = Sink::start();
+        let mailbox = configured(&format!(
+            r#"
+apiVersion: mailroute.io/v1alpha1
+kind: MailRoute
+metadata: {{name: store, namespace: mail}}
+spec: {{host: {}, port: {}, tls: {{mode: Disabled}}}}
+---
+apiVersion: mailroute.io/v1alpha1
+kind: RelayPolicy
+metadata: {{name: example, namespace: mail}}
+spec: {{domains: [example.com], licenses: 5, inboundRoute: store}}
+"#,
+            sink.addr.ip(),
+            sink.addr.port()
+        ));
+        let upstream = mailbox.start().await;
+        let edge = |tls: &str| {
+            configured(&format!(
+                r#"
+apiVersion: mailroute.io/v1alpha1
+kind: MailRoute
+metadata: {{name: mailbox, namespace: mail}}
+spec: {{host: {}, port: {}, tls: {tls}, timeouts: {{connect: 1s, command: 2s, dataEnd: 2s}}}}
+---
+apiVersion: mailroute.io/v1alpha1
+kind: RelayPolicy
+metadata: {{name: example, namespace: mail}}
+spec: {{domains: [example.com], licenses: 5, inboundRoute: mailbox}}
+"#,
+                upstream.smtp.ip(),
+                upstream.smtp.port()
+            ))
+        };
+        let strict = edge("{mode: Required}");
+        let relay = strict.start().await;
+        let reply = send_message(
+            relay.smtp,
+            "someone@partner.example",
+            &["alice@example.com"],
+            &message("tls-unverified"),
+        )
+        .await;
+        assert!(reply.starts_with("451 4."), "{reply}");
+        assert!(reply.contains("route mailbox"), "{reply}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(sink.count("tls-unverified"), 0, "nothing delivered");
+
+        let lenient = edge("{mode: Required, requireCASigned: false, validateHostname: false}");
+        let relay = lenient.start().await;
+        let reply = send_message(
+            relay.smtp,
+            "someone@partner.example",
+            &["alice@example.com"],
+            &message("tls-encrypted"),
+        )
+        .await;
+        assert!(reply.starts_with("250"), "{reply}");
+        assert_eq!(sink.wait_count("Subject: tls-encrypted", 1), 1);
+        let dump = String::from_utf8_lossy(&sink.dumps().concat()).into_owned();
+        assert!(
+            dump.contains("with ESMTPS"),
+            "the hop into the upstream was encrypted: {dump}"
+        );
+    })
+    .await;
+}
