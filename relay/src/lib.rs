@@ -12,6 +12,8 @@
 //! - [`admission`]: RCPT-time checks with I/O (quotas, then recipient verification upstream).
 //! - [`routing`]: which upstreams each recipient goes to (rules, copies, legs): pure functions.
 //! - [`delivery`]: carrying a plan out: upstream connections, pooling, TLS, the ledger, the reply.
+//! - [`generation`]: a loaded configuration built into what sessions use; [`reload`]: watching
+//!   the configuration files and swapping generations in.
 //! - [`server`]: listeners, TLS, the per-connection driver, AUTH throttling, graceful shutdown.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`metrics`]: the relay's Prometheus metrics.
@@ -20,10 +22,12 @@ pub mod admin;
 pub mod admission;
 pub mod config_source;
 pub mod delivery;
+pub mod generation;
 pub mod metrics;
 pub mod policy;
 pub mod quota;
 pub mod redis_store;
+pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod smtp;

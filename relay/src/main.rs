@@ -2,21 +2,18 @@
 
 use anyhow::Context;
 use clap::{ArgGroup, Parser};
-use mailroute_relay::admission::Gate;
-use mailroute_relay::config_source;
+use mailroute_relay::config_source::{self, Loaded};
 use mailroute_relay::delivery::ledger::{Ledger, MemoryLedger};
-use mailroute_relay::delivery::{self, Forwarder};
+use mailroute_relay::generation::Builder;
 use mailroute_relay::metrics::Metrics;
-use mailroute_relay::policy::accounts::Accounts;
-use mailroute_relay::policy::tenants::Directory;
+use mailroute_relay::quota::QuotaStore;
 use mailroute_relay::quota::memory::MemoryQuotaStore;
-use mailroute_relay::quota::{QuotaStore, Quotas};
 use mailroute_relay::redis_store::RedisStore;
-use mailroute_relay::routing::Router;
+use mailroute_relay::reload::{self, Build, Source};
 use mailroute_relay::server::auth_throttle::{AuthThrottle, ThrottleConfig};
 use mailroute_relay::server::tls::CertificateStore;
 use mailroute_relay::server::{Limits, Server, Shared};
-use mailroute_relay::smtp::session::{ListenerKind, SessionConfig};
+use mailroute_relay::smtp::session::ListenerKind;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -178,6 +175,16 @@ struct Cli {
     #[arg(long, value_name = "MODE", env = "MAILROUTE_STORE_FAILURE", default_value = "closed",
           value_parser = ["closed", "open"])]
     store_failure: String,
+    /// Milliseconds between checks of --manifests or --config for changes; a valid change is
+    /// put in force without dropping a session, an invalid one is refused and counted. 0: no
+    /// reloads.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "MAILROUTE_WATCH_INTERVAL_MS",
+        default_value_t = 250
+    )]
+    watch_interval_ms: u64,
     /// Deliveries the in-memory ledger remembers (about 60 bytes each); past it the oldest go.
     #[arg(
         long,
@@ -274,9 +281,6 @@ async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
         .config_generation
         .set(i64::try_from(loaded.document.generation).unwrap_or(i64::MAX));
 
-    let accounts = Accounts::from_credentials(&loaded.credentials);
-    let directory = Directory::new(&loaded.document.config, accounts.clone());
-    let router = Arc::new(Router::new(&loaded.document.config));
     let store_timeout = Duration::from_millis(cli.store_timeout_ms.max(1));
     let (ledger, quota_store): (Arc<dyn Ledger>, Arc<dyn QuotaStore>) = if cli.store == "memory" {
         (
@@ -295,45 +299,21 @@ async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
             cli.store
         );
     };
-    let forwarder = Forwarder::new(
-        &loaded.document.config,
-        &loaded.credentials,
-        Arc::clone(&router),
+    let builder = Arc::new(Builder {
+        hostname: hostname.clone(),
+        tls_available: tls.is_some(),
+        max_message_size: cli.max_message_size,
+        max_recipients: cli.max_recipients as usize,
         ledger,
-        delivery::Settings {
-            hostname: hostname.clone(),
-            store_failure_open: cli.store_failure == "open",
-            dns_server: cli.dns_server,
-            mx_port: cli.mx_port,
-        },
-        Arc::clone(&metrics),
-    )
-    .context("setting up delivery")?;
-    let forwarder = Arc::new(forwarder);
-    let sweeper = {
-        let forwarder = Arc::clone(&forwarder);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tick.tick().await;
-                forwarder.sweep();
-            }
-        })
-    };
-    let mut quotas = Quotas::new(&loaded.document.config, quota_store, Arc::clone(&metrics));
-    quotas.hold_ttl = Duration::from_secs(cli.quota_hold.max(1));
-    quotas.store_timeout = store_timeout;
-    quotas.store_failure_open = cli.store_failure == "open";
-    let gate = Gate::new(&loaded.document.config, quotas, &forwarder);
-    let mut session = SessionConfig::new(hostname);
-    session.check_recipients = gate.is_active();
-    session.directory = Some(Arc::new(directory));
-    session.router = Some(router);
-    session.tls_available = tls.is_some();
-    // AUTH is only ever offered inside TLS, and only when some tenant has accounts.
-    session.auth_available = tls.is_some() && !accounts.is_empty();
-    session.max_message_size = cli.max_message_size;
-    session.max_recipients = cli.max_recipients as usize;
+        quota_store,
+        quota_hold: Duration::from_secs(cli.quota_hold.max(1)),
+        store_timeout,
+        store_failure_open: cli.store_failure == "open",
+        dns_server: cli.dns_server,
+        mx_port: cli.mx_port,
+        metrics: Arc::clone(&metrics),
+    });
+    let first = builder.generation(&loaded).context("setting up delivery")?;
     let limits = Limits {
         idle_timeout: Duration::from_secs(cli.idle_timeout),
         max_sessions: cli.max_sessions,
@@ -343,17 +323,41 @@ async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
         ..Limits::default()
     };
     let ready = Arc::new(AtomicBool::new(false));
-    let shared = Shared {
-        session: Arc::new(session),
+    let shared = Arc::new(Shared {
+        generation: arc_swap::ArcSwap::from_pointee(first),
+        hostname,
         limits,
         tls,
-        deliver: forwarder,
-        auth: Arc::new(accounts),
-        admit: Some(Arc::new(gate)),
         throttle: AuthThrottle::new(ThrottleConfig::default()),
         metrics,
         ready: Arc::clone(&ready),
+    });
+    let sweeper = {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                shared.generation.load().deliver.sweep();
+            }
+        })
     };
+    let source = match (&cli.manifests, &cli.config) {
+        (Some(dir), _) => Source::Manifests(dir.clone()),
+        (None, Some(file)) => Source::Document(file.clone()),
+        (None, None) => anyhow::bail!("give --manifests DIR or --config FILE"),
+    };
+    let watcher = (cli.watch_interval_ms > 0).then(|| {
+        let builder = Arc::clone(&builder);
+        let build: Arc<Build> =
+            Arc::new(move |loaded: &Loaded| builder.generation(loaded).map_err(|e| e.to_string()));
+        tokio::spawn(reload::watch(
+            source,
+            Duration::from_millis(cli.watch_interval_ms),
+            Arc::clone(&shared),
+            build,
+        ))
+    });
 
     let mut listeners = Vec::new();
     for (kind, addrs) in [
@@ -389,6 +393,9 @@ async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
     };
     Server::new(shared, listeners).run(shutdown_signal()).await;
     sweeper.abort();
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     let _ = stop_admin.send(());
     if let Some(admin) = admin {
         let _ = admin.await;

@@ -51,6 +51,13 @@ pub struct RuleLabels {
     pub mode: String,
 }
 
+/// Labels of `mailroute_relay_config_reloads_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `success` or `error` (refused; the previous configuration stays in force).
+    pub result: String,
+}
+
 /// Labels of `mailroute_relay_quota_rejections_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QuotaLabels {
@@ -82,6 +89,7 @@ pub struct Metrics {
     pub sessions: Family<SessionLabels, Counter>,
     pub bytes_received: Counter,
     pub config_generation: Gauge,
+    pub config_reloads: Family<ReloadLabels, Counter>,
     pub messages: Family<TrafficLabels, Counter>,
     pub recipients: Family<TrafficLabels, Counter>,
     pub delivery_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
@@ -102,6 +110,7 @@ impl Default for Metrics {
             sessions: Family::default(),
             bytes_received: Counter::default(),
             config_generation: Gauge::default(),
+            config_reloads: Family::default(),
             messages: Family::default(),
             recipients: Family::default(),
             delivery_duration: Family::new_with_constructor(duration_histogram),
@@ -138,6 +147,11 @@ impl Metrics {
             "mailroute_relay_config_generation",
             "Generation of the relay configuration in force",
             metrics.config_generation.clone(),
+        );
+        registry.register(
+            "mailroute_relay_config_reloads",
+            "Configuration changes seen, by result (success, or error: refused, previous kept)",
+            metrics.config_reloads.clone(),
         );
         registry.register(
             "mailroute_relay_messages",

@@ -792,6 +792,10 @@ impl Deliver for Forwarder {
     fn deliver(&self, transaction: Transaction) -> BoxFuture<'_, Reply> {
         Box::pin(self.forward(transaction))
     }
+
+    fn sweep(&self) {
+        Forwarder::sweep(self);
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The thin I/O driver of one SMTP session: reads, feeds [`Session`], writes replies, and
 //! carries out the session's events (TLS upgrade, credential check, delivery) with timeouts.
 
-use super::Shared;
+use super::{Generation, Shared};
 use crate::smtp::reply::Reply;
 use crate::smtp::session::{AuthOutcome, Event, ListenerKind, Session, TlsInfo};
 use std::collections::VecDeque;
@@ -79,18 +79,23 @@ enum End {
     Close,
 }
 
-/// What the current transaction reserved at RCPT time (quotas), until it ends.
-#[derive(Default)]
-struct Holds(Vec<crate::quota::Hold>);
+/// The configuration generation a session uses, and what its current transaction reserved
+/// at RCPT time (quotas) until the transaction ends.
+struct Current {
+    generation: Arc<Generation>,
+    holds: Vec<crate::quota::Hold>,
+}
 
-impl Holds {
+impl Current {
     /// Settles (`accepted`) or releases everything held.
-    async fn finish(&mut self, shared: &Shared, accepted: bool) {
-        if self.0.is_empty() {
+    async fn finish(&mut self, accepted: bool) {
+        if self.holds.is_empty() {
             return;
         }
-        if let Some(admit) = &shared.admit {
-            admit.finish(std::mem::take(&mut self.0), accepted).await;
+        if let Some(admit) = &self.generation.admit {
+            admit
+                .finish(std::mem::take(&mut self.holds), accepted)
+                .await;
         }
     }
 }
@@ -104,10 +109,13 @@ pub(crate) async fn drive(
     shutdown: watch::Receiver<bool>,
     id: String,
 ) {
-    let mut holds = Holds::default();
-    run(conn, peer, listener, &shared, shutdown, id, &mut holds).await;
+    let mut current = Current {
+        generation: shared.generation.load_full(),
+        holds: Vec::new(),
+    };
+    run(conn, peer, listener, &shared, shutdown, id, &mut current).await;
     // NB: a client that disconnects in the middle of a transaction releases what it held.
-    holds.finish(&shared, false).await;
+    current.finish(false).await;
 }
 
 async fn run(
@@ -117,11 +125,11 @@ async fn run(
     shared: &Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
     id: String,
-    holds: &mut Holds,
+    current: &mut Current,
 ) {
     let limits = &shared.limits;
     let mut session = Session::new(
-        Arc::clone(&shared.session),
+        Arc::clone(&current.generation.session),
         id,
         peer,
         listener,
@@ -137,7 +145,7 @@ async fn run(
     let mut input: Vec<u8> = Vec::new();
     loop {
         if *shutdown.borrow() && !session.in_transaction() {
-            Reply::shutting_down(&shared.session.hostname).write_to(&mut out);
+            Reply::shutting_down(&shared.hostname).write_to(&mut out);
             break;
         }
         let wait = if session.receiving_content() {
@@ -149,11 +157,11 @@ async fn run(
         let read = tokio::select! {
             r = timeout(wait, conn.read_buf(&mut input)) => r,
             _ = shutdown.changed(), if !session.in_transaction() => {
-                Reply::shutting_down(&shared.session.hostname).write_to(&mut out);
+                Reply::shutting_down(&shared.hostname).write_to(&mut out);
                 break;
             }
             _ = tokio::time::sleep_until(deadline) => {
-                Reply::session_too_long(&shared.session.hostname).write_to(&mut out);
+                Reply::session_too_long(&shared.hostname).write_to(&mut out);
                 break;
             }
         };
@@ -164,9 +172,9 @@ async fn run(
             }
             Err(_) => {
                 let reply = if session.receiving_content() {
-                    Reply::data_timeout(&shared.session.hostname)
+                    Reply::data_timeout(&shared.hostname)
                 } else {
-                    Reply::idle_timeout(&shared.session.hostname)
+                    Reply::idle_timeout(&shared.hostname)
                 };
                 reply.write_to(&mut out);
                 break;
@@ -179,12 +187,18 @@ async fn run(
             &mut out,
             shared,
             peer,
-            holds,
+            current,
         )
         .await;
         if !session.in_transaction() {
             // RSET, a new STARTTLS, a refused message: nothing of it will be accepted.
-            holds.finish(shared, false).await;
+            current.finish(false).await;
+            // Between transactions: the next one uses the configuration in force now.
+            let latest = shared.generation.load();
+            if !Arc::ptr_eq(&latest, &current.generation) {
+                current.generation = Arc::clone(&latest);
+                session.reconfigure(Arc::clone(&current.generation.session));
+            }
         }
         match processed {
             Ok(()) => {}
@@ -231,7 +245,7 @@ async fn process(
     out: &mut Vec<u8>,
     shared: &Arc<Shared>,
     peer: SocketAddr,
-    holds: &mut Holds,
+    current: &mut Current,
 ) -> Result<(), End> {
     loop {
         let mut events = Vec::new();
@@ -277,7 +291,12 @@ async fn process(
                 Event::Authenticate { username, password } => {
                     let outcome = shared
                         .throttle
-                        .check(peer.ip(), &username, &password, shared.auth.as_ref())
+                        .check(
+                            peer.ip(),
+                            &username,
+                            &password,
+                            current.generation.auth.as_ref(),
+                        )
                         .await;
                     if outcome != AuthOutcome::Accepted {
                         tracing::info!(username = %username, outcome = ?outcome, "authentication failed");
@@ -289,13 +308,13 @@ async fn process(
                     if query.accepted == 0 {
                         // Holds belong to accepted recipients only: these are left from a
                         // transaction ended by a command pipelined in the same read (RSET).
-                        holds.finish(shared, false).await;
+                        current.finish(false).await;
                     }
-                    let verdict = match &shared.admit {
+                    let verdict = match &current.generation.admit {
                         None => Ok(()),
                         Some(admit) => {
                             let admission = admit.admit(&query).await;
-                            holds.0.extend(admission.hold);
+                            current.holds.extend(admission.hold);
                             admission.verdict
                         }
                     };
@@ -312,7 +331,7 @@ async fn process(
                     let id = transaction.id.clone();
                     let reply = match timeout(
                         shared.limits.end_of_data_timeout,
-                        shared.deliver.deliver(transaction),
+                        current.generation.deliver.deliver(transaction),
                     )
                     .await
                     {
@@ -324,7 +343,7 @@ async fn process(
                         ),
                     };
                     tracing::info!(transaction = %id, code = reply.code(), "transaction finished");
-                    holds.finish(shared, reply.is_positive()).await;
+                    current.finish(reply.is_positive()).await;
                     session.delivered(reply, &mut more);
                     resumed = true;
                 }

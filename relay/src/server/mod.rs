@@ -25,6 +25,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// Takes an accepted message somewhere and says what to tell the client.
 pub trait Deliver: Send + Sync + 'static {
     fn deliver(&self, transaction: Transaction) -> BoxFuture<'_, Reply>;
+    /// Periodic upkeep (closing idle upstream connections); called every few seconds.
+    fn sweep(&self) {}
 }
 
 /// Decisions on a recipient at RCPT time that need I/O (sending quotas in a shared store,
@@ -88,27 +90,60 @@ impl Default for Limits {
     }
 }
 
-/// What every session of a server shares.
-pub struct Shared {
+/// One generation of the configuration: everything a session consults that a reload changes,
+/// swapped as a whole. A session picks up a new generation only between transactions, so each
+/// transaction is evaluated against the generation it started with.
+pub struct Generation {
+    /// `mailroute_relay_config_generation`.
+    pub number: u64,
+    /// The document's content hash (a reload with the same hash changes nothing).
+    pub hash: String,
     pub session: Arc<SessionConfig>,
-    pub limits: Limits,
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub deliver: Arc<dyn Deliver>,
     pub auth: Arc<dyn Authenticator>,
     /// RCPT-time checks with I/O; `None` accepts what the session's own checks accept.
     pub admit: Option<Arc<dyn Admit>>,
+}
+
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generation")
+            .field("number", &self.number)
+            .field("session", &self.session)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What every session of a server shares.
+pub struct Shared {
+    /// The configuration in force; replaced by reloads.
+    pub generation: arc_swap::ArcSwap<Generation>,
+    /// Name in the greeting and in `421` replies.
+    pub hostname: String,
+    pub limits: Limits,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub throttle: AuthThrottle,
     pub metrics: Arc<Metrics>,
     /// False from the moment shutdown starts (`/readyz`).
     pub ready: Arc<AtomicBool>,
 }
 
+impl Shared {
+    /// Puts `generation` in force for new sessions and for existing ones between transactions.
+    pub fn install(&self, generation: Generation) {
+        self.metrics
+            .config_generation
+            .set(i64::try_from(generation.number).unwrap_or(i64::MAX));
+        self.generation.store(Arc::new(generation));
+    }
+}
+
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
-            .field("session", &self.session)
+            .field("hostname", &self.hostname)
             .field("limits", &self.limits)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -168,11 +203,8 @@ fn next_session_id() -> String {
 }
 
 impl Server {
-    pub fn new(shared: Shared, listeners: Vec<(ListenerKind, TcpListener)>) -> Self {
-        Self {
-            shared: Arc::new(shared),
-            listeners,
-        }
+    pub fn new(shared: Arc<Shared>, listeners: Vec<(ListenerKind, TcpListener)>) -> Self {
+        Self { shared, listeners }
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -235,7 +267,7 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            let hostname = shared.session.hostname.clone();
+            let hostname = shared.hostname.clone();
             tokio::spawn(refuse_busy(stream, hostname));
             continue;
         };

@@ -796,6 +796,14 @@ impl Session {
         }
     }
 
+    /// Puts a new configuration in force (a reload). Only between transactions: the driver
+    /// never calls it while [`Session::in_transaction`].
+    pub fn reconfigure(&mut self, config: Arc<SessionConfig>) {
+        if !self.in_transaction() {
+            self.config = config;
+        }
+    }
+
     /// Answers a pending [`Event::CheckRecipient`]: `Ok` adds the recipient. A refusal does
     /// not count towards the session's error limit.
     pub fn recipient_checked(&mut self, verdict: Result<(), Reply>, events: &mut Vec<Event>) {

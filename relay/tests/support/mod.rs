@@ -97,6 +97,8 @@ pub struct Relay {
     pub smtps: SocketAddr,
     pub capture: Capture,
     pub ready: Arc<AtomicBool>,
+    /// What the sessions share; `install` a new generation to reconfigure.
+    pub shared: Arc<Shared>,
     pub certs: CertFiles,
     pub store: Arc<CertificateStore>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -147,26 +149,33 @@ impl Relay {
         };
         let ready = Arc::new(AtomicBool::new(false));
         let mut registry = prometheus_client::registry::Registry::default();
-        let shared = Shared {
+        let hostname = options.session.hostname.clone();
+        let generation = mailroute_relay::server::Generation {
+            number: 1,
+            hash: String::new(),
             session: Arc::new(options.session),
-            limits: options.limits,
-            tls: Some(tls),
             deliver: options.deliver.unwrap_or_else(|| Arc::new(capture.clone())),
             auth: Arc::new(TestAccounts),
             admit: options.admit,
+        };
+        let shared = Arc::new(Shared {
+            generation: arc_swap::ArcSwap::from_pointee(generation),
+            hostname,
+            limits: options.limits,
+            tls: Some(tls),
             throttle: AuthThrottle::new(options.throttle),
             metrics: Arc::new(Metrics::register(&mut registry)),
             ready: Arc::clone(&ready),
-        };
-        let bind = || async {
-            tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
+        });
+        // NB: the relay's own bind (accept queue as deep as the system allows): tokio's
+        // default of 128 overflows under a burst of hundreds of clients, and the kernel then
+        // drops connections the clients believe established.
+        let bind = |port: u16| {
+            mailroute_relay::server::bind(SocketAddr::from(([127, 0, 0, 1], port)))
                 .unwrap_or_else(|e| panic!("{e}"))
         };
-        let smtp = tokio::net::TcpListener::bind(("127.0.0.1", options.smtp_port))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let (submission, smtps) = (bind().await, bind().await);
+        let smtp = bind(options.smtp_port);
+        let (submission, smtps) = (bind(0), bind(0));
         let addrs = [
             smtp.local_addr(),
             submission.local_addr(),
@@ -174,7 +183,7 @@ impl Relay {
         ]
         .map(|a| a.unwrap_or_else(|e| panic!("{e}")));
         let server = Server::new(
-            shared,
+            Arc::clone(&shared),
             vec![
                 (ListenerKind::Smtp, smtp),
                 (ListenerKind::Submission, submission),
@@ -197,6 +206,7 @@ impl Relay {
             smtps: addrs[2],
             capture,
             ready,
+            shared,
             certs,
             store,
             stop: Some(stop),
@@ -429,48 +439,32 @@ impl Stores {
 }
 
 pub fn configured_with_stores(yaml: &str, stores: Stores) -> Configured {
-    use mailroute_relay::policy::accounts::Accounts;
-    use mailroute_relay::policy::tenants::Directory;
-    use mailroute_relay::routing::Router;
     let compiled = compile_yaml(yaml);
-    let accounts = Accounts::from_credentials(&compiled.credentials);
-    let router = Arc::new(Router::new(&compiled.config));
+    let loaded = mailroute_relay::config_source::Loaded {
+        document: compiled.document(1),
+        credentials: compiled.credentials,
+    };
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
-    let forwarder = mailroute_relay::delivery::Forwarder::new(
-        &compiled.config,
-        &compiled.credentials,
-        Arc::clone(&router),
-        stores.ledger,
-        mailroute_relay::delivery::Settings {
-            hostname: "relay.test".into(),
-            store_failure_open: stores.store_failure_open,
-            dns_server: stores.dns_server,
-            mx_port: stores.mx_port,
-        },
-        Arc::clone(&metrics),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let forwarder = Arc::new(forwarder);
-    let mut quotas =
-        mailroute_relay::quota::Quotas::new(&compiled.config, stores.quotas, Arc::clone(&metrics));
-    quotas.store_failure_open = stores.store_failure_open;
-    quotas.store_timeout = Duration::from_millis(500);
-    let gate = Arc::new(mailroute_relay::admission::Gate::new(
-        &compiled.config,
-        quotas,
-        &forwarder,
-    ));
-    let mut session = SessionConfig::new("relay.test");
-    session.tls_available = true;
-    session.auth_available = !accounts.is_empty();
-    session.directory = Some(Arc::new(Directory::new(&compiled.config, accounts)));
-    session.router = Some(router);
-    session.check_recipients = gate.is_active();
+    let builder = mailroute_relay::generation::Builder {
+        hostname: "relay.test".into(),
+        tls_available: true,
+        max_message_size: 35 * 1024 * 1024,
+        max_recipients: 1000,
+        ledger: stores.ledger,
+        quota_store: stores.quotas,
+        quota_hold: Duration::from_secs(900),
+        store_timeout: Duration::from_millis(500),
+        store_failure_open: stores.store_failure_open,
+        dns_server: stores.dns_server,
+        mx_port: stores.mx_port,
+        metrics: Arc::clone(&metrics),
+    };
+    let built = builder.build(&loaded).unwrap_or_else(|e| panic!("{e}"));
     Configured {
-        session,
-        forwarder,
-        gate,
+        session: built.session,
+        forwarder: built.forwarder,
+        gate: built.gate,
         ledger: Arc::new(mailroute_relay::delivery::ledger::MemoryLedger::new(1)),
         metrics,
         registry,

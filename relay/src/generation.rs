@@ -1,0 +1,126 @@
+//! Turning a loaded configuration into a [`Generation`] the server can put in force: the
+//! session's policy tables, the router, the forwarder, the quotas and the RCPT-time gate. The
+//! shared stores (ledger, quota counts) outlive generations: counts and ledger entries carry
+//! over a reload.
+
+use crate::admission::Gate;
+use crate::config_source::Loaded;
+use crate::delivery::ledger::Ledger;
+use crate::delivery::{self, Forwarder, SetupError};
+use crate::metrics::Metrics;
+use crate::policy::accounts::Accounts;
+use crate::policy::tenants::Directory;
+use crate::quota::{QuotaStore, Quotas};
+use crate::routing::Router;
+use crate::server::Generation;
+use crate::smtp::session::SessionConfig;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What every generation is built with: the relay's settings and its shared stores.
+pub struct Builder {
+    /// Name in the greeting, `Received:` and EHLO to upstreams.
+    pub hostname: String,
+    /// A certificate is loaded: STARTTLS (and AUTH inside it) can be offered.
+    pub tls_available: bool,
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    pub ledger: Arc<dyn Ledger>,
+    pub quota_store: Arc<dyn QuotaStore>,
+    pub quota_hold: Duration,
+    pub store_timeout: Duration,
+    pub store_failure_open: bool,
+    pub dns_server: Option<SocketAddr>,
+    pub mx_port: u16,
+    pub metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("hostname", &self.hostname)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The parts of a generation, before it is sealed (tests reach into them).
+pub struct Built {
+    pub session: SessionConfig,
+    pub forwarder: Arc<Forwarder>,
+    pub gate: Arc<Gate>,
+    pub accounts: Accounts,
+}
+
+impl std::fmt::Debug for Built {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Built")
+            .field("session", &self.session)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Built {
+    pub fn into_generation(self, number: u64, hash: String) -> Generation {
+        Generation {
+            number,
+            hash,
+            session: Arc::new(self.session),
+            deliver: self.forwarder,
+            auth: Arc::new(self.accounts),
+            admit: Some(self.gate),
+        }
+    }
+}
+
+impl Builder {
+    /// A generation in force at once: numbered and hashed as the document says.
+    pub fn generation(&self, loaded: &Loaded) -> Result<Generation, SetupError> {
+        Ok(self
+            .build(loaded)?
+            .into_generation(loaded.document.generation, loaded.document.hash.clone()))
+    }
+
+    pub fn build(&self, loaded: &Loaded) -> Result<Built, SetupError> {
+        let config = &loaded.document.config;
+        let accounts = Accounts::from_credentials(&loaded.credentials);
+        let router = Arc::new(Router::new(config));
+        let forwarder = Arc::new(Forwarder::new(
+            config,
+            &loaded.credentials,
+            Arc::clone(&router),
+            Arc::clone(&self.ledger),
+            delivery::Settings {
+                hostname: self.hostname.clone(),
+                store_failure_open: self.store_failure_open,
+                dns_server: self.dns_server,
+                mx_port: self.mx_port,
+            },
+            Arc::clone(&self.metrics),
+        )?);
+        let mut quotas = Quotas::new(
+            config,
+            Arc::clone(&self.quota_store),
+            Arc::clone(&self.metrics),
+        );
+        quotas.hold_ttl = self.quota_hold;
+        quotas.store_timeout = self.store_timeout;
+        quotas.store_failure_open = self.store_failure_open;
+        let gate = Arc::new(Gate::new(config, quotas, &forwarder));
+        let mut session = SessionConfig::new(self.hostname.clone());
+        session.check_recipients = gate.is_active();
+        session.directory = Some(Arc::new(Directory::new(config, accounts.clone())));
+        session.router = Some(router);
+        session.tls_available = self.tls_available;
+        // AUTH is only ever offered inside TLS, and only when some tenant has accounts.
+        session.auth_available = self.tls_available && !accounts.is_empty();
+        session.max_message_size = self.max_message_size;
+        session.max_recipients = self.max_recipients;
+        Ok(Built {
+            session,
+            forwarder,
+            gate,
+            accounts,
+        })
+    }
+}
