@@ -6,5 +6,6 @@
 //!
 //! The resource types and the pure compiler live in `mailroute-config`, which the relay shares.
 
+pub mod controller;
 pub mod crdgen;
 pub mod render;

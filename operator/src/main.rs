@@ -15,6 +15,27 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the controller in a cluster (in-cluster service account, or KUBECONFIG): watch the
+    /// resources, publish each namespace's relay configuration, and report status.
+    Run {
+        /// Namespaces to manage (repeatable); all namespaces when none is given.
+        #[arg(
+            long = "namespace",
+            value_name = "NS",
+            env = "MAILROUTE_NAMESPACES",
+            value_delimiter = ','
+        )]
+        namespaces: Vec<String>,
+        /// Seconds between full passes over every known namespace (picks up changed Secrets
+        /// and ConfigMaps the resources reference).
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            env = "MAILROUTE_RESYNC",
+            default_value_t = 60
+        )]
+        resync: u64,
+    },
     /// Print all CustomResourceDefinitions as YAML, or write one file per CRD into a directory.
     Crdgen {
         /// Write `<plural>.mailroute.io.yaml` files into this directory instead of printing.
@@ -56,6 +77,27 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Run { namespaces, resync } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            runtime.block_on(async {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+                let pacing = mailroute_operator::controller::run::Pacing {
+                    resync: std::time::Duration::from_secs(resync.max(5)),
+                    ..Default::default()
+                };
+                tokio::select! {
+                    () = mailroute_operator::controller::run::run(client, namespaces, pacing) => {}
+                    _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
+                }
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Crdgen { out: None } => {
             print!("{}", mailroute_operator::crdgen::all_yaml()?);
             Ok(ExitCode::SUCCESS)

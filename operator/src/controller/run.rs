@@ -1,0 +1,134 @@
+//! `mailroute-operator run`: watches the three kinds (metadata only) in the chosen namespaces
+//! (all when none is given), and reconciles each namespace that changed, at most once per
+//! debounce window, plus every namespace it knows on a periodic resync (which also picks up
+//! changes of referenced Secrets and ConfigMaps, which are not watched: the operator never
+//! lists a namespace's Secrets). A failed pass is retried with exponential backoff, per
+//! namespace, never in a hot loop.
+
+use super::{reconcile_namespace, recorder};
+use futures_util::StreamExt;
+use kube::core::PartialObjectMeta;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource, ResourceExt};
+use mailroute_config::resources::{MailRoute, RelayPolicy, RoutingRule};
+use serde::de::DeserializeOwned;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// How the loop paces itself.
+#[derive(Clone, Debug)]
+pub struct Pacing {
+    /// Changes within this window are reconciled together.
+    pub debounce: Duration,
+    /// Every known namespace is reconciled this often.
+    pub resync: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for Pacing {
+    fn default() -> Self {
+        Self {
+            debounce: Duration::from_millis(200),
+            resync: Duration::from_secs(60),
+            backoff_min: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(300),
+        }
+    }
+}
+
+fn watch<K>(
+    api: Api<PartialObjectMeta<K>>,
+    tx: mpsc::UnboundedSender<String>,
+) -> tokio::task::JoinHandle<()>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    tokio::spawn(async move {
+        let mut stream = watcher::watcher(api, watcher::Config::default()).boxed();
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(Event::Apply(o) | Event::Delete(o) | Event::InitApply(o)) => {
+                    if let Some(ns) = o.namespace() {
+                        let _ = tx.send(ns);
+                    }
+                }
+                Ok(Event::Init | Event::InitDone) => {}
+                Err(e) => {
+                    tracing::warn!(kind = %K::kind(&()), error = %e, "watch failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    })
+}
+
+/// Runs until the process is stopped.
+pub async fn run(client: Client, namespaces: Vec<String>, pacing: Pacing) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let mut watchers = Vec::new();
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.iter().cloned().map(Some).collect()
+    };
+    for scope in &scopes {
+        macro_rules! api {
+            ($k:ty) => {
+                match scope {
+                    Some(ns) => Api::<PartialObjectMeta<$k>>::namespaced(client.clone(), ns),
+                    None => Api::<PartialObjectMeta<$k>>::all(client.clone()),
+                }
+            };
+        }
+        watchers.push(watch(api!(MailRoute), tx.clone()));
+        watchers.push(watch(api!(RelayPolicy), tx.clone()));
+        watchers.push(watch(api!(RoutingRule), tx.clone()));
+    }
+    let recorder = recorder(client.clone());
+    let mut known: BTreeSet<String> = namespaces.iter().cloned().collect();
+    // Namespace -> (when it may run next, failures so far).
+    let mut due: BTreeMap<String, (Instant, u32)> = BTreeMap::new();
+    let mut resync = tokio::time::interval(pacing.resync);
+    loop {
+        let next = due.values().map(|(at, _)| *at).min();
+        tokio::select! {
+            Some(ns) = rx.recv() => {
+                known.insert(ns.clone());
+                let at = Instant::now() + pacing.debounce;
+                due.entry(ns).and_modify(|(t, _)| *t = (*t).min(at).max(Instant::now())).or_insert((at, 0));
+            }
+            _ = resync.tick() => {
+                for ns in &known {
+                    due.entry(ns.clone()).or_insert((Instant::now(), 0));
+                }
+            }
+            () = async { if let Some(at) = next { tokio::time::sleep_until(at).await } else { std::future::pending().await } } => {
+                let now = Instant::now();
+                let ready: Vec<(String, u32)> = due
+                    .iter()
+                    .filter(|(_, (at, _))| *at <= now)
+                    .map(|(ns, (_, failures))| (ns.clone(), *failures))
+                    .collect();
+                for (ns, failures) in ready {
+                    due.remove(&ns);
+                    let stamp = k8s_openapi::jiff::Timestamp::now().to_string();
+                    match reconcile_namespace(&client, &recorder, &ns, &stamp).await {
+                        Ok(_) => {}
+                        Err(e) => {
+                            let backoff = pacing
+                                .backoff_min
+                                .saturating_mul(2u32.saturating_pow(failures.min(16)))
+                                .min(pacing.backoff_max);
+                            tracing::warn!(namespace = %ns, error = %e, retry_in = ?backoff, "reconcile failed");
+                            due.insert(ns, (Instant::now() + backoff, failures + 1));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

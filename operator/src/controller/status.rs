@@ -1,0 +1,95 @@
+//! Status conditions (SPEC 3, 7): `Ready` on every resource, from the compiler's problems.
+//! Pure; the controller patches a status only when it changed, so a steady state writes
+//! nothing.
+
+use mailroute_config::Problem;
+use mailroute_config::resources::Condition;
+
+/// The `Ready` condition of one resource. `previous` keeps its transition time when the status
+/// is unchanged; `now` is RFC 3339.
+pub fn ready(
+    problems: &[&Problem],
+    generation: Option<i64>,
+    previous: &[Condition],
+    now: &str,
+) -> Condition {
+    let (status, reason, message) = if problems.is_empty() {
+        (
+            "True",
+            "Compiled",
+            "part of the relay configuration".to_owned(),
+        )
+    } else {
+        (
+            "False",
+            "Invalid",
+            problems
+                .iter()
+                .map(|p| format!("{}: {}", p.field, p.message))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    };
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.to_owned());
+    Condition {
+        type_: "Ready".to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        last_transition_time,
+        observed_generation: generation,
+    }
+}
+
+/// `conditions` with `condition` in place of the one of the same type.
+pub fn merged(conditions: &[Condition], condition: Condition) -> Vec<Condition> {
+    let mut out: Vec<Condition> = conditions
+        .iter()
+        .filter(|c| c.type_ != condition.type_)
+        .cloned()
+        .collect();
+    out.push(condition);
+    out.sort_by(|a, b| a.type_.cmp(&b.type_));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mailroute_config::Kind;
+
+    fn problem(field: &str, message: &str) -> Problem {
+        Problem {
+            kind: Kind::RoutingRule,
+            name: "split".into(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn an_invalid_resource_is_not_ready_and_the_message_names_the_field() {
+        let p = problem("actions.route", "no MailRoute \"legacy\" in namespace mail");
+        let c = ready(&[&p], Some(4), &[], "2026-11-22T12:00:00Z");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Invalid"));
+        assert_eq!(
+            c.message,
+            "actions.route: no MailRoute \"legacy\" in namespace mail"
+        );
+        assert_eq!(c.observed_generation, Some(4));
+    }
+
+    #[test]
+    fn the_transition_time_moves_only_when_the_status_changes() {
+        let first = ready(&[], Some(1), &[], "t1");
+        let same = ready(&[], Some(2), std::slice::from_ref(&first), "t2");
+        assert_eq!(same.last_transition_time, "t1");
+        let p = problem("priority", "must be at least 0");
+        let changed = ready(&[&p], Some(3), &[same], "t3");
+        assert_eq!(changed.last_transition_time, "t3");
+    }
+}

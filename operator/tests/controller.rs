@@ -1,0 +1,433 @@
+//! The controller against kube's mock-service pattern (`tower-test`, as kube-rs's controller-rs
+//! does): a small in-memory API server answers the requests one reconcile makes, keeps what is
+//! written, and logs every request, so each scenario checks what a user would see in the
+//! cluster: the ConfigMap and Secret, the statuses, the Events, and that a steady state writes
+//! nothing.
+
+use http::{Method, Request, Response, StatusCode};
+use kube::Client;
+use kube::client::Body;
+use mailroute_config::RelayDocument;
+use mailroute_operator::controller::{self, Summary, publish};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+const NS: &str = "mail";
+const CR: &str = "/apis/mailroute.io/v1alpha1/namespaces/mail";
+const CORE: &str = "/api/v1/namespaces/mail";
+
+/// An API server with objects kept by path (`<collection>/<name>`).
+#[derive(Clone, Default)]
+struct FakeApi {
+    objects: Arc<Mutex<BTreeMap<String, Value>>>,
+    /// (method, path) of every request.
+    log: Arc<Mutex<Vec<(Method, String)>>>,
+}
+
+impl FakeApi {
+    fn put(&self, collection: &str, object: Value) {
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        self.objects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(format!("{collection}/{name}"), object);
+    }
+
+    fn get(&self, path: &str) -> Option<Value> {
+        self.objects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(path)
+            .cloned()
+    }
+
+    fn writes(&self) -> Vec<(Method, String)> {
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(m, _)| *m != Method::GET)
+            .cloned()
+            .collect()
+    }
+
+    fn clear_log(&self) {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    fn respond(&self, method: &Method, path: &str, body: &[u8]) -> (StatusCode, Value) {
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((method.clone(), path.to_owned()));
+        let mut objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
+        let not_found = || {
+            (
+                StatusCode::NOT_FOUND,
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                       "message": "not found", "reason": "NotFound", "code": 404}),
+            )
+        };
+        match *method {
+            Method::GET => {
+                if let Some(o) = objects.get(path) {
+                    return (StatusCode::OK, o.clone());
+                }
+                let items: Vec<Value> = objects
+                    .iter()
+                    .filter(|(k, _)| {
+                        k.strip_prefix(path)
+                            .and_then(|rest| rest.strip_prefix('/'))
+                            .is_some_and(|rest| !rest.contains('/'))
+                    })
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                let is_collection = ["mailroutes", "relaypolicies", "routingrules"]
+                    .iter()
+                    .any(|c| path.ends_with(c));
+                if is_collection {
+                    (
+                        StatusCode::OK,
+                        json!({"apiVersion": "mailroute.io/v1alpha1", "kind": "List",
+                                            "metadata": {"resourceVersion": "1"}, "items": items}),
+                    )
+                } else {
+                    not_found()
+                }
+            }
+            Method::PATCH if path.ends_with("/status") => {
+                let object_path = path.trim_end_matches("/status");
+                let patch: Value = serde_json::from_slice(body).unwrap_or_default();
+                match objects.get_mut(object_path) {
+                    Some(o) => {
+                        o["status"] = patch["status"].clone();
+                        (StatusCode::OK, o.clone())
+                    }
+                    None => not_found(),
+                }
+            }
+            Method::PATCH => {
+                // Server-side apply of a whole object.
+                let object: Value = serde_json::from_slice(body).unwrap_or_default();
+                objects.insert(path.to_owned(), object.clone());
+                (StatusCode::OK, object)
+            }
+            Method::POST => {
+                let mut object: Value = serde_json::from_slice(body).unwrap_or_default();
+                let name = object["metadata"]["name"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| format!("generated-{}", objects.len()));
+                object["metadata"]["name"] = json!(name);
+                objects.insert(format!("{path}/{name}"), object.clone());
+                (StatusCode::CREATED, object)
+            }
+            _ => not_found(),
+        }
+    }
+
+    /// A client served by this API server until the returned task is dropped.
+    fn client(&self) -> (Client, tokio::task::JoinHandle<()>) {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let api = self.clone();
+        let task = tokio::spawn(async move {
+            while let Some((request, send)) = handle.next_request().await {
+                let method = request.method().clone();
+                let path = request.uri().path().to_owned();
+                let body = request
+                    .into_body()
+                    .collect_bytes()
+                    .await
+                    .unwrap_or_default();
+                let (status, value) = api.respond(&method, &path, &body);
+                let response = Response::builder()
+                    .status(status)
+                    .body(Body::from(serde_json::to_vec(&value).unwrap_or_default()))
+                    .unwrap_or_else(|e| panic!("{e}"));
+                send.send_response(response);
+            }
+        });
+        (Client::new(service, NS), task)
+    }
+}
+
+fn resource(kind: &str, name: &str, generation: i64, spec: Value) -> Value {
+    json!({
+        "apiVersion": "mailroute.io/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"),
+                     "generation": generation, "resourceVersion": "1"},
+        "spec": spec
+    })
+}
+
+/// A namespace with a mailbox route, a tenant with SMTP AUTH accounts, and a rule.
+fn seed(api: &FakeApi) {
+    api.put(
+        &format!("{CR}/mailroutes"),
+        resource(
+            "MailRoute",
+            "mailbox",
+            1,
+            json!({"host": "mail.example.com"}),
+        ),
+    );
+    api.put(
+        &format!("{CR}/relaypolicies"),
+        resource(
+            "RelayPolicy",
+            "example",
+            2,
+            json!({"domains": ["example.com"], "licenses": 10, "inboundRoute": "mailbox",
+                   "authentication": {"requireSMTPAuth": true,
+                                      "credentialsSecretRef": {"name": "relay-accounts"}}}),
+        ),
+    );
+    api.put(
+        &format!("{CR}/routingrules"),
+        resource(
+            "RoutingRule",
+            "archive",
+            1,
+            json!({"policyRef": "example", "priority": 10, "messages": ["Inbound"],
+                   "actions": {"route": "mailbox"}}),
+        ),
+    );
+    api.put(
+        &format!("{CORE}/secrets"),
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "relay-accounts", "namespace": NS},
+               "stringData": {"app": "s3cret-password"}}),
+    );
+}
+
+async fn reconcile(api: &FakeApi) -> Summary {
+    let (client, task) = api.client();
+    let recorder = controller::recorder(client.clone());
+    let summary = controller::reconcile_namespace(&client, &recorder, NS, "2026-11-22T12:00:00Z")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    task.abort();
+    summary
+}
+
+fn ready(api: &FakeApi, collection: &str, name: &str) -> (String, String) {
+    let o = api
+        .get(&format!("{CR}/{collection}/{name}"))
+        .unwrap_or_default();
+    let conditions = o["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let c = conditions
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .cloned()
+        .unwrap_or_default();
+    (
+        c["status"].as_str().unwrap_or_default().to_owned(),
+        c["message"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+fn document(api: &FakeApi) -> RelayDocument {
+    let cm = api
+        .get(&format!("{CORE}/configmaps/{}", publish::CONFIG_MAP))
+        .unwrap_or_else(|| panic!("no ConfigMap"));
+    let json = cm["data"][publish::DOCUMENT_KEY]
+        .as_str()
+        .unwrap_or_default();
+    RelayDocument::from_json(json.as_bytes()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test]
+async fn a_new_namespace_gets_its_document_credentials_and_ready_statuses() {
+    let api = FakeApi::default();
+    seed(&api);
+    let s = reconcile(&api).await;
+    assert!(s.document_written && s.credentials_written, "{s:?}");
+    assert_eq!(
+        (s.generation, s.invalid, s.statuses_patched, s.events),
+        (1, 0, 3, 0)
+    );
+
+    let doc = document(&api);
+    assert_eq!(doc.generation, 1);
+    assert!(doc.config.routes.contains_key("mailbox"));
+    assert!(doc.config.tenants.contains_key("example"));
+    let cm = api
+        .get(&format!("{CORE}/configmaps/{}", publish::CONFIG_MAP))
+        .unwrap_or_default();
+    assert!(
+        !cm.to_string().contains("s3cret-password"),
+        "no credential in a ConfigMap"
+    );
+    assert_eq!(cm["metadata"]["ownerReferences"][0]["uid"], "uid-example");
+    let secret = api
+        .get(&format!("{CORE}/secrets/{}", publish::SECRET))
+        .unwrap_or_default();
+    assert!(secret["data"][publish::CREDENTIALS_KEY].is_string());
+
+    for (collection, name) in [
+        ("mailroutes", "mailbox"),
+        ("relaypolicies", "example"),
+        ("routingrules", "archive"),
+    ] {
+        assert_eq!(
+            ready(&api, collection, name).0,
+            "True",
+            "{collection}/{name}"
+        );
+    }
+    let policy = api
+        .get(&format!("{CR}/relaypolicies/example"))
+        .unwrap_or_default();
+    assert_eq!(policy["status"]["observedGeneration"], 2);
+    // Applies go through server-side apply with the operator's field manager.
+    assert!(
+        api.writes()
+            .iter()
+            .any(|(m, p)| *m == Method::PATCH && p.ends_with(publish::CONFIG_MAP))
+    );
+}
+
+#[tokio::test]
+async fn nothing_changed_means_nothing_written() {
+    let api = FakeApi::default();
+    seed(&api);
+    reconcile(&api).await;
+    api.clear_log();
+    let s = reconcile(&api).await;
+    assert_eq!(
+        s,
+        Summary {
+            generation: 1,
+            ..Summary::default()
+        }
+    );
+    assert_eq!(api.writes(), Vec::new(), "a steady state writes nothing");
+}
+
+#[tokio::test]
+async fn an_invalid_rule_is_reported_and_left_out_while_the_rest_is_published() {
+    let api = FakeApi::default();
+    seed(&api);
+    api.put(
+        &format!("{CR}/routingrules"),
+        resource(
+            "RoutingRule",
+            "split",
+            5,
+            json!({"policyRef": "example", "priority": 5, "messages": ["Inbound"],
+                   "actions": {"route": "legacy"}}),
+        ),
+    );
+    let s = reconcile(&api).await;
+    assert_eq!((s.invalid, s.events), (1, 1), "{s:?}");
+    let (status, message) = ready(&api, "routingrules", "split");
+    assert_eq!(status, "False");
+    assert!(
+        message.starts_with("actions.route:") && message.contains("legacy"),
+        "{message}"
+    );
+    assert_eq!(ready(&api, "routingrules", "archive").0, "True");
+    let doc = document(&api);
+    let rules: Vec<&str> = doc.config.tenants["example"]
+        .rules
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(rules, ["archive"]);
+    let events: Vec<Value> = api
+        .objects
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|(k, _)| k.contains("/events/"))
+        .map(|(_, v)| v.clone())
+        .collect();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["reason"], "Invalid");
+    assert_eq!(events[0]["regarding"]["name"], "split");
+
+    // Not retried in a loop: the next pass repeats neither the status nor the Event.
+    api.clear_log();
+    let again = reconcile(&api).await;
+    assert_eq!((again.statuses_patched, again.events), (0, 0));
+    assert_eq!(api.writes(), Vec::new());
+}
+
+#[tokio::test]
+async fn a_changed_referenced_secret_rewrites_the_credentials_only() {
+    let api = FakeApi::default();
+    seed(&api);
+    reconcile(&api).await;
+    api.put(
+        &format!("{CORE}/secrets"),
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "relay-accounts", "namespace": NS},
+               "stringData": {"app": "rotated-password"}}),
+    );
+    let s = reconcile(&api).await;
+    assert!(s.credentials_written && !s.document_written, "{s:?}");
+    let secret = api
+        .get(&format!("{CORE}/secrets/{}", publish::SECRET))
+        .unwrap_or_default();
+    let encoded = secret["data"][publish::CREDENTIALS_KEY]
+        .as_str()
+        .unwrap_or_default();
+    use base64::Engine;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .unwrap_or_default();
+    assert!(String::from_utf8_lossy(&decoded).contains("rotated-password"));
+}
+
+#[tokio::test]
+async fn a_document_over_the_object_limit_is_split_into_parts() {
+    let api = FakeApi::default();
+    seed(&api);
+    let users: Vec<String> = (0..45_000)
+        .map(|i| format!("user{i:05}@example.com"))
+        .collect();
+    let mut policy = api
+        .get(&format!("{CR}/relaypolicies/example"))
+        .unwrap_or_default();
+    policy["spec"]["users"] = json!(users);
+    api.put(&format!("{CR}/relaypolicies"), policy);
+    let s = reconcile(&api).await;
+    assert!(s.document_written);
+    let index = api
+        .get(&format!("{CORE}/configmaps/{}", publish::CONFIG_MAP))
+        .unwrap_or_default();
+    let parts: usize = index["metadata"]["annotations"][publish::PARTS_ANNOTATION]
+        .as_str()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    assert!(parts >= 2, "{parts} parts");
+    let hash = index["metadata"]["annotations"][publish::HASH_ANNOTATION]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let mut pieces = Vec::new();
+    for i in 0..parts {
+        let cm = api
+            .get(&format!("{CORE}/configmaps/{}", publish::part_name(i)))
+            .unwrap_or_else(|| panic!("part {i} missing"));
+        let data = cm["data"][publish::DOCUMENT_KEY]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(data.len() <= publish::PART_BYTES);
+        let annotations: BTreeMap<String, String> =
+            serde_json::from_value(cm["metadata"]["annotations"].clone()).unwrap_or_default();
+        pieces.push((annotations, data));
+    }
+    let json = publish::assemble(&hash, &pieces).unwrap_or_else(|| panic!("incomplete"));
+    let doc = RelayDocument::from_json(json.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(doc.config.tenants["example"].users.len(), 45_000);
+}
