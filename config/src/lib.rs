@@ -18,6 +18,7 @@ pub mod document;
 pub mod manifests;
 pub mod names;
 pub mod net;
+pub mod parts;
 pub mod resources;
 
 pub use compile::{Compiled, Inputs, Kind, Object, Problem, compile};

@@ -8,4 +8,5 @@
 
 pub mod controller;
 pub mod crdgen;
+pub mod metrics;
 pub mod render;

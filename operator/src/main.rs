@@ -35,6 +35,17 @@ enum Command {
             default_value_t = 60
         )]
         resync: u64,
+        /// Namespace of the `mailroute-operator` Lease for leader election (normally the
+        /// operator's own, from the downward API). Without it, this replica always writes: run
+        /// only one.
+        #[arg(long, value_name = "NS", env = "POD_NAMESPACE")]
+        lease_namespace: Option<String>,
+        /// This replica's identity in the Lease (normally the pod name).
+        #[arg(long, value_name = "NAME", env = "POD_NAME")]
+        identity: Option<String>,
+        /// Admin listener serving /metrics, /healthz and /readyz, e.g. 0.0.0.0:9090.
+        #[arg(long, value_name = "ADDR", env = "MAILROUTE_ADMIN")]
+        admin: Option<std::net::SocketAddr>,
     },
     /// Print all CustomResourceDefinitions as YAML, or write one file per CRD into a directory.
     Crdgen {
@@ -77,7 +88,13 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { namespaces, resync } => {
+        Command::Run {
+            namespaces,
+            resync,
+            lease_namespace,
+            identity,
+            admin,
+        } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -86,12 +103,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let client = kube::Client::try_default()
                     .await
                     .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+                let mut registry = prometheus_client::registry::Registry::default();
+                let metrics = std::sync::Arc::new(mailroute_operator::metrics::Metrics::register(
+                    &mut registry,
+                ));
+                let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+                if let Some(addr) = admin {
+                    let listener = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("binding admin listener {addr}"))?;
+                    tokio::spawn(mailroute_admin::serve(
+                        listener,
+                        std::sync::Arc::new(registry),
+                        ready,
+                        std::future::pending(),
+                    ));
+                }
                 let pacing = mailroute_operator::controller::run::Pacing {
                     resync: std::time::Duration::from_secs(resync.max(5)),
                     ..Default::default()
                 };
+                let election = lease_namespace.map(|ns| {
+                    let identity = identity.unwrap_or_else(|| {
+                        format!(
+                            "{}-{}",
+                            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                                .unwrap_or_default()
+                                .trim(),
+                            std::process::id()
+                        )
+                    });
+                    mailroute_operator::controller::leader::Election::new(&ns, &identity)
+                });
                 tokio::select! {
-                    () = mailroute_operator::controller::run::run(client, namespaces, pacing) => {}
+                    () = mailroute_operator::controller::run::run(client, namespaces, pacing, election, metrics) => {}
                     _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
                 }
                 anyhow::Ok(())

@@ -116,8 +116,30 @@ impl FakeApi {
                 objects.insert(path.to_owned(), object.clone());
                 (StatusCode::OK, object)
             }
+            Method::PUT => {
+                // Replace: only over the version the writer read (optimistic concurrency).
+                let mut object: Value = serde_json::from_slice(body).unwrap_or_default();
+                let Some(stored) = objects.get(path) else {
+                    return not_found();
+                };
+                if stored["metadata"]["resourceVersion"] != object["metadata"]["resourceVersion"] {
+                    return (
+                        StatusCode::CONFLICT,
+                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                               "message": "the object has been modified", "reason": "Conflict", "code": 409}),
+                    );
+                }
+                let version: u64 = stored["metadata"]["resourceVersion"]
+                    .as_str()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                object["metadata"]["resourceVersion"] = json!((version + 1).to_string());
+                objects.insert(path.to_owned(), object.clone());
+                (StatusCode::OK, object)
+            }
             Method::POST => {
                 let mut object: Value = serde_json::from_slice(body).unwrap_or_default();
+                object["metadata"]["resourceVersion"] = json!("1");
                 let name = object["metadata"]["name"]
                     .as_str()
                     .map(str::to_owned)
@@ -287,6 +309,17 @@ async fn a_new_namespace_gets_its_document_credentials_and_ready_statuses() {
         .get(&format!("{CR}/relaypolicies/example"))
         .unwrap_or_default();
     assert_eq!(policy["status"]["observedGeneration"], 2);
+    // Counts and the limits in force (10 licenses: 1,300 recipients a day, 90 per 10 minutes).
+    assert_eq!(policy["status"]["users"], 0);
+    assert_eq!(policy["status"]["enabledRanges"], 0);
+    assert_eq!(
+        policy["status"]["effectiveLimits"]["perCustomerRecipientsPerDay"],
+        1300
+    );
+    assert_eq!(
+        policy["status"]["effectiveLimits"]["perCustomerRecipientsPer10Minutes"],
+        90
+    );
     // Applies go through server-side apply with the operator's field manager.
     assert!(
         api.writes()
@@ -409,25 +442,57 @@ async fn a_document_over_the_object_limit_is_split_into_parts() {
         .and_then(|p| p.parse().ok())
         .unwrap_or(0);
     assert!(parts >= 2, "{parts} parts");
-    let hash = index["metadata"]["annotations"][publish::HASH_ANNOTATION]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    let mut pieces = Vec::new();
+    let mut entries = BTreeMap::new();
     for i in 0..parts {
         let cm = api
             .get(&format!("{CORE}/configmaps/{}", publish::part_name(i)))
             .unwrap_or_else(|| panic!("part {i} missing"));
-        let data = cm["data"][publish::DOCUMENT_KEY]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        assert!(data.len() <= publish::PART_BYTES);
-        let annotations: BTreeMap<String, String> =
-            serde_json::from_value(cm["metadata"]["annotations"].clone()).unwrap_or_default();
-        pieces.push((annotations, data));
+        let data: BTreeMap<String, String> =
+            serde_json::from_value(cm["data"].clone()).unwrap_or_default();
+        assert!(data.values().all(|d| d.len() <= publish::PART_BYTES));
+        entries.extend(data);
     }
-    let json = publish::assemble(&hash, &pieces).unwrap_or_else(|| panic!("incomplete"));
+    // As a relay sees them: every part's keys in one directory.
+    let json = mailroute_config::parts::assemble(&entries).unwrap_or_else(|e| panic!("{e}"));
     let doc = RelayDocument::from_json(json.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(doc.config.tenants["example"].users.len(), 45_000);
+}
+
+#[tokio::test]
+async fn one_replica_leads_and_another_takes_over_only_when_the_lease_lapses() {
+    use mailroute_operator::controller::leader::Election;
+    let api = FakeApi::default();
+    let (client, task) = api.client();
+    let a = Election::new(NS, "operator-a");
+    let b = Election::new(NS, "operator-b");
+    let lead = |e: &Election| {
+        let (e, client) = (e.clone(), client.clone());
+        async move { e.tick(&client).await.unwrap_or_else(|err| panic!("{err}")) }
+    };
+    assert!(lead(&a).await, "the first replica creates the Lease");
+    assert!(!lead(&b).await, "the second follows");
+    assert!(lead(&a).await, "the holder renews");
+    assert!(!lead(&b).await);
+
+    // The holder dies: its last renewal ages past the Lease duration.
+    let path = "/apis/coordination.k8s.io/v1/namespaces/mail/leases/mailroute-operator";
+    let mut lease = api.get(path).unwrap_or_else(|| panic!("no Lease"));
+    let stale =
+        k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(20);
+    lease["spec"]["renewTime"] = json!(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        stale
+    ));
+    api.objects
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(path.to_owned(), lease);
+    assert!(lead(&b).await, "the other replica takes over");
+    assert!(
+        !lead(&a).await,
+        "and the old holder, back, no longer writes"
+    );
+    let lease = api.get(path).unwrap_or_default();
+    assert_eq!(lease["spec"]["holderIdentity"], "operator-b");
+    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    task.abort();
 }

@@ -36,6 +36,13 @@ pub enum LoadError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{dir}: {source}")]
+    Parts {
+        dir: PathBuf,
+        source: mailroute_config::parts::PartsError,
+    },
+    #[error("{path}: not valid credentials: {detail}")]
+    Credentials { path: PathBuf, detail: String },
     #[error("{path}: {source}")]
     Document {
         path: PathBuf,
@@ -80,9 +87,13 @@ pub fn from_manifests(dir: &Path, generation: u64) -> Result<Loaded, LoadError> 
     })
 }
 
-/// Reads a compiled document. Credentials are not part of it; they come with the ConfigMap
-/// watch of the operator's deployment.
+/// Reads a compiled document: a file, or a directory as a projected volume of the operator's
+/// ConfigMap(s) and Secret shows it: the document whole (`config.json`) or in parts
+/// (`config.json.<i>-of-<n>`, all of them needed), and `credentials.json` when present.
 pub fn from_document_file(path: &Path) -> Result<Loaded, LoadError> {
+    if path.is_dir() {
+        return from_document_dir(path);
+    }
     let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
         path: path.to_owned(),
         source,
@@ -96,6 +107,53 @@ pub fn from_document_file(path: &Path) -> Result<Loaded, LoadError> {
         credentials: Credentials::default(),
     })
 }
+
+fn from_document_dir(dir: &Path) -> Result<Loaded, LoadError> {
+    let read_error = |source| LoadError::Read {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut entries = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(read_error)? {
+        let path = entry.map_err(read_error)?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        // NB: kubelet's `..data` and `..<timestamp>` entries; the visible names are symlinks
+        // into the current one.
+        if name.starts_with('.') || !path.is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| LoadError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        entries.insert(name.to_owned(), text);
+    }
+    let json = mailroute_config::parts::assemble(&entries).map_err(|e| LoadError::Parts {
+        dir: dir.to_owned(),
+        source: e,
+    })?;
+    let document =
+        RelayDocument::from_json(json.as_bytes()).map_err(|source| LoadError::Document {
+            path: dir.to_owned(),
+            source,
+        })?;
+    let credentials = match entries.get(CREDENTIALS_FILE) {
+        Some(text) => serde_json::from_str(text).map_err(|e| LoadError::Credentials {
+            path: dir.join(CREDENTIALS_FILE),
+            detail: e.to_string(),
+        })?,
+        None => Credentials::default(),
+    };
+    Ok(Loaded {
+        document,
+        credentials,
+    })
+}
+
+/// The credentials' file name in a `--config` directory (the operator's Secret key).
+pub const CREDENTIALS_FILE: &str = "credentials.json";
 
 /// A one-line description of a configuration, for logs and `--check`.
 pub fn summary(loaded: &Loaded) -> String {

@@ -15,10 +15,8 @@
 //! - [`generation`]: a loaded configuration built into what sessions use; [`reload`]: watching
 //!   the configuration files and swapping generations in.
 //! - [`server`]: listeners, TLS, the per-connection driver, AUTH throttling, graceful shutdown.
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`metrics`]: the relay's Prometheus metrics.
 
-pub mod admin;
 pub mod admission;
 pub mod config_source;
 pub mod delivery;

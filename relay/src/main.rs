@@ -30,8 +30,11 @@ struct Cli {
     /// in-process; no cluster needed.
     #[arg(long, value_name = "DIR", env = "MAILROUTE_MANIFESTS")]
     manifests: Option<PathBuf>,
-    /// Run from a compiled relay document (as printed by `mailroute-operator render`).
-    #[arg(long, value_name = "FILE", env = "MAILROUTE_CONFIG")]
+    /// Run from a compiled relay document: a file (as printed by `mailroute-operator render`),
+    /// or a directory holding the operator's ConfigMap(s) and Secret as a projected volume
+    /// shows them (`config.json` or its parts `config.json.<i>-of-<n>`, and
+    /// `credentials.json`).
+    #[arg(long, value_name = "PATH", env = "MAILROUTE_CONFIG")]
     config: Option<PathBuf>,
     /// Load and check the configuration, print a summary, and exit: 0 when it is valid.
     #[arg(long)]
@@ -380,7 +383,7 @@ async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
                 .with_context(|| format!("binding admin listener {addr}"))?;
             tracing::info!(addr = %listener.local_addr()?, "admin listening");
             let registry = Arc::new(registry);
-            Some(tokio::spawn(mailroute_relay::admin::serve(
+            Some(tokio::spawn(mailroute_admin::serve(
                 listener,
                 registry,
                 Arc::clone(&ready),

@@ -42,8 +42,8 @@ impl Source {
     pub fn stamp(&self) -> Option<u64> {
         let mut hasher = DefaultHasher::new();
         match self {
-            Source::Document(file) => stamp_file(file, &mut hasher)?,
-            Source::Manifests(dir) => {
+            Source::Document(file) if !file.is_dir() => stamp_file(file, &mut hasher)?,
+            Source::Document(dir) | Source::Manifests(dir) => {
                 let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
                     .ok()?
                     .filter_map(|e| e.ok().map(|e| e.path()))

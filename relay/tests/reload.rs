@@ -19,10 +19,14 @@ struct RelayProcess {
 
 impl RelayProcess {
     fn start(dir: &Path) -> Self {
+        Self::start_with(&["--manifests", dir.to_str().unwrap_or_default()])
+    }
+
+    fn start_with(source: &[&str]) -> Self {
         let smtp: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let child = Command::new(env!("CARGO_BIN_EXE_mailroute-relay"))
-            .args(["--manifests", dir.to_str().unwrap_or_default()])
+            .args(source)
             .args(["--hostname", "relay.test", "--watch-interval-ms", "100"])
             .args(["--smtp", &smtp.to_string(), "--admin", &admin.to_string()])
             .stdout(Stdio::null())
@@ -226,6 +230,72 @@ async fn sessions_under_load_lose_nothing_through_many_reloads() {
         assert!(a.count("Subject: load-") > 0 && b.count("Subject: load-") > 0, "both generations served");
         let metrics = relay.metrics();
         assert!(metrics.contains("mailroute_relay_config_reloads_total{result=\"error\"}"), "{metrics}");
+    })
+    .await;
+}
+
+/// The operator's split document in a projected volume (`--config DIR`): parts of a new
+/// generation arrive one at a time; the relay keeps the previous generation until every part
+/// of the new one is there (a mix fails the content hash, a partial set is incomplete).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_document_switches_only_when_every_part_is_there() {
+    bounded(60, async {
+        use mailroute_config::parts::{part_key, split};
+        let sink = Sink::start();
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let document = |generation: u64, extra: &str| {
+            let yaml = format!(
+                "{}---\n{}{extra}",
+                route("mailbox", sink.addr),
+                policy("mailbox")
+            );
+            let compiled = support::compile_yaml(&yaml);
+            serde_json::to_string(&compiled.document(generation)).unwrap_or_default()
+        };
+        let write_parts = |json: &str, which: &[usize]| {
+            let parts = split(json, json.len() / 3 + 1);
+            assert_eq!(parts.len(), 3);
+            for i in which {
+                write(dir.path(), &part_key(*i, 3), parts[*i]);
+            }
+        };
+        write_parts(&document(1, ""), &[0, 1, 2]);
+        let relay =
+            RelayProcess::start_with(&["--config", dir.path().to_str().unwrap_or_default()]);
+        assert!(
+            relay
+                .metrics()
+                .contains("mailroute_relay_config_generation 1")
+        );
+
+        let next = document(2, &format!("---\n{BLOCK}"));
+        for (written, i) in [0usize, 1].iter().enumerate() {
+            write_parts(&next, &[*i]);
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let m = relay.metrics();
+            assert!(
+                m.contains("mailroute_relay_config_generation 1"),
+                "after {} part(s): {m}",
+                written + 1
+            );
+        }
+        let m = relay.metrics();
+        assert!(
+            m.contains("mailroute_relay_config_reloads_total{result=\"error\"}"),
+            "{m}"
+        );
+        write_parts(&next, &[2]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !relay
+            .metrics()
+            .contains("mailroute_relay_config_generation 2")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the complete generation was never put in force"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     })
     .await;
 }

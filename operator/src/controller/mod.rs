@@ -9,6 +9,7 @@
 //!   credentials and statuses are what they should be gets no write at all.
 //! - [`run`]: watches and leader-less single-writer loop for `mailroute-operator run`.
 
+pub mod leader;
 pub mod publish;
 pub mod run;
 pub mod status;
@@ -229,6 +230,7 @@ pub async fn reconcile_namespace(
             r.meta().generation,
             previous,
             r.object_ref(&()),
+            None,
         ));
     }
     for p in &policies {
@@ -237,12 +239,17 @@ pub async fn reconcile_namespace(
             .as_ref()
             .map(|s| s.conditions.clone())
             .unwrap_or_default();
+        let facts = (
+            status::policy_facts(compiled.config.tenants.get(&p.name_any())),
+            status::stored_policy_facts(p.status.as_ref()),
+        );
         changes.push((
             Kind::RelayPolicy,
             p.name_any(),
             p.meta().generation,
             previous,
             p.object_ref(&()),
+            Some(facts),
         ));
     }
     for r in &rules {
@@ -257,9 +264,10 @@ pub async fn reconcile_namespace(
             r.meta().generation,
             previous,
             r.object_ref(&()),
+            None,
         ));
     }
-    for (kind, name, generation, previous, reference) in changes {
+    for (kind, name, generation, previous, reference, facts) in changes {
         let problems = problems_of(kind, &name);
         if !problems.is_empty() {
             summary.invalid += 1;
@@ -272,17 +280,25 @@ pub async fn reconcile_namespace(
                 && b.message == ready.message
                 && b.observed_generation == ready.observed_generation
         });
-        if same {
+        let facts_same = facts
+            .as_ref()
+            .is_none_or(|(desired, stored)| desired == stored);
+        if same && facts_same {
             continue;
         }
         let became_invalid = ready.status == "False"
             && before.is_none_or(|b| b.status != "False" || b.message != ready.message);
-        let patch = serde_json::json!({
-            "status": StatusPatch {
-                conditions: status::merged(&previous, ready.clone()),
-                observed_generation: generation,
-            }
-        });
+        let mut body = serde_json::to_value(StatusPatch {
+            conditions: status::merged(&previous, ready.clone()),
+            observed_generation: generation,
+        })
+        .unwrap_or_default();
+        if let (Some((desired, _)), Some(map)) = (&facts, body.as_object_mut())
+            && let Some(extra) = desired.as_object()
+        {
+            map.extend(extra.clone());
+        }
+        let patch = serde_json::json!({ "status": body });
         let params = PatchParams::default();
         match kind {
             Kind::MailRoute => {

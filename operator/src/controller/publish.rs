@@ -3,21 +3,22 @@
 //! references. Pure: the objects are built here and applied by the controller.
 //!
 //! A document larger than [`PART_BYTES`] (the API server refuses objects over 1 MiB) is split
-//! over numbered ConfigMaps `mailroute-relay-config-0`, `-1`, ...; the index ConfigMap then
-//! holds no document and says how many parts make up the generation. Every part carries the
-//! generation's hash, so a reader switches only when all parts of one generation are present.
+//! over numbered ConfigMaps `mailroute-relay-config-0`, `-1`, ..., part `i` of `n` under the
+//! key `config.json.<i>-of-<n>` ([`mailroute_config::parts`]); the index ConfigMap then holds no
+//! document. Annotations (hash, generation, part) are for people; a reader needs only the
+//! keys, and the assembled document's own hash tells a mix of two generations.
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use mailroute_config::{Credentials, RelayDocument};
+use mailroute_config::{Credentials, RelayDocument, parts};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
 pub const CONFIG_MAP: &str = "mailroute-relay-config";
 pub const SECRET: &str = "mailroute-relay-credentials";
-/// Key of the document (or of one part of it) in a ConfigMap.
-pub const DOCUMENT_KEY: &str = "config.json";
+/// Key of the whole document in the ConfigMap; parts use [`parts::part_key`].
+pub const DOCUMENT_KEY: &str = parts::WHOLE_KEY;
 /// Key of the credentials in the Secret.
 pub const CREDENTIALS_KEY: &str = "credentials.json";
 /// Largest document part in one ConfigMap, leaving room for metadata under the 1 MiB limit.
@@ -73,7 +74,7 @@ pub fn publish(
 ) -> Published {
     let json = serde_json::to_string(document).unwrap_or_default();
     let generation = document.generation.to_string();
-    let parts = split(&json, PART_BYTES);
+    let parts = parts::split(&json, PART_BYTES);
     let mut index = BTreeMap::from([
         (HASH_ANNOTATION.to_owned(), document.hash.clone()),
         (GENERATION_ANNOTATION.to_owned(), generation.clone()),
@@ -103,7 +104,7 @@ pub fn publish(
             config_maps.push(ConfigMap {
                 metadata: meta(&part_name(i), namespace, annotations, owners),
                 data: Some(BTreeMap::from([(
-                    DOCUMENT_KEY.to_owned(),
+                    parts::part_key(i, parts.len()),
                     (*part).to_owned(),
                 )])),
                 ..ConfigMap::default()
@@ -134,45 +135,6 @@ pub fn publish(
 /// Name of part `i` of a split document.
 pub fn part_name(i: usize) -> String {
     format!("{CONFIG_MAP}-{i}")
-}
-
-/// Splits `text` into pieces of at most `limit` bytes, on character boundaries.
-pub fn split(text: &str, limit: usize) -> Vec<&str> {
-    let mut parts = Vec::new();
-    let mut rest = text;
-    while rest.len() > limit {
-        let mut cut = limit;
-        while !rest.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let (head, tail) = rest.split_at(cut);
-        parts.push(head);
-        rest = tail;
-    }
-    parts.push(rest);
-    parts
-}
-
-/// Puts a split document back together from its parts' data, in part order; `None` unless every
-/// part of the generation `hash` is present.
-pub fn assemble(hash: &str, parts: &[(BTreeMap<String, String>, String)]) -> Option<String> {
-    let count: usize = parts
-        .first()?
-        .0
-        .get(PARTS_ANNOTATION)
-        .and_then(|n| n.parse().ok())?;
-    let mut ordered: Vec<Option<&str>> = vec![None; count];
-    for (annotations, data) in parts {
-        if annotations.get(HASH_ANNOTATION).map(String::as_str) != Some(hash) {
-            continue;
-        }
-        let i: usize = annotations.get(PART_ANNOTATION)?.parse().ok()?;
-        *ordered.get_mut(i)? = Some(data.as_str());
-    }
-    ordered
-        .into_iter()
-        .collect::<Option<Vec<&str>>>()
-        .map(|p| p.concat())
 }
 
 #[cfg(test)]
@@ -210,36 +172,5 @@ mod tests {
         assert!(!data[DOCUMENT_KEY].contains("s3cret"));
         let secret = p.secret.data.unwrap_or_default();
         assert!(String::from_utf8_lossy(&secret[CREDENTIALS_KEY].0).contains("s3cret"));
-    }
-
-    #[test]
-    fn a_large_document_is_split_and_reassembled_only_when_complete() {
-        let text = "é".repeat(1000) + &"x".repeat(3001);
-        let parts = split(&text, 1001);
-        assert!(parts.iter().all(|p| p.len() <= 1001));
-        assert_eq!(parts.concat(), text);
-
-        let annotated: Vec<(BTreeMap<String, String>, String)> = parts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                (
-                    BTreeMap::from([
-                        (HASH_ANNOTATION.to_owned(), "h1".to_owned()),
-                        (PARTS_ANNOTATION.to_owned(), parts.len().to_string()),
-                        (PART_ANNOTATION.to_owned(), i.to_string()),
-                    ]),
-                    (*p).to_owned(),
-                )
-            })
-            .rev()
-            .collect();
-        assert_eq!(assemble("h1", &annotated).as_deref(), Some(text.as_str()));
-        assert_eq!(
-            assemble("h2", &annotated),
-            None,
-            "another generation's parts"
-        );
-        assert_eq!(assemble("h1", &annotated[1..]), None, "a part missing");
     }
 }

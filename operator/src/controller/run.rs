@@ -5,7 +5,9 @@
 //! lists a namespace's Secrets). A failed pass is retried with exponential backoff, per
 //! namespace, never in a hot loop.
 
+use super::leader::Election;
 use super::{reconcile_namespace, recorder};
+use crate::metrics::{Metrics, NamespaceLabels, ResultLabels};
 use futures_util::StreamExt;
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::{self, Event};
@@ -14,8 +16,9 @@ use mailroute_config::resources::{MailRoute, RelayPolicy, RoutingRule};
 use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 /// How the loop paces itself.
@@ -66,8 +69,43 @@ where
     })
 }
 
-/// Runs until the process is stopped.
-pub async fn run(client: Client, namespaces: Vec<String>, pacing: Pacing) {
+/// Keeps `leading` up to date with this replica's part in `election`.
+fn elect(
+    client: Client,
+    election: Election,
+    leading: watch::Sender<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(election.renew_every);
+        loop {
+            tick.tick().await;
+            let now = match election.tick(&client).await {
+                Ok(lead) => lead,
+                Err(e) => {
+                    tracing::warn!(error = %e, "leader election round failed; not writing");
+                    false
+                }
+            };
+            if *leading.borrow() != now {
+                tracing::info!(leading = now, "leadership changed");
+                let _ = leading.send(now);
+            }
+        }
+    })
+}
+
+/// Runs until the process is stopped. With an `election`, only while this replica holds the
+/// Lease does it write; a replica that loses it stops writing at its next pass.
+pub async fn run(
+    client: Client,
+    namespaces: Vec<String>,
+    pacing: Pacing,
+    election: Option<Election>,
+    metrics: Arc<Metrics>,
+) {
+    let (leading_tx, mut leading) = watch::channel(election.is_none());
+    metrics.leader.set(i64::from(*leading.borrow()));
+    let _elector = election.map(|e| elect(client.clone(), e, leading_tx));
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     let mut watchers = Vec::new();
     let scopes: Vec<Option<String>> = if namespaces.is_empty() {
@@ -106,6 +144,15 @@ pub async fn run(client: Client, namespaces: Vec<String>, pacing: Pacing) {
                     due.entry(ns.clone()).or_insert((Instant::now(), 0));
                 }
             }
+            Ok(()) = leading.changed() => {
+                metrics.leader.set(i64::from(*leading.borrow()));
+                // Newly leading: everything may have changed while another replica wrote.
+                if *leading.borrow() {
+                    for ns in &known {
+                        due.entry(ns.clone()).or_insert((Instant::now(), 0));
+                    }
+                }
+            }
             () = async { if let Some(at) = next { tokio::time::sleep_until(at).await } else { std::future::pending().await } } => {
                 let now = Instant::now();
                 let ready: Vec<(String, u32)> = due
@@ -113,11 +160,34 @@ pub async fn run(client: Client, namespaces: Vec<String>, pacing: Pacing) {
                     .filter(|(_, (at, _))| *at <= now)
                     .map(|(ns, (_, failures))| (ns.clone(), *failures))
                     .collect();
+                if !*leading.borrow() {
+                    // Following: the leader writes; passes resume on taking over.
+                    due.clear();
+                    continue;
+                }
                 for (ns, failures) in ready {
                     due.remove(&ns);
                     let stamp = k8s_openapi::jiff::Timestamp::now().to_string();
-                    match reconcile_namespace(&client, &recorder, &ns, &stamp).await {
-                        Ok(_) => {}
+                    let started = std::time::Instant::now();
+                    let outcome = reconcile_namespace(&client, &recorder, &ns, &stamp).await;
+                    metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+                    let result = if outcome.is_ok() { "success" } else { "error" };
+                    metrics
+                        .reconciles
+                        .get_or_create(&ResultLabels { result: result.to_owned() })
+                        .inc();
+                    match outcome {
+                        Ok(summary) => {
+                            let labels = NamespaceLabels { namespace: ns.clone() };
+                            metrics
+                                .generation
+                                .get_or_create(&labels)
+                                .set(i64::try_from(summary.generation).unwrap_or(i64::MAX));
+                            metrics
+                                .invalid_resources
+                                .get_or_create(&labels)
+                                .set(i64::try_from(summary.invalid).unwrap_or(i64::MAX));
+                        }
                         Err(e) => {
                             let backoff = pacing
                                 .backoff_min

@@ -3,7 +3,8 @@
 //! nothing.
 
 use mailroute_config::Problem;
-use mailroute_config::resources::Condition;
+use mailroute_config::document::Tenant;
+use mailroute_config::resources::{Condition, RelayPolicyStatus};
 
 /// The `Ready` condition of one resource. `previous` keeps its transition time when the status
 /// is unchanged; `now` is RFC 3339.
@@ -43,6 +44,44 @@ pub fn ready(
         last_transition_time,
         observed_generation: generation,
     }
+}
+
+/// What a `RelayPolicy`'s status reports besides `Ready` (SPEC 3.3): registered users, groups,
+/// enabled ranges, the client addresses they cover, and the limits in force. Empty for a policy
+/// that is not part of the document.
+pub fn policy_facts(tenant: Option<&Tenant>) -> serde_json::Value {
+    let Some(t) = tenant else {
+        return serde_json::json!({});
+    };
+    let covered: u128 = t
+        .ip_ranges
+        .iter()
+        .map(|r| 1u128 << (u32::from(r.max_prefix_len()) - u32::from(r.prefix_len())).min(127))
+        .sum();
+    serde_json::json!({
+        "users": t.users.len(),
+        "groups": t.groups.len(),
+        "enabledRanges": t.ip_ranges.len(),
+        "addressesCovered": u64::try_from(covered).unwrap_or(u64::MAX),
+        "effectiveLimits": t.limits,
+    })
+}
+
+/// The same facts as a stored status shows them.
+pub fn stored_policy_facts(status: Option<&RelayPolicyStatus>) -> serde_json::Value {
+    let Some(s) = status else {
+        return serde_json::json!({});
+    };
+    if s.users.is_none() {
+        return serde_json::json!({});
+    }
+    serde_json::json!({
+        "users": s.users,
+        "groups": s.groups,
+        "enabledRanges": s.enabled_ranges,
+        "addressesCovered": s.addresses_covered,
+        "effectiveLimits": s.effective_limits,
+    })
 }
 
 /// `conditions` with `condition` in place of the one of the same type.

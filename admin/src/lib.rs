@@ -1,5 +1,6 @@
-//! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process serves),
-//! `/readyz` (a configuration is loaded and the relay is not shutting down).
+//! The admin listener of Mailroute's programs: `/metrics` (Prometheus text), `/healthz` (the
+//! process serves), `/readyz` (the program says it is ready: for the relay, a configuration is
+//! loaded and it is not shutting down; for the operator, it is connected and running).
 
 use axum::Router;
 use axum::extract::State;

@@ -1,0 +1,75 @@
+//! The operator's Prometheus metrics (SPEC 8), served on `--admin` with `/healthz` and
+//! `/readyz`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+/// Labels of `mailroute_operator_reconciles_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `success` or `error`.
+    pub result: String,
+}
+
+/// Labels of the per-namespace gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabels {
+    pub namespace: String,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    pub reconciles: Family<ResultLabels, Counter>,
+    pub reconcile_duration: Histogram,
+    /// The generation published per namespace.
+    pub generation: Family<NamespaceLabels, Gauge>,
+    /// Resources left out of the document per namespace.
+    pub invalid_resources: Family<NamespaceLabels, Gauge>,
+    /// 1 while this replica holds the Lease (or runs without election).
+    pub leader: Gauge,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            reconciles: Family::default(),
+            reconcile_duration: Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            generation: Family::default(),
+            invalid_resources: Family::default(),
+            leader: Gauge::default(),
+        };
+        registry.register(
+            "mailroute_operator_reconciles",
+            "Namespace reconcile passes, by result",
+            metrics.reconciles.clone(),
+        );
+        registry.register_with_unit(
+            "mailroute_operator_reconcile_duration",
+            "Time of one namespace reconcile pass",
+            Unit::Seconds,
+            metrics.reconcile_duration.clone(),
+        );
+        registry.register(
+            "mailroute_operator_config_generation",
+            "Generation of the relay document published, by namespace",
+            metrics.generation.clone(),
+        );
+        registry.register(
+            "mailroute_operator_invalid_resources",
+            "Resources left out of the relay document, by namespace",
+            metrics.invalid_resources.clone(),
+        );
+        registry.register(
+            "mailroute_operator_leader",
+            "1 while this replica is the one writing",
+            metrics.leader.clone(),
+        );
+        metrics
+    }
+}
