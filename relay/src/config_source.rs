@@ -36,6 +36,10 @@ pub enum LoadError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
+    #[error("loading the configuration: {0}")]
+    Task(String),
     #[error("{dir}: {source}")]
     Parts {
         dir: PathBuf,
@@ -130,7 +134,18 @@ fn from_document_dir(dir: &Path) -> Result<Loaded, LoadError> {
         })?;
         entries.insert(name.to_owned(), text);
     }
-    let json = mailroute_config::parts::assemble(&entries).map_err(|e| LoadError::Parts {
+    from_entries(dir, &entries)
+}
+
+/// A configuration from the entries of a `--config` directory or of the operator's objects
+/// (`--configmap`): `config.json` or all its parts, and `credentials.json` if present. `origin`
+/// names where they came from in errors.
+pub fn from_entries(
+    origin: &Path,
+    entries: &std::collections::BTreeMap<String, String>,
+) -> Result<Loaded, LoadError> {
+    let dir = origin;
+    let json = mailroute_config::parts::assemble(entries).map_err(|e| LoadError::Parts {
         dir: dir.to_owned(),
         source: e,
     })?;

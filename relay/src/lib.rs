@@ -18,6 +18,7 @@
 //! - [`metrics`]: the relay's Prometheus metrics.
 
 pub mod admission;
+pub mod cluster;
 pub mod config_source;
 pub mod delivery;
 pub mod generation;

@@ -24,7 +24,7 @@ use std::time::Duration;
 /// Stateless SMTP relay driven by Mailroute's compiled configuration.
 #[derive(Debug, Parser)]
 #[command(name = "mailroute-relay", version, about)]
-#[command(group(ArgGroup::new("source").required(true).args(["manifests", "config"])))]
+#[command(group(ArgGroup::new("source").required(true).args(["manifests", "config", "configmap"])))]
 struct Cli {
     /// Run straight from a directory of Kubernetes manifests (every *.yaml file), compiled
     /// in-process; no cluster needed.
@@ -36,6 +36,11 @@ struct Cli {
     /// `credentials.json`).
     #[arg(long, value_name = "PATH", env = "MAILROUTE_CONFIG")]
     config: Option<PathBuf>,
+    /// Run from the operator's ConfigMap NAMESPACE/NAME (usually
+    /// `<namespace>/mailroute-relay-config`) and Secret `mailroute-relay-credentials`, read from
+    /// the Kubernetes API with the pod's service account (needs `get` on both).
+    #[arg(long, value_name = "NAMESPACE/NAME", env = "MAILROUTE_CONFIGMAP")]
+    configmap: Option<String>,
     /// Load and check the configuration, print a summary, and exit: 0 when it is valid.
     #[arg(long)]
     check: bool,
@@ -215,25 +220,13 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let loaded = match (&cli.manifests, &cli.config) {
-        (Some(dir), _) => config_source::from_manifests(dir, 1),
-        (None, Some(file)) => config_source::from_document_file(file),
-        (None, None) => {
-            eprintln!("mailroute-relay: give --manifests DIR or --config FILE");
-            return ExitCode::from(2);
-        }
-    };
-    let loaded = match loaded {
-        Ok(loaded) => loaded,
+    let source = match source(&cli) {
+        Ok(source) => source,
         Err(e) => {
-            eprintln!("mailroute-relay: configuration not loaded: {e}");
+            eprintln!("mailroute-relay: {e}");
             return ExitCode::from(2);
         }
     };
-    println!("configuration OK: {}", config_source::summary(&loaded));
-    if cli.check {
-        return ExitCode::SUCCESS;
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -244,7 +237,18 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(serve(cli, loaded)) {
+    let loaded = match runtime.block_on(source.load(1)) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("mailroute-relay: configuration not loaded: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!("configuration OK: {}", config_source::summary(&loaded));
+    if cli.check {
+        return ExitCode::SUCCESS;
+    }
+    match runtime.block_on(serve(cli, source, loaded)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mailroute-relay: {e:#}");
@@ -253,7 +257,25 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
+/// Where the configuration comes from, per the command line.
+fn source(cli: &Cli) -> Result<Source, String> {
+    match (&cli.manifests, &cli.config, &cli.configmap) {
+        (Some(dir), _, _) => Ok(Source::Manifests(dir.clone())),
+        (None, Some(path), _) => Ok(Source::Document(path.clone())),
+        (None, None, Some(name)) => {
+            let (namespace, name) =
+                mailroute_relay::cluster::parse_name(name).map_err(|e| e.to_string())?;
+            let api = mailroute_relay::cluster::ApiSource::in_cluster(&namespace, &name)
+                .map_err(|e| format!("--configmap: {e}"))?;
+            Ok(Source::Cluster(Arc::new(api)))
+        }
+        (None, None, None) => {
+            Err("give --manifests DIR, --config PATH or --configmap NAMESPACE/NAME".to_owned())
+        }
+    }
+}
+
+async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyhow::Result<()> {
     if cli.smtp.is_empty() && cli.submission.is_empty() && cli.smtps.is_empty() {
         anyhow::bail!("no listener: give at least one of --smtp, --submission, --smtps");
     }
@@ -344,11 +366,6 @@ async fn serve(cli: Cli, loaded: config_source::Loaded) -> anyhow::Result<()> {
                 shared.generation.load().deliver.sweep();
             }
         })
-    };
-    let source = match (&cli.manifests, &cli.config) {
-        (Some(dir), _) => Source::Manifests(dir.clone()),
-        (None, Some(file)) => Source::Document(file.clone()),
-        (None, None) => anyhow::bail!("give --manifests DIR or --config FILE"),
     };
     let watcher = (cli.watch_interval_ms > 0).then(|| {
         let builder = Arc::clone(&builder);

@@ -4,11 +4,14 @@
 //! fails to load or to build is refused, counted in
 //! `mailroute_relay_config_reloads_total{result="error"}`, and the previous one stays in force.
 //!
+//! `--configmap` polls the Kubernetes API the same way (three small GETs per interval).
+//!
 //! The watch polls a cheap stamp of the files (names, sizes, modification times) rather than
 //! relying on inotify: Kubernetes updates mounted ConfigMaps and Secrets by swapping symlinks,
 //! which inotify watchers notoriously miss, and a stat of a few files per interval costs
 //! nothing.
 
+use crate::cluster::ApiSource;
 use crate::config_source::{self, LoadError, Loaded};
 use crate::metrics::ReloadLabels;
 use crate::server::{Generation, Shared};
@@ -23,25 +26,46 @@ use std::time::Duration;
 pub enum Source {
     /// Kubernetes manifests of one namespace, compiled in-process.
     Manifests(PathBuf),
-    /// A compiled document (`mailroute-operator render` output, the ConfigMap's content).
+    /// A compiled document (`mailroute-operator render` output), or a directory holding the
+    /// operator's ConfigMap(s) and Secret.
     Document(PathBuf),
+    /// The operator's ConfigMap(s) and Secret, read from the Kubernetes API.
+    Cluster(Arc<ApiSource>),
 }
 
 impl Source {
     /// Loads and checks the configuration; `generation` numbers a compiled-in-process one (a
     /// document carries its own).
-    pub fn load(&self, generation: u64) -> Result<Loaded, LoadError> {
+    pub async fn load(&self, generation: u64) -> Result<Loaded, LoadError> {
         match self {
-            Source::Manifests(dir) => config_source::from_manifests(dir, generation),
-            Source::Document(file) => config_source::from_document_file(file),
+            Source::Cluster(api) => {
+                let entries = api.fetch().await?;
+                config_source::from_entries(&api.origin(), &entries)
+            }
+            Source::Manifests(_) | Source::Document(_) => {
+                let source = self.clone();
+                tokio::task::spawn_blocking(move || source.load_files(generation))
+                    .await
+                    .map_err(|e| LoadError::Task(e.to_string()))?
+            }
         }
     }
 
-    /// A fingerprint of the files as the file system describes them; it changes when a file is
-    /// written, added, removed or replaced. `None` when nothing can be read.
-    pub fn stamp(&self) -> Option<u64> {
+    fn load_files(&self, generation: u64) -> Result<Loaded, LoadError> {
+        match self {
+            Source::Manifests(dir) => config_source::from_manifests(dir, generation),
+            Source::Document(file) => config_source::from_document_file(file),
+            Source::Cluster(api) => Err(LoadError::Task(format!("{api:?} is not a file"))),
+        }
+    }
+
+    /// A fingerprint of what the source holds now: for files, as the file system describes
+    /// them (it changes when a file is written, added, removed or replaced); for the cluster,
+    /// of the objects' contents. `None` when nothing can be read.
+    pub async fn stamp(&self) -> Option<u64> {
         let mut hasher = DefaultHasher::new();
         match self {
+            Source::Cluster(api) => api.fetch().await.ok()?.hash(&mut hasher),
             Source::Document(file) if !file.is_dir() => stamp_file(file, &mut hasher)?,
             Source::Document(dir) | Source::Manifests(dir) => {
                 let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -73,26 +97,21 @@ pub type Build = dyn Fn(&Loaded) -> Result<Generation, String> + Send + Sync;
 /// Watches `source` every `interval` and installs each valid change into `shared`. Runs until
 /// the task is dropped.
 pub async fn watch(source: Source, interval: Duration, shared: Arc<Shared>, build: Arc<Build>) {
-    let mut stamp = source.stamp();
+    let mut stamp = source.stamp().await;
     let mut hash = shared.generation.load().hash.clone();
     let mut next = shared.generation.load().number + 1;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let now = source.stamp();
+        let now = source.stamp().await;
         if now == stamp {
             continue;
         }
         stamp = now;
-        let loaded = {
-            let source = source.clone();
-            tokio::task::spawn_blocking(move || source.load(next)).await
-        };
-        let result = match loaded {
-            Ok(Ok(loaded)) if loaded.document.hash == hash => continue,
-            Ok(Ok(loaded)) => build(&loaded).map(|generation| (loaded, generation)),
-            Ok(Err(e)) => Err(e.to_string()),
+        let result = match source.load(next).await {
+            Ok(loaded) if loaded.document.hash == hash => continue,
+            Ok(loaded) => build(&loaded).map(|generation| (loaded, generation)),
             Err(e) => Err(e.to_string()),
         };
         let label = match result {
