@@ -43,6 +43,10 @@ enum Command {
         /// This replica's identity in the Lease (normally the pod name).
         #[arg(long, value_name = "NAME", env = "POD_NAME")]
         identity: Option<String>,
+        /// Name the TLS probe presents in EHLO to routes without `heloName`. Default: the
+        /// machine's host name.
+        #[arg(long, value_name = "NAME", env = "MAILROUTE_PROBE_HELO")]
+        probe_helo: Option<String>,
         /// Admin listener serving /metrics, /healthz and /readyz, e.g. 0.0.0.0:9090.
         #[arg(long, value_name = "ADDR", env = "MAILROUTE_ADMIN")]
         admin: Option<std::net::SocketAddr>,
@@ -93,6 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             resync,
             lease_namespace,
             identity,
+            probe_helo,
             admin,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -123,6 +128,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     resync: std::time::Duration::from_secs(resync.max(5)),
                     ..Default::default()
                 };
+                let helo = probe_helo.unwrap_or_else(|| {
+                    std::fs::read_to_string("/proc/sys/kernel/hostname")
+                        .map(|h| h.trim().to_owned())
+                        .ok()
+                        .filter(|h| !h.is_empty() && h != "localhost")
+                        .unwrap_or_else(|| "mailroute-operator.local".to_owned())
+                });
                 let election = lease_namespace.map(|ns| {
                     let identity = identity.unwrap_or_else(|| {
                         format!(
@@ -136,7 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     mailroute_operator::controller::leader::Election::new(&ns, &identity)
                 });
                 tokio::select! {
-                    () = mailroute_operator::controller::run::run(client, namespaces, pacing, election, metrics) => {}
+                    () = mailroute_operator::controller::run::run(client, namespaces, pacing, election, metrics, helo) => {}
                     _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
                 }
                 anyhow::Ok(())

@@ -15,6 +15,13 @@ pub struct ResultLabels {
     pub result: String,
 }
 
+/// Labels of `mailroute_route_tls_probe_success`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// `namespace/name` of the MailRoute.
+    pub route: String,
+}
+
 /// Labels of the per-namespace gauges.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NamespaceLabels {
@@ -31,6 +38,8 @@ pub struct Metrics {
     pub invalid_resources: Family<NamespaceLabels, Gauge>,
     /// 1 while this replica holds the Lease (or runs without election).
     pub leader: Gauge,
+    /// 1 when the route's last TLS probe verified, else 0.
+    pub route_tls_probe_success: Family<RouteLabels, Gauge>,
 }
 
 impl Metrics {
@@ -43,6 +52,7 @@ impl Metrics {
             generation: Family::default(),
             invalid_resources: Family::default(),
             leader: Gauge::default(),
+            route_tls_probe_success: Family::default(),
         };
         registry.register(
             "mailroute_operator_reconciles",
@@ -69,6 +79,11 @@ impl Metrics {
             "mailroute_operator_leader",
             "1 while this replica is the one writing",
             metrics.leader.clone(),
+        );
+        registry.register(
+            "mailroute_route_tls_probe_success",
+            "1 when the route's last TLS probe (EHLO, STARTTLS, certificate checks) succeeded",
+            metrics.route_tls_probe_success.clone(),
         );
         metrics
     }

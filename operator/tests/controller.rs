@@ -336,11 +336,14 @@ async fn nothing_changed_means_nothing_written() {
     api.clear_log();
     let s = reconcile(&api).await;
     assert_eq!(
-        s,
-        Summary {
-            generation: 1,
-            ..Summary::default()
-        }
+        (
+            s.generation,
+            s.document_written,
+            s.credentials_written,
+            s.statuses_patched,
+            s.events
+        ),
+        (1, false, false, 0, 0)
     );
     assert_eq!(api.writes(), Vec::new(), "a steady state writes nothing");
 }
@@ -495,4 +498,66 @@ async fn one_replica_leads_and_another_takes_over_only_when_the_lease_lapses() {
     assert_eq!(lease["spec"]["holderIdentity"], "operator-b");
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
     task.abort();
+}
+
+#[tokio::test]
+async fn a_probe_result_lands_in_the_route_status_next_to_ready() {
+    let api = FakeApi::default();
+    seed(&api);
+    reconcile(&api).await;
+    // The route's host is not reachable from here: the probe says so, Ready stays.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut manifests = mailroute_config::Manifests::default();
+    manifests
+        .add_yaml(
+            std::path::Path::new("r.yaml"),
+            &format!("apiVersion: mailroute.io/v1alpha1\nkind: MailRoute\nmetadata: {{name: mailbox, namespace: mail}}\nspec: {{host: 127.0.0.1, port: {closed}, tls: {{mode: Required}}, timeouts: {{connect: 1s}}}}\n"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let inputs = manifests.namespaces.remove(NS).unwrap_or_default();
+    let compiled = mailroute_config::compile(&inputs);
+    let (client, task) = api.client();
+    let resolver =
+        mailroute_relay::delivery::hosts::Resolver::new(None).unwrap_or_else(|e| panic!("{e}"));
+    let verified = controller::probe::probe_and_report(
+        &client,
+        NS,
+        "mailbox",
+        &compiled.config.routes["mailbox"],
+        &compiled.credentials,
+        &resolver,
+        "operator.test",
+        "2026-11-22T12:00:00Z",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    task.abort();
+    assert!(!verified);
+    let route = api
+        .get(&format!("{CR}/mailroutes/mailbox"))
+        .unwrap_or_default();
+    let conditions = route["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let kinds: Vec<(&str, &str)> = conditions
+        .iter()
+        .map(|c| {
+            (
+                c["type"].as_str().unwrap_or(""),
+                c["status"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(kinds, [("Ready", "True"), ("TLSVerified", "False")]);
+    assert!(
+        route["status"]["lastProbe"]["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()),
+        "{route}"
+    );
+    assert_eq!(route["status"]["lastProbe"]["time"], "2026-11-22T12:00:00Z");
 }

@@ -10,6 +10,7 @@
 //! - [`run`]: watches and leader-less single-writer loop for `mailroute-operator run`.
 
 pub mod leader;
+pub mod probe;
 pub mod publish;
 pub mod run;
 pub mod status;
@@ -34,8 +35,11 @@ pub enum Error {
 }
 
 /// What one reconcile did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Summary {
+    /// The valid routes and the credentials they use, for the TLS probe.
+    pub routes: BTreeMap<String, mailroute_config::document::Route>,
+    pub credentials: mailroute_config::Credentials,
     /// The generation now published.
     pub generation: u64,
     /// The document (ConfigMaps) was written.
@@ -334,6 +338,8 @@ pub async fn reconcile_namespace(
             summary.events += 1;
         }
     }
+    summary.routes = compiled.config.routes.clone();
+    summary.credentials = compiled.credentials.clone();
     tracing::info!(
         namespace,
         generation = summary.generation,

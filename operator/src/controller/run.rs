@@ -6,13 +6,17 @@
 //! namespace, never in a hot loop.
 
 use super::leader::Election;
+use super::probe;
 use super::{reconcile_namespace, recorder};
-use crate::metrics::{Metrics, NamespaceLabels, ResultLabels};
+use crate::metrics::{Metrics, NamespaceLabels, ResultLabels, RouteLabels};
 use futures_util::StreamExt;
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
+use mailroute_config::Credentials;
+use mailroute_config::document::Route;
 use mailroute_config::resources::{MailRoute, RelayPolicy, RoutingRule};
+use mailroute_relay::delivery::hosts::Resolver;
 use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
@@ -69,6 +73,82 @@ where
     })
 }
 
+/// Routes to probe, per namespace, as the last reconcile compiled them.
+type Targets = Arc<std::sync::Mutex<BTreeMap<String, (BTreeMap<String, Route>, Credentials)>>>;
+
+/// Probes every route on change and every `probeInterval` (at least 10 s), while leading.
+fn probe_loop(
+    client: Client,
+    targets: Targets,
+    leading: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+    helo: String,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let resolver = match Resolver::new(None) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "no DNS resolver: routes are not probed");
+                return;
+            }
+        };
+        // (namespace, route) -> (settings last probed, when next).
+        let mut schedule: BTreeMap<(String, String), (String, Instant)> = BTreeMap::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            if !*leading.borrow() {
+                continue;
+            }
+            let snapshot = targets.lock().map(|t| t.clone()).unwrap_or_default();
+            schedule.retain(|(ns, name), _| {
+                snapshot
+                    .get(ns)
+                    .is_some_and(|(routes, _)| routes.contains_key(name))
+            });
+            for (ns, (routes, credentials)) in &snapshot {
+                for (name, route) in routes {
+                    let settings = serde_json::to_string(route).unwrap_or_default();
+                    let key = (ns.clone(), name.clone());
+                    let due = schedule
+                        .get(&key)
+                        .is_none_or(|(seen, next)| *seen != settings || *next <= Instant::now());
+                    if !due {
+                        continue;
+                    }
+                    let stamp = k8s_openapi::jiff::Timestamp::now().to_string();
+                    let verified = probe::probe_and_report(
+                        &client,
+                        ns,
+                        name,
+                        route,
+                        credentials,
+                        &resolver,
+                        &helo,
+                        &stamp,
+                    )
+                    .await;
+                    match verified {
+                        Ok(ok) => {
+                            metrics
+                                .route_tls_probe_success
+                                .get_or_create(&RouteLabels {
+                                    route: format!("{ns}/{name}"),
+                                })
+                                .set(i64::from(ok));
+                        }
+                        Err(e) => {
+                            tracing::warn!(namespace = %ns, route = %name, error = %e, "recording the TLS probe failed")
+                        }
+                    }
+                    let every = Duration::from_millis(route.probe_interval_ms.max(10_000));
+                    schedule.insert(key, (settings, Instant::now() + every));
+                }
+            }
+        }
+    })
+}
+
 /// Keeps `leading` up to date with this replica's part in `election`.
 fn elect(
     client: Client,
@@ -102,6 +182,7 @@ pub async fn run(
     pacing: Pacing,
     election: Option<Election>,
     metrics: Arc<Metrics>,
+    helo: String,
 ) {
     let (leading_tx, mut leading) = watch::channel(election.is_none());
     metrics.leader.set(i64::from(*leading.borrow()));
@@ -127,6 +208,14 @@ pub async fn run(
         watchers.push(watch(api!(RoutingRule), tx.clone()));
     }
     let recorder = recorder(client.clone());
+    let targets: Targets = Arc::default();
+    let _prober = probe_loop(
+        client.clone(),
+        Arc::clone(&targets),
+        leading.clone(),
+        Arc::clone(&metrics),
+        helo,
+    );
     let mut known: BTreeSet<String> = namespaces.iter().cloned().collect();
     // Namespace -> (when it may run next, failures so far).
     let mut due: BTreeMap<String, (Instant, u32)> = BTreeMap::new();
@@ -178,6 +267,9 @@ pub async fn run(
                         .inc();
                     match outcome {
                         Ok(summary) => {
+                            if let Ok(mut t) = targets.lock() {
+                                t.insert(ns.clone(), (summary.routes.clone(), summary.credentials.clone()));
+                            }
                             let labels = NamespaceLabels { namespace: ns.clone() };
                             metrics
                                 .generation

@@ -538,6 +538,28 @@ impl Upstream {
         }
     }
 
+    /// The negotiated TLS version and the peer's certificate chain (DER, leaf first), when the
+    /// connection is encrypted: what a TLS probe reports.
+    pub fn tls_peer(&self) -> Option<(String, Vec<Vec<u8>>)> {
+        let Stream::Tls(tls) = &self.client.stream else {
+            return None;
+        };
+        let (_, connection) = tls.get_ref();
+        let version = connection
+            .protocol_version()
+            .map(|v| match v {
+                rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_owned(),
+                rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_owned(),
+                other => format!("{other:?}"),
+            })
+            .unwrap_or_default();
+        let chain = connection
+            .peer_certificates()
+            .map(|certs| certs.iter().map(|c| c.as_ref().to_vec()).collect())
+            .unwrap_or_default();
+        Some((version, chain))
+    }
+
     /// Ends the session politely.
     pub async fn quit(mut self) {
         let _ = self.client.cmd(b"QUIT\r\n").await;
