@@ -1,6 +1,7 @@
 //! The Mailroute SMTP relay.
 //!
 //! # Layout
+//! - [`cluster`]: `--configmap`: the operator's ConfigMap(s) and Secret from the Kubernetes API.
 //! - [`config_source`]: where the relay's configuration comes from (`--manifests DIR`, compiled
 //!   in-process, or `--config FILE`, a compiled document) and the checks it passes before use.
 //! - [`smtp`]: the protocol, free of I/O: replies, command framing and parsing, the strict
