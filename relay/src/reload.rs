@@ -1,6 +1,6 @@
 //! Configuration reloads from the filesystem (SPEC 5.1): `--manifests DIR` and `--config FILE`
 //! are watched; a change is loaded and checked like the first configuration, built into a new
-//! [`Generation`](crate::server::Generation) and swapped in atomically. A configuration that
+//! [`Generation`] and swapped in atomically. A configuration that
 //! fails to load or to build is refused, counted in
 //! `mailroute_relay_config_reloads_total{result="error"}`, and the previous one stays in force.
 //!
