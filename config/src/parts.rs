@@ -2,8 +2,8 @@
 //! Part `i` of `n` is stored under the key `config.json.<i>-of-<n>` (three digits each), so the
 //! keys of every part can share one directory (a projected volume) or one listing, and a
 //! reader can tell when it has them all. Mixing parts of two generations cannot go unnoticed:
-//! the assembled document carries its content hash, which [`RelayDocument::from_json`]
-//! (crate::RelayDocument::from_json) checks.
+//! the assembled document carries its content hash, which
+//! [`RelayDocument::from_json`](crate::RelayDocument::from_json) checks.
 
 use std::collections::BTreeMap;
 
