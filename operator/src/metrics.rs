@@ -40,6 +40,8 @@ pub struct Metrics {
     pub leader: Gauge,
     /// 1 when the route's last TLS probe verified, else 0.
     pub route_tls_probe_success: Family<RouteLabels, Gauge>,
+    /// When the certificate the route's last probe saw expires (Unix seconds).
+    pub route_tls_certificate_expiry: Family<RouteLabels, Gauge>,
 }
 
 impl Metrics {
@@ -53,6 +55,7 @@ impl Metrics {
             invalid_resources: Family::default(),
             leader: Gauge::default(),
             route_tls_probe_success: Family::default(),
+            route_tls_certificate_expiry: Family::default(),
         };
         registry.register(
             "mailroute_operator_reconciles",
@@ -84,6 +87,11 @@ impl Metrics {
             "mailroute_route_tls_probe_success",
             "1 when the route's last TLS probe (EHLO, STARTTLS, certificate checks) succeeded",
             metrics.route_tls_probe_success.clone(),
+        );
+        registry.register(
+            "mailroute_route_tls_certificate_expiry_timestamp_seconds",
+            "When the certificate seen by the route's last TLS probe expires",
+            metrics.route_tls_certificate_expiry.clone(),
         );
         metrics
     }

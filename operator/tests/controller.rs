@@ -522,7 +522,7 @@ async fn a_probe_result_lands_in_the_route_status_next_to_ready() {
     let (client, task) = api.client();
     let resolver =
         mailroute_relay::delivery::hosts::Resolver::new(None).unwrap_or_else(|e| panic!("{e}"));
-    let verified = controller::probe::probe_and_report(
+    let outcome = controller::probe::probe_and_report(
         &client,
         NS,
         "mailbox",
@@ -535,7 +535,7 @@ async fn a_probe_result_lands_in_the_route_status_next_to_ready() {
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     task.abort();
-    assert!(!verified);
+    assert_eq!(outcome.status, "False");
     let route = api
         .get(&format!("{CR}/mailroutes/mailbox"))
         .unwrap_or_default();

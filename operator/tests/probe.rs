@@ -165,6 +165,8 @@ async fn a_self_signed_certificate_fails_a_required_route_and_passes_with_its_ca
         "{p:?}"
     );
     assert!(p.result.certificate_not_after.is_some());
+    let expiry = p.certificate_expiry().unwrap_or_default();
+    assert!(expiry > 1_700_000_000, "{expiry}");
     assert!(
         p.result
             .target

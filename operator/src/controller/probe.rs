@@ -58,7 +58,7 @@ impl Probe {
 }
 
 /// Probes route `name` of `namespace` and records the outcome in its status (`TLSVerified`,
-/// `lastProbe`), keeping its other conditions. Returns whether TLS was verified.
+/// `lastProbe`), keeping its other conditions. Returns what the probe found.
 #[allow(clippy::too_many_arguments)]
 pub async fn probe_and_report(
     client: &kube::Client,
@@ -69,13 +69,13 @@ pub async fn probe_and_report(
     resolver: &Resolver,
     helo: &str,
     now: &str,
-) -> Result<bool, kube::Error> {
+) -> Result<Probe, kube::Error> {
     use kube::api::{Patch, PatchParams};
     let outcome = probe(name, route, credentials, resolver, helo, now).await;
     let api: kube::Api<mailroute_config::resources::MailRoute> =
         kube::Api::namespaced(client.clone(), namespace);
     let Some(current) = api.get_opt(name).await? else {
-        return Ok(false);
+        return Ok(outcome);
     };
     let previous = current
         .status
@@ -97,7 +97,18 @@ pub async fn probe_and_report(
             "TLS probe failed"
         );
     }
-    Ok(outcome.status == "True")
+    Ok(outcome)
+}
+
+impl Probe {
+    /// Seconds since the Unix epoch at which the certificate seen expires.
+    pub fn certificate_expiry(&self) -> Option<i64> {
+        self.result
+            .certificate_not_after
+            .as_deref()
+            .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+            .map(|t| t.as_second())
+    }
 }
 
 fn failed(now: &str, target: Option<String>, reason: &'static str, error: String) -> Probe {

@@ -129,13 +129,20 @@ fn probe_loop(
                     )
                     .await;
                     match verified {
-                        Ok(ok) => {
+                        Ok(outcome) => {
+                            let labels = RouteLabels {
+                                route: format!("{ns}/{name}"),
+                            };
                             metrics
                                 .route_tls_probe_success
-                                .get_or_create(&RouteLabels {
-                                    route: format!("{ns}/{name}"),
-                                })
-                                .set(i64::from(ok));
+                                .get_or_create(&labels)
+                                .set(i64::from(outcome.status == "True"));
+                            if let Some(expiry) = outcome.certificate_expiry() {
+                                metrics
+                                    .route_tls_certificate_expiry
+                                    .get_or_create(&labels)
+                                    .set(expiry);
+                            }
                         }
                         Err(e) => {
                             tracing::warn!(namespace = %ns, route = %name, error = %e, "recording the TLS probe failed")
