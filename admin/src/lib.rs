@@ -2,6 +2,22 @@
 //! process serves), `/readyz` (the program says it is ready: for the relay, a configuration is
 //! loaded and it is not shutting down; for the operator, it is connected and running).
 
+/// Logs to stderr through `tracing`: `RUST_LOG` filters (default `default_level`), and
+/// `MAILROUTE_LOG_FORMAT=json` gives one JSON object per line (for log collectors in clusters;
+/// the chart sets it).
+pub fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("MAILROUTE_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};

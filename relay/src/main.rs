@@ -212,13 +212,7 @@ fn system_hostname() -> Option<String> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    mailroute_admin::init_logging("info");
     let cli = Cli::parse();
     let source = match source(&cli) {
         Ok(source) => source,
