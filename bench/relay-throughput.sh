@@ -20,38 +20,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
-clock_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+source bench/lib.sh
 
 cargo build --release --locked -q -p mailroute-relay
 RELAY_BIN=target/release/mailroute-relay
 
-SINK=$(free_port)
-smtp-sink -u root -m 500 127.0.0.1:"$SINK" 1000 & PIDS+=($!)
-wait_port "$SINK"
+start_sink
 
 # The relay: one tenant whose mailbox route is the sink.
 RELAY=$(free_port)
-mkdir -p "$WORK/manifests"
-cat > "$WORK/manifests/bench.yaml" <<YAML
-apiVersion: mailroute.io/v1alpha1
-kind: MailRoute
-metadata: {name: sink, namespace: bench}
-spec:
-  host: 127.0.0.1
-  port: $SINK
-  tls: {mode: Disabled}
-  connectionPool: {maxConnections: 100, maxMessagesPerConnection: 100000, idleTimeout: 60s}
----
-apiVersion: mailroute.io/v1alpha1
-kind: RelayPolicy
-metadata: {name: bench, namespace: bench}
-spec:
-  domains: [bench.example]
-  licenses: 100000
-  inboundRoute: sink
-YAML
+write_manifests "$WORK/manifests"
 "$RELAY_BIN" --manifests "$WORK/manifests" --hostname relay.bench.example \
   --smtp 127.0.0.1:"$RELAY" --max-sessions 1000 >"$WORK/relay.log" 2>&1 & RELAY_PID=$!
 PIDS+=($RELAY_PID)

@@ -282,31 +282,20 @@ impl Forwarder {
                 tls_required,
             };
             for attempt in 0..2 {
-                let checkout = self
-                    .pool
-                    .checkout(
-                        &key,
-                        limits,
-                        &runtime.permits,
-                        runtime.route.pool.max_connections,
-                        Duration::from_millis(runtime.route.timeouts.connect_ms),
-                        attempt == 0,
-                    )
+                let mut conn = match self
+                    .connection(runtime, candidate, &key, route.require_tls, attempt == 0)
                     .await
-                    .map_err(|busy| UpstreamError::Protocol {
-                        stage: "connection pool",
-                        detail: busy.to_string(),
-                    })?;
-                let mut conn = match checkout {
-                    Checkout::Reused(conn) => conn,
-                    Checkout::Fresh(permit) => {
-                        match self.open(runtime, candidate, route.require_tls).await {
-                            Ok(up) => pool::Pool::wrap(up, permit),
-                            Err(e) => {
-                                last = Some(e);
-                                continue 'hosts;
-                            }
-                        }
+                {
+                    Ok(conn) => conn,
+                    Err(Unavailable::Busy(busy)) => {
+                        return Err(UpstreamError::Protocol {
+                            stage: "connection pool",
+                            detail: busy.to_string(),
+                        });
+                    }
+                    Err(Unavailable::Host(e)) => {
+                        last = Some(e);
+                        continue 'hosts;
                     }
                 };
                 match conn.upstream.verify(&query.sender, &route.deliver_as).await {
@@ -618,35 +607,22 @@ impl Forwarder {
                 tls_required,
             };
             for attempt in 0..2 {
-                let checkout = self
-                    .pool
-                    .checkout(
-                        &key,
-                        limits,
-                        &runtime.permits,
-                        runtime.route.pool.max_connections,
-                        Duration::from_millis(runtime.route.timeouts.connect_ms),
-                        attempt == 0,
-                    )
-                    .await;
-                let mut conn: Pooled = match checkout {
-                    Ok(Checkout::Reused(conn)) => conn,
-                    Ok(Checkout::Fresh(permit)) => {
-                        match self.open(runtime, candidate, leg.require_tls).await {
-                            Ok(up) => pool::Pool::wrap(up, permit),
-                            Err(e) => {
-                                tracing::debug!(route = %runtime.name, host = %candidate.addr, error = %e, "upstream unavailable");
-                                last = Some(e);
-                                continue 'hosts;
-                            }
-                        }
-                    }
-                    Err(busy) => {
+                let mut conn = match self
+                    .connection(runtime, candidate, &key, leg.require_tls, attempt == 0)
+                    .await
+                {
+                    Ok(conn) => conn,
+                    Err(Unavailable::Busy(busy)) => {
                         return Err(RecipientOutcome::Unreachable(Reply::new(
                             451,
                             "4.4.5",
                             busy.to_string(),
                         )));
+                    }
+                    Err(Unavailable::Host(e)) => {
+                        tracing::debug!(route = %runtime.name, host = %candidate.addr, error = %e, "upstream unavailable");
+                        last = Some(e);
+                        continue 'hosts;
                     }
                 };
                 match conn
@@ -700,6 +676,38 @@ impl Forwarder {
         Err(RecipientOutcome::Unreachable(reply))
     }
 
+    /// A connection to `candidate` for `key`: a pooled one when `reuse`, else a new one as soon
+    /// as the route has a free slot (waiting up to its connect timeout).
+    async fn connection(
+        &self,
+        runtime: &RouteRuntime,
+        candidate: &Candidate,
+        key: &PoolKey,
+        leg_requires_tls: bool,
+        reuse: bool,
+    ) -> Result<Pooled, Unavailable> {
+        let checkout = self
+            .pool
+            .checkout(
+                key,
+                runtime.limits(),
+                &runtime.permits,
+                runtime.route.pool.max_connections,
+                Duration::from_millis(runtime.route.timeouts.connect_ms),
+                reuse,
+            )
+            .await
+            .map_err(Unavailable::Busy)?;
+        match checkout {
+            Checkout::Reused(conn) => Ok(conn),
+            Checkout::Fresh(permit) => self
+                .open(runtime, candidate, leg_requires_tls)
+                .await
+                .map(|up| pool::Pool::wrap(up, permit))
+                .map_err(Unavailable::Host),
+        }
+    }
+
     /// Opens a connection to one host with the route's policy; opportunistic TLS falls back to
     /// plaintext when the handshake fails (RFC 7435), never when TLS is required.
     async fn open(
@@ -745,6 +753,14 @@ impl Forwarder {
             other => other,
         }
     }
+}
+
+/// Why no connection to a host could be had.
+enum Unavailable {
+    /// Every connection of the route is in use (the next host would not help).
+    Busy(pool::Busy),
+    /// This host cannot be reached, greeted or secured (the next one may be).
+    Host(UpstreamError),
 }
 
 fn set_all(result: &mut LegOutcome, pending: &[usize], outcome: RecipientOutcome) {
