@@ -221,55 +221,23 @@ pub async fn reconcile_namespace(
             .filter(|p| p.kind == kind && p.name == name)
             .collect()
     };
+    let conditions = |c: Option<&Vec<Condition>>| c.cloned().unwrap_or_default();
     let mut changes = Vec::new();
     for r in &routes {
-        let previous = r
-            .status
-            .as_ref()
-            .map(|s| s.conditions.clone())
-            .unwrap_or_default();
-        changes.push((
-            Kind::MailRoute,
-            r.name_any(),
-            r.meta().generation,
-            previous,
-            r.object_ref(&()),
-            None,
-        ));
+        let previous = conditions(r.status.as_ref().map(|s| &s.conditions));
+        changes.push(change(Kind::MailRoute, r, previous, None));
     }
     for p in &policies {
-        let previous = p
-            .status
-            .as_ref()
-            .map(|s| s.conditions.clone())
-            .unwrap_or_default();
+        let previous = conditions(p.status.as_ref().map(|s| &s.conditions));
         let facts = (
             status::policy_facts(compiled.config.tenants.get(&p.name_any())),
             status::stored_policy_facts(p.status.as_ref()),
         );
-        changes.push((
-            Kind::RelayPolicy,
-            p.name_any(),
-            p.meta().generation,
-            previous,
-            p.object_ref(&()),
-            Some(facts),
-        ));
+        changes.push(change(Kind::RelayPolicy, p, previous, Some(facts)));
     }
     for r in &rules {
-        let previous = r
-            .status
-            .as_ref()
-            .map(|s| s.conditions.clone())
-            .unwrap_or_default();
-        changes.push((
-            Kind::RoutingRule,
-            r.name_any(),
-            r.meta().generation,
-            previous,
-            r.object_ref(&()),
-            None,
-        ));
+        let previous = conditions(r.status.as_ref().map(|s| &s.conditions));
+        changes.push(change(Kind::RoutingRule, r, previous, None));
     }
     for (kind, name, generation, previous, reference, facts) in changes {
         let problems = problems_of(kind, &name);
@@ -348,6 +316,33 @@ pub async fn reconcile_namespace(
         "reconciled"
     );
     Ok(summary)
+}
+
+/// One resource's part in the status pass: kind, name, generation, its current conditions,
+/// a reference for Events, and (policies) the desired and stored counts.
+type Change = (
+    Kind,
+    String,
+    Option<i64>,
+    Vec<Condition>,
+    k8s_openapi::api::core::v1::ObjectReference,
+    Option<(serde_json::Value, serde_json::Value)>,
+);
+
+fn change<K: Resource<DynamicType = ()>>(
+    kind: Kind,
+    resource: &K,
+    previous: Vec<Condition>,
+    facts: Option<(serde_json::Value, serde_json::Value)>,
+) -> Change {
+    (
+        kind,
+        resource.name_any(),
+        resource.meta().generation,
+        previous,
+        resource.object_ref(&()),
+        facts,
+    )
 }
 
 fn truncate(text: &str, max: usize) -> String {
