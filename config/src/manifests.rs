@@ -1,7 +1,10 @@
 //! Reading Kubernetes manifests from files (SPEC section 4): every `*.yaml`/`*.yml` file of a
 //! directory, multi-document, with `List` objects unwrapped. Mailroute resources, and the `v1`
 //! Secrets and ConfigMaps they reference (`data` or `stringData`), are collected per namespace;
-//! other kinds are ignored with a warning.
+//! objects of other API groups are ignored with a warning. An object that claims our group
+//! (`mailroute.io/...`) but cannot be read as one of our kinds (a typo in `kind` or
+//! `apiVersion`, no name) is an error naming the file and document: skipping it would drop a
+//! tenant or a route without anyone noticing.
 //!
 //! A resource whose spec does not fit the schema (unknown field, wrong type) is reported as a
 //! [`Problem`] naming the field, like any other invalid resource, so one typo does not hide the
@@ -30,6 +33,15 @@ pub enum ManifestError {
     Yaml { path: PathBuf, message: String },
     #[error("{0}: no *.yaml or *.yml files")]
     Empty(PathBuf),
+    /// An object of the `mailroute.io` group that is not one of ours as written: a typo in its
+    /// `kind` or `apiVersion`, or no name. Skipping it would silently drop a tenant or a route.
+    #[error("{path}: document {document}: {message}")]
+    Unreadable {
+        path: PathBuf,
+        /// 1-based position of the document in the file.
+        document: usize,
+        message: String,
+    },
 }
 
 /// What a set of manifests holds.
@@ -81,13 +93,19 @@ impl Manifests {
                 path: origin.to_owned(),
                 message: e.to_string(),
             })?;
-        for document in documents {
-            self.add_object(origin, document);
+        for (i, document) in documents.into_iter().enumerate() {
+            self.add_object(origin, document)
+                .map_err(|message| ManifestError::Unreadable {
+                    path: origin.to_owned(),
+                    document: i + 1,
+                    message,
+                })?;
         }
         Ok(())
     }
 
-    fn add_object(&mut self, origin: &Path, object: Value) {
+    /// Adds one object; `Err` says why an object of our API group cannot be read.
+    fn add_object(&mut self, origin: &Path, object: Value) -> Result<(), String> {
         let origin_name = origin.display();
         let api_version = object
             .get("apiVersion")
@@ -95,15 +113,30 @@ impl Manifests {
             .unwrap_or("");
         let kind = object.get("kind").and_then(Value::as_str).unwrap_or("");
         if object.is_null() {
-            return;
+            return Ok(());
         }
         if kind == "List" {
             if let Some(Value::Array(items)) = object.get("items") {
                 for item in items.clone() {
-                    self.add_object(origin, item);
+                    self.add_object(origin, item)?;
                 }
             }
-            return;
+            return Ok(());
+        }
+        let group = api_version.split_once('/').map_or("", |(g, _)| g);
+        let ours = api_version == format!("{GROUP}/{VERSION}");
+        if group == GROUP || (api_version.is_empty() && KINDS.contains(&kind)) {
+            if !ours {
+                return Err(format!(
+                    "apiVersion {api_version:?} is not served; Mailroute resources are {GROUP}/{VERSION}"
+                ));
+            }
+            if !KINDS.contains(&kind) {
+                return Err(format!(
+                    "kind {kind:?} is not a Mailroute resource (one of {})",
+                    KINDS.join(", ")
+                ));
+            }
         }
         let metadata = object.get("metadata");
         let name = metadata
@@ -120,13 +153,15 @@ impl Manifests {
             .and_then(|m| m.get("generation"))
             .and_then(Value::as_i64);
         if name.is_empty() {
+            if ours {
+                return Err(format!("{kind} has no metadata.name"));
+            }
             self.warnings.push(format!(
                 "{origin_name}: a {} object has no metadata.name; skipped",
                 if kind.is_empty() { "kind-less" } else { kind }
             ));
-            return;
+            return Ok(());
         }
-        let ours = api_version == format!("{GROUP}/{VERSION}");
         let inputs = self
             .namespaces
             .entry(namespace.clone())
@@ -168,8 +203,12 @@ impl Manifests {
                 "{origin_name}: {api_version} {kind}/{name} is not a Mailroute resource, Secret or ConfigMap; ignored"
             )),
         }
+        Ok(())
     }
 }
+
+/// The kinds of the `mailroute.io` group.
+const KINDS: [&str; 3] = ["MailRoute", "RelayPolicy", "RoutingRule"];
 
 /// Deserialises a spec, reporting the path of the first field that does not fit.
 fn typed<S: DeserializeOwned>(

@@ -1,8 +1,14 @@
 //! Mail addresses and domains as checked, normalised values.
 //!
-//! Domains are compared case-insensitively and stored in lower case without a trailing dot.
-//! Local parts keep their case (RFC 5321 section 2.4: only the destination host may interpret
-//! it), and a quoted local part that needs no quoting is stored unquoted (`"john"@x` is `john@x`).
+//! Domains are compared case-insensitively and stored in lower case without a trailing dot, an
+//! internationalised name in its IDNA (UTS 46) ASCII form, so `Bücher.example` and
+//! `xn--bcher-kva.example` are one domain. Local parts keep their case for delivery (RFC 5321
+//! section 2.4: only the destination host may interpret it), and a quoted local part that needs
+//! no quoting is stored unquoted (`"john"@x` is `john@x`).
+//!
+//! Whenever the relay asks whether two addresses are the same mailbox (registered users, group
+//! members, `{address}` matchers, quota keys), it compares their [`Mailbox`]: the local part
+//! lower-cased as well, as every mail system in use does. That is the one normalisation.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
@@ -118,7 +124,15 @@ impl FromStr for Domain {
         if s.parse::<std::net::Ipv4Addr>().is_ok() {
             return Err(NameError::AddressLiteral);
         }
-        Ok(Domain(s.to_lowercase()))
+        if s.is_ascii() {
+            return Ok(Domain(s.to_ascii_lowercase()));
+        }
+        // NB: UTS 46 mapping (case folding, NFC) then Punycode: one spelling per name.
+        let ascii = idna::domain_to_ascii(s).map_err(|_| NameError::BadDomainChar(' '))?;
+        if ascii.len() > 253 {
+            return Err(NameError::TooLong { max: 253 });
+        }
+        Ok(Domain(ascii))
     }
 }
 
@@ -152,6 +166,45 @@ impl Address {
             local: self.local.clone(),
             domain,
         }
+    }
+
+    /// Whether `self` and `other` are one mailbox: what comparing their [`Mailbox`]es says,
+    /// without building them.
+    pub fn same_mailbox(&self, other: &Address) -> bool {
+        self.domain == other.domain
+            && (self.local.eq_ignore_ascii_case(&other.local)
+                || (!(self.local.is_ascii() && other.local.is_ascii())
+                    && self.local.to_lowercase() == other.local.to_lowercase()))
+    }
+
+    /// The key this address is compared by (see the module's documentation).
+    pub fn mailbox(&self) -> Mailbox {
+        let mut key = self.local.to_lowercase();
+        key.push('@');
+        key.push_str(self.domain.as_str());
+        Mailbox(key)
+    }
+}
+
+/// The canonical form of an address for comparisons: local part and domain lower-cased, the
+/// domain in IDNA ASCII form. Never written to an upstream (the address as written is).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Mailbox(String);
+
+impl Mailbox {
+    /// The mailbox of `text`, if it is an address.
+    pub fn parse(text: &str) -> Option<Mailbox> {
+        text.parse::<Address>().ok().map(|a| a.mailbox())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Mailbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -274,7 +327,8 @@ mod tests {
             Err(NameError::AddressLiteral)
         );
         assert_eq!("10.0.0.1".parse::<Domain>(), Err(NameError::AddressLiteral));
-        assert_eq!(domain("Bücher.Example").as_str(), "bücher.example");
+        assert_eq!(domain("Bücher.Example").as_str(), "xn--bcher-kva.example");
+        assert_eq!(domain("xn--BCHER-kva.example"), domain("bücher.example"));
     }
 
     #[test]

@@ -661,3 +661,44 @@ fn an_auth_username_in_two_tenants_is_refused_on_the_later_one() {
             && !compiled.credentials.tenants.contains_key("zeta")
     );
 }
+
+#[test]
+fn a_public_suffix_is_not_a_tenant_domain() {
+    for suffix in ["co.uk", "com"] {
+        let yaml = policy("acme", "").replace("[acme.example]", &format!("[{suffix}]"));
+        let (compiled, problems) = compile_yaml(&yaml);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with(&format!(
+                "RelayPolicy/acme: domains[0]: {suffix} is a public suffix"
+            )),
+            "{problems:?}"
+        );
+        assert!(compiled.config.tenants.is_empty());
+    }
+}
+
+#[test]
+fn an_object_of_our_group_that_cannot_be_read_is_an_error_naming_the_document() {
+    for (typo, expect) in [
+        ("kind: RelayPolicy", "kind: RelayPolcy"),
+        (
+            "apiVersion: mailroute.io/v1alpha1\nkind: RelayPolicy",
+            "apiVersion: mailroute.io/v1alpa1\nkind: RelayPolicy",
+        ),
+    ] {
+        let yaml = format!("{ROUTES}{}", policy("acme", "")).replacen(typo, expect, 1);
+        let mut manifests = Manifests::default();
+        let err = manifests
+            .add_yaml(Path::new("policy.yaml"), &yaml)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.starts_with("policy.yaml: document 3: "), "{err}");
+    }
+    // Other groups are still only a warning.
+    let mut manifests = Manifests::default();
+    let other = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n";
+    assert!(manifests.add_yaml(Path::new("x.yaml"), other).is_ok());
+    assert_eq!(manifests.warnings.len(), 1);
+}

@@ -4,16 +4,16 @@
 //! over a reload.
 
 use crate::admission::Gate;
+use crate::auth::accounts::Accounts;
 use crate::config_source::Loaded;
 use crate::delivery::ledger::Ledger;
 use crate::delivery::{self, Forwarder, SetupError};
 use crate::metrics::Metrics;
-use crate::policy::accounts::Accounts;
-use crate::policy::tenants::Directory;
 use crate::quota::{QuotaStore, Quotas};
 use crate::routing::Router;
 use crate::server::Generation;
 use crate::smtp::session::SessionConfig;
+use crate::tenants::Tenants;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,7 +84,9 @@ impl Builder {
     pub fn build(&self, loaded: &Loaded) -> Result<Built, SetupError> {
         let config = &loaded.document.config;
         let accounts = Accounts::from_credentials(&loaded.credentials);
-        let router = Arc::new(Router::new(config));
+        // NB: one tenant table per generation, shared by admission, routing and quotas.
+        let tenants = Arc::new(Tenants::new(config));
+        let router = Arc::new(Router::new(config, tenants));
         let forwarder = Arc::new(Forwarder::new(
             config,
             &loaded.credentials,
@@ -98,19 +100,19 @@ impl Builder {
             },
             Arc::clone(&self.metrics),
         )?);
-        let mut quotas = Quotas::new(
-            config,
-            Arc::clone(&self.quota_store),
-            Arc::clone(&self.metrics),
-        );
+        let mut quotas = Quotas::new(Arc::clone(&self.quota_store), Arc::clone(&self.metrics));
         quotas.hold_ttl = self.quota_hold;
         quotas.store_timeout = self.store_timeout;
         quotas.store_failure_open = self.store_failure_open;
-        let gate = Arc::new(Gate::new(config, quotas, &forwarder));
+        let gate = Arc::new(Gate::new(
+            config,
+            router,
+            accounts.clone(),
+            quotas,
+            &forwarder,
+        ));
         let mut session = SessionConfig::new(self.hostname.clone());
-        session.check_recipients = gate.is_active();
-        session.directory = Some(Arc::new(Directory::new(config, accounts.clone())));
-        session.router = Some(router);
+        session.check_recipients = true;
         session.tls_available = self.tls_available;
         // AUTH is only ever offered inside TLS, and only when some tenant has accounts.
         session.auth_available = self.tls_available && !accounts.is_empty();

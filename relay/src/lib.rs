@@ -4,13 +4,17 @@
 //! - [`cluster`]: `--configmap`: the operator's ConfigMap(s) and Secret from the Kubernetes API.
 //! - [`config_source`]: where the relay's configuration comes from (`--manifests DIR`, compiled
 //!   in-process, or `--config FILE`, a compiled document) and the checks it passes before use.
-//! - [`smtp`]: the protocol, free of I/O: replies, command framing and parsing, the strict
+//! - [`smtp`]: the protocol, free of I/O: command framing and parsing, the strict
 //!   DATA/BDAT receiver and dot-stuffing writer, and the session state machine.
-//! - [`policy`]: who may use the relay and as whom: AUTH accounts, tenant binding, no open relay.
-//! - [`quota`]: sending limits per user and tenant: counters, reserve, settle, release; the
-//!   in-memory store.
+//! - [`reply`]: every SMTP reply the relay sends, with its enhanced status code (bottom level).
+//! - [`interfaces`]: the traits the driver calls and the values that cross them (bottom level).
+//! - [`tenants`]: one configuration's tenants, built once: by name, by domain, by client range.
+//! - [`auth`]: SMTP AUTH accounts (bounded password hashing) and the failed-attempt throttle.
+//! - [`admission`]: the RCPT decision, in one order: binding, relay policy, rules, quotas,
+//!   recipient verification; what each recipient is refused with, or where it goes.
+//! - [`quota`]: sending limits per user and tenant: what counts, counters, reserve, settle,
+//!   release; the in-memory store.
 //! - [`redis_store`]: the shared store for replicas (quotas and the delivery ledger in Redis).
-//! - [`admission`]: RCPT-time checks with I/O (quotas, then recipient verification upstream).
 //! - [`routing`]: which upstreams each recipient goes to (rules, copies, legs): pure functions.
 //! - [`delivery`]: carrying a plan out: upstream connections, pooling, TLS, the ledger, the reply.
 //! - [`generation`]: a loaded configuration built into what sessions use; [`reload`]: watching
@@ -19,15 +23,18 @@
 //! - [`metrics`]: the relay's Prometheus metrics.
 
 pub mod admission;
+pub mod auth;
 pub mod cluster;
 pub mod config_source;
 pub mod delivery;
 pub mod generation;
+pub mod interfaces;
 pub mod metrics;
-pub mod policy;
 pub mod quota;
 pub mod redis_store;
 pub mod reload;
+pub mod reply;
 pub mod routing;
 pub mod server;
 pub mod smtp;
+pub mod tenants;

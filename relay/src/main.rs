@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::{ArgGroup, Parser};
+use mailroute_relay::auth::throttle::{AuthThrottle, ThrottleConfig};
 use mailroute_relay::config_source::{self, Loaded};
 use mailroute_relay::delivery::ledger::{Ledger, MemoryLedger};
 use mailroute_relay::generation::Builder;
@@ -10,7 +11,6 @@ use mailroute_relay::quota::QuotaStore;
 use mailroute_relay::quota::memory::MemoryQuotaStore;
 use mailroute_relay::redis_store::RedisStore;
 use mailroute_relay::reload::{self, Build, Source};
-use mailroute_relay::server::auth_throttle::{AuthThrottle, ThrottleConfig};
 use mailroute_relay::server::tls::CertificateStore;
 use mailroute_relay::server::{Limits, Server, Shared};
 use mailroute_relay::smtp::session::ListenerKind;

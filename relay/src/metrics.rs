@@ -75,6 +75,23 @@ pub struct VerificationLabels {
     pub result: String,
 }
 
+/// Labels of `mailroute_relay_rcpt_refusals_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// The tenant the session is bound to, or `none`.
+    pub tenant: String,
+    /// `RefusalReason::as_str`: a closed set.
+    pub reason: &'static str,
+}
+
+/// Labels of `mailroute_relay_auth_total` and `mailroute_relay_tls_handshakes_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerResultLabels {
+    pub listener: &'static str,
+    /// AUTH: `accepted`, `refused`, `throttled`, `busy`; TLS: `success`, `failure`, `timeout`.
+    pub result: &'static str,
+}
+
 fn duration_histogram() -> Histogram {
     Histogram::new([
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -101,6 +118,9 @@ pub struct Metrics {
     pub store_errors: Counter,
     pub quota_rejections: Family<QuotaLabels, Counter>,
     pub recipient_verifications: Family<VerificationLabels, Counter>,
+    pub rcpt_refusals: Family<RefusalLabels, Counter>,
+    pub auth: Family<ListenerResultLabels, Counter>,
+    pub tls_handshakes: Family<ListenerResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -120,6 +140,9 @@ impl Default for Metrics {
             store_errors: Counter::default(),
             quota_rejections: Family::default(),
             recipient_verifications: Family::default(),
+            rcpt_refusals: Family::default(),
+            auth: Family::default(),
+            tls_handshakes: Family::default(),
         }
     }
 }
@@ -198,6 +221,21 @@ impl Metrics {
             "mailroute_relay_recipient_verifications",
             "Recipients checked with the primary upstream at RCPT time, by route and result",
             metrics.recipient_verifications.clone(),
+        );
+        registry.register(
+            "mailroute_relay_rcpt_refusals",
+            "Recipients refused at RCPT time, by tenant and reason",
+            metrics.rcpt_refusals.clone(),
+        );
+        registry.register(
+            "mailroute_relay_auth",
+            "SMTP AUTH attempts, by listener and result",
+            metrics.auth.clone(),
+        );
+        registry.register(
+            "mailroute_relay_tls_handshakes",
+            "TLS handshakes with clients (STARTTLS and implicit), by listener and result",
+            metrics.tls_handshakes.clone(),
         );
         metrics
     }

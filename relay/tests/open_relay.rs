@@ -4,10 +4,7 @@
 mod support;
 
 use mailroute_relay::config_source;
-use mailroute_relay::policy::accounts::Accounts;
-use mailroute_relay::policy::tenants::Directory;
-use std::sync::Arc;
-use support::{Client, Options, Relay, bounded};
+use support::{Client, Relay, bounded, policy_options};
 
 const PROBES: &[&str] = &[
     "victim@external.example",
@@ -30,10 +27,7 @@ async fn relay_with_policy() -> Relay {
     let examples =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/dual-delivery");
     let loaded = config_source::from_manifests(&examples, 1).unwrap_or_else(|e| panic!("{e}"));
-    let mut options = Options::default();
-    let accounts = Accounts::from_credentials(&loaded.credentials);
-    options.session.directory = Some(Arc::new(Directory::new(&loaded.document.config, accounts)));
-    Relay::start(options).await
+    Relay::start(policy_options(&loaded)).await
 }
 
 #[tokio::test]
@@ -104,10 +98,7 @@ async fn an_authorised_network_relays_only_for_senders_the_tenant_allows() {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let loaded = config_source::from_manifests(dir.path(), 1).unwrap_or_else(|e| panic!("{e}"));
-        let mut options = Options::default();
-        let accounts = Accounts::from_credentials(&loaded.credentials);
-        options.session.directory = Some(Arc::new(Directory::new(&loaded.document.config, accounts)));
-        let relay = Relay::start(options).await;
+        let relay = Relay::start(policy_options(&loaded)).await;
 
         let mut c = Client::connect(relay.smtp).await;
         c.reply().await;
@@ -133,12 +124,7 @@ async fn allowed_senders_any_rewrites_foreign_senders_of_relayed_mail_to_postmas
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let loaded = config_source::from_manifests(dir.path(), 1).unwrap_or_else(|e| panic!("{e}"));
-        let mut options = Options::default();
-        options.session.directory = Some(Arc::new(Directory::new(
-            &loaded.document.config,
-            Accounts::from_credentials(&loaded.credentials),
-        )));
-        let relay = Relay::start(options).await;
+        let relay = Relay::start(policy_options(&loaded)).await;
         let mut c = Client::connect(relay.smtp).await;
         c.reply().await;
         c.command("EHLO scanner.vendor.example").await;

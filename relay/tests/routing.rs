@@ -5,18 +5,24 @@ mod support;
 
 use mailroute_relay::config_source;
 use mailroute_relay::routing::{Direction, Plan, Router, Target};
+use mailroute_relay::tenants::Tenants;
 use std::path::Path;
+use std::sync::Arc;
+
+fn router(config: &mailroute_config::RelayConfig) -> Router {
+    Router::new(config, Arc::new(Tenants::new(config)))
+}
 
 fn example(name: &str) -> Router {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../examples")
         .join(name);
     let loaded = config_source::from_manifests(&dir, 1).unwrap_or_else(|e| panic!("{name}: {e}"));
-    Router::new(&loaded.document.config)
+    router(&loaded.document.config)
 }
 
 fn from_yaml(yaml: &str) -> Router {
-    Router::new(&support::compile_yaml(yaml).config)
+    router(&support::compile_yaml(yaml).config)
 }
 
 /// A plan as `target[copy]: recipients` lines, sorted, for table comparison.
@@ -298,7 +304,8 @@ fn rule_actions_filters_priority_stop_processing_and_audit() {
     let refused = router
         .route_recipient(None, "ceo@acme-support.example", "ben@acme.example")
         .err()
-        .unwrap_or_else(|| panic!("not refused"));
+        .unwrap_or_else(|| panic!("not refused"))
+        .reply();
     assert_eq!((refused.code(), refused.enhanced()), (550, Some("5.7.1")));
     assert_eq!(refused.text(), "Lookalike domain refused");
 

@@ -2,8 +2,8 @@
 
 mod support;
 
+use mailroute_relay::auth::throttle::ThrottleConfig;
 use mailroute_relay::server::Limits;
-use mailroute_relay::server::auth_throttle::ThrottleConfig;
 use std::time::{Duration, Instant};
 use support::{Client, Options, Relay, bounded};
 
@@ -39,7 +39,10 @@ async fn mail_send_delivers_over_starttls_with_auth_byte_for_byte() {
         let received = String::from_utf8_lossy(&messages[0].content[..messages[0].received_len]).into_owned();
         assert!(received.starts_with("Received: from client.test ([127.0.0.1])\r\n\tby relay.test (Mailroute) with ESMTPSA id "), "{received}");
         assert!(received.contains("(using TLSv1.3 with cipher TLS13_"), "{received}");
-        assert_eq!(messages[0].recipients, ["b@example.com", "c@example.com"]);
+        assert_eq!(
+            messages[0].addresses().collect::<Vec<_>>(),
+            ["b@example.com", "c@example.com"]
+        );
     })
     .await;
 }

@@ -1,8 +1,10 @@
 //! The SMTP session as a client meets it, without sockets: each step sends bytes and names the
 //! replies expected (code and enhanced code).
 
+use mailroute_relay::interfaces::{Admitted, Refusal, RefusalReason, Transaction};
+use mailroute_relay::routing::{Direction, RecipientRoute, Target};
 use mailroute_relay::smtp::session::{
-    AuthOutcome, Event, ListenerKind, Session, SessionConfig, TlsInfo, Transaction,
+    AuthOutcome, Event, ListenerKind, Session, SessionConfig, TlsInfo,
 };
 use std::sync::Arc;
 
@@ -76,7 +78,7 @@ impl Dialogue {
                         progressed = true;
                     }
                     Event::Message(t) => {
-                        let reply = mailroute_relay::smtp::reply::Reply::message_accepted(&t.id);
+                        let reply = mailroute_relay::reply::Reply::message_accepted(&t.id);
                         self.delivered.push(t);
                         self.session.delivered(reply, &mut more);
                         progressed = true;
@@ -84,18 +86,31 @@ impl Dialogue {
                     Event::CheckRecipient(q) => {
                         // The checks with I/O, played by the test: `full...` is over a quota.
                         let verdict = if q.recipient.starts_with("full") {
-                            Err(mailroute_relay::smtp::reply::Reply::new(
-                                450,
-                                "4.2.1",
-                                "Peak SMTP relay limit exceeded for customer",
+                            Err(Refusal::new(
+                                RefusalReason::Quota,
+                                mailroute_relay::reply::Reply::new(
+                                    450,
+                                    "4.2.1",
+                                    "Peak SMTP relay limit exceeded for customer",
+                                ),
                             ))
                         } else {
-                            Ok(())
+                            Ok(Admitted {
+                                tenant: None,
+                                route: RecipientRoute::plain(
+                                    "t",
+                                    Direction::Inbound,
+                                    Target::Route("sink".into()),
+                                    &q.recipient,
+                                ),
+                                rewrite_sender: None,
+                            })
                         };
                         self.checked.push((q.recipient, q.accepted));
                         self.session.recipient_checked(verdict, &mut more);
                         progressed = true;
                     }
+                    Event::RecipientRefused(_) => {}
                     Event::Close => self.closed = true,
                 }
                 queue.extend(more);
@@ -265,7 +280,7 @@ fn pipelined_recipients_are_checked_one_by_one_and_refusals_do_not_end_the_sessi
     d.says("DATA\r\n", &["354"]);
     d.says("Subject: x\r\n\r\nhi\r\n.\r\n", &["250 2.0.0"]);
     assert_eq!(
-        d.delivered[0].recipients,
+        d.delivered[0].addresses().collect::<Vec<_>>(),
         ["ok1@example.com", "ok2@example.com"]
     );
 }

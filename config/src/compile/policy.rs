@@ -54,6 +54,16 @@ pub(super) fn compile(
     }
     for (i, text) in spec.domains.iter().enumerate() {
         match text.parse::<Domain>() {
+            // NB: a public suffix (`com`, `co.uk`) would make every address under it "ours":
+            // inbound, and accepted from anyone.
+            Ok(domain) if psl::suffix_str(domain.as_str()) == Some(domain.as_str()) => {
+                report.bad(
+                    format!("domains[{i}]"),
+                    format!(
+                        "{domain} is a public suffix (many unrelated owners register under it); name the tenant's own registrable domain, e.g. example.{domain}"
+                    ),
+                );
+            }
             Ok(domain) => {
                 if let Some(owner) = claims.domains.get(&domain) {
                     report.bad(

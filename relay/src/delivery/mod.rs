@@ -18,16 +18,15 @@ pub mod pool;
 pub mod tls;
 pub mod upstream;
 
-pub use crate::server::BoxFuture;
+pub use crate::interfaces::BoxFuture;
 
+use crate::interfaces::{Deliver, RecipientQuery, Transaction};
 use crate::metrics::{
     Metrics, RouteLabels, RuleLabels, TrafficLabels, UpstreamLabels, VerificationLabels,
 };
+use crate::reply::Reply;
 use crate::routing::{Leg, RecipientRoute, Router, Target};
-use crate::server::Deliver;
 use crate::smtp::data::dot_stuff;
-use crate::smtp::reply::Reply;
-use crate::smtp::session::{RecipientQuery, Transaction};
 use hosts::{Candidate, ResolveError, Resolver};
 use ledger::Ledger;
 use mailroute_config::document::{Destination, Pool as PoolConfig, Route, RouteTimeouts, RouteTls};
@@ -216,13 +215,11 @@ impl Forwarder {
     /// route has `verifyRecipients` and is required. `Err`: the upstream's refusal, for the
     /// client. An upstream that cannot be asked (unreachable, slow, TLS policy) accepts: the
     /// message's delivery decides, with the reply rules of SPEC 6.5.
-    pub async fn verify_recipient(&self, query: &RecipientQuery) -> Result<(), Reply> {
-        let Ok(route) =
-            self.router
-                .route_recipient(query.tenant.as_deref(), &query.sender, &query.recipient)
-        else {
-            return Ok(());
-        };
+    pub async fn verify_recipient(
+        &self,
+        query: &RecipientQuery,
+        route: &RecipientRoute,
+    ) -> Result<(), Reply> {
         let Target::Route(name) = &route.target else {
             return Ok(());
         };
@@ -232,7 +229,7 @@ impl Forwarder {
         if !runtime.route.verify_recipients || !self.router.is_required(&route.target) {
             return Ok(());
         }
-        let answer = tokio::time::timeout(VERIFY_TIMEOUT, self.probe(runtime, &route, query))
+        let answer = tokio::time::timeout(VERIFY_TIMEOUT, self.probe(runtime, route, query))
             .await
             .unwrap_or(Err(UpstreamError::Timeout {
                 stage: "recipient check",
@@ -321,9 +318,15 @@ impl Forwarder {
     async fn forward(&self, tx: Transaction) -> Reply {
         let original = tx.content.get(tx.received_len..).unwrap_or_default();
         let is_copy = has_header(original, LOOP_MARKER);
-        let plan = self
-            .router
-            .plan(tx.tenant.as_deref(), &tx.mail_from, &tx.recipients, is_copy);
+        // The routes decided at RCPT time: nothing is routed twice.
+        let plan = self.router.plan_routes(
+            tx.recipients.iter().map(|r| {
+                r.route.clone().ok_or_else(|| {
+                    Reply::new(550, "5.7.1", "Recipient not admitted by the relay's policy")
+                })
+            }),
+            is_copy,
+        );
         for (i, m) in &plan.matches {
             self.metrics
                 .rule_matches
@@ -334,7 +337,7 @@ impl Forwarder {
                 })
                 .inc();
             if m.audit {
-                tracing::info!(transaction = %tx.id, tenant = %m.tenant, rule = %m.rule, recipient = %tx.recipients[*i], "audit: rule would have applied");
+                tracing::info!(transaction = %tx.id, tenant = %m.tenant, rule = %m.rule, recipient = %tx.recipients[*i].address, "audit: rule would have applied");
             }
         }
         self.metrics
@@ -377,15 +380,24 @@ impl Forwarder {
         for leg in &plan.legs {
             let leg_done = &done[offset..offset + leg.recipients.len()];
             offset += leg.recipients.len();
-            runs.push(self.run_leg(leg, &tx, &stuffed, leg_done));
+            let run = self.run_leg(leg, &tx, &stuffed, leg_done);
+            runs.push(async move {
+                let started = Instant::now();
+                let outcome = run.await;
+                (outcome, started.elapsed())
+            });
         }
-        let mut outcomes = futures_util::future::join_all(runs).await;
+        let (mut outcomes, delays): (Vec<LegOutcome>, Vec<Duration>) =
+            futures_util::future::join_all(runs)
+                .await
+                .into_iter()
+                .unzip();
         for (i, reply) in &plan.refused {
             outcomes.push(LegOutcome {
                 target: "configuration".to_owned(),
                 required: true,
                 recipients: vec![(
-                    tx.recipients[*i].clone(),
+                    tx.recipients[*i].address.clone(),
                     RecipientOutcome::Permanent(reply.clone()),
                 )],
             });
@@ -412,9 +424,7 @@ impl Forwarder {
             }
         }
         self.count(&tx, &plan, &reply);
-        for leg in &outcomes {
-            tracing::debug!(transaction = %tx.id, target = %leg.target, outcomes = ?leg.recipients.iter().map(|(_, o)| o).collect::<Vec<_>>(), "leg finished");
-        }
+        log_transaction(&tx, &plan, &outcomes, &delays, &reply);
         reply
     }
 
@@ -788,6 +798,58 @@ fn answers_to_outcomes(answers: &upstream::Answers, n: usize) -> Vec<RecipientOu
 }
 
 /// Whether the header section of `message` has a field called `name`.
+/// The one log line of a delivered (or refused, or deferred) transaction (SPEC 8): never an
+/// address of a recipient, a credential or the body; replies as codes only.
+fn log_transaction(
+    tx: &Transaction,
+    plan: &crate::routing::Plan,
+    outcomes: &[LegOutcome],
+    delays: &[Duration],
+    reply: &Reply,
+) {
+    let direction = plan
+        .recipients
+        .iter()
+        .flatten()
+        .next()
+        .map_or("none", |(_, d)| d.as_str());
+    let legs: Vec<String> = outcomes
+        .iter()
+        .enumerate()
+        .map(|(i, leg)| {
+            let answer = leg
+                .recipients
+                .iter()
+                .find_map(|(_, o)| match o {
+                    RecipientOutcome::Delivered => None,
+                    RecipientOutcome::AlreadyDelivered => Some(Cow::Borrowed("ledger")),
+                    RecipientOutcome::Temporary(r)
+                    | RecipientOutcome::Unreachable(r)
+                    | RecipientOutcome::Permanent(r) => Some(Cow::Owned(format!(
+                        "{} {}",
+                        r.code(),
+                        r.enhanced().unwrap_or_default()
+                    ))),
+                })
+                .unwrap_or(Cow::Borrowed("250"));
+            let delay = delays.get(i).map_or(0, |d| d.as_millis());
+            format!("{}={} {}ms", leg.target, answer.trim_end(), delay)
+        })
+        .collect();
+    tracing::info!(
+        transaction = %tx.id,
+        tenant = tx.tenant.as_deref().unwrap_or("none"),
+        direction,
+        sender = %tx.mail_from,
+        original_sender = tx.original_sender.as_deref(),
+        recipients = tx.recipients.len(),
+        size = tx.content.len() - tx.received_len,
+        legs = %legs.join(", "),
+        reply = %format_args!("{} {}", reply.code(), reply.enhanced().unwrap_or_default()),
+        "transaction"
+    );
+}
+
 fn has_header(message: &[u8], name: &str) -> bool {
     let mut rest = message;
     while !rest.is_empty() && !rest.starts_with(b"\r\n") {

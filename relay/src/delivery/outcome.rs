@@ -1,7 +1,7 @@
 //! What the client is told after end of data (SPEC 6.5), from what each leg's upstream said.
 //! A pure function, so every rule is tested on its own.
 
-use crate::smtp::reply::Reply;
+use crate::reply::Reply;
 
 /// What happened to one recipient of one leg.
 #[derive(Clone, Debug, PartialEq, Eq)]

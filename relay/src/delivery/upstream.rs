@@ -6,7 +6,7 @@
 //! mail-send's own message writer is not used: it appends an extra CRLF and does not dot-stuff
 //! a leading dot; the relay's `dot_stuff` writes the content exactly as it was received.
 
-use crate::smtp::reply::Reply;
+use crate::reply::Reply;
 use mail_send::SmtpClient;
 use smtp_proto::{EXT_8BIT_MIME, EXT_DSN, EXT_PIPELINING, EXT_SMTP_UTF8, EXT_START_TLS, Response};
 use std::io;

@@ -3,7 +3,7 @@
 
 use super::{BUCKETS, Counter, Hold, QuotaStore, Reservation};
 use crate::delivery::ledger::StoreError;
-use crate::server::BoxFuture;
+use crate::interfaces::BoxFuture;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -1,4 +1,11 @@
-//! Sending quotas (SPEC 3.4): which counters a recipient touches, and reserve, settle, release.
+//! Sending quotas (SPEC 3.4): which mail counts, which counters a recipient touches, and
+//! reserve, settle, release.
+//!
+//! Only mail a tenant *sends* counts ([`charged`]): recipients accepted from a session
+//! authorised for the tenant (AUTH or an enabled range) whose sender is in the tenant's domains,
+//! or that the tenant relays out (its own or a rewritten sender, or the null sender). Inbound
+//! mail (external sender, one of the tenant's recipients) never counts and is never refused
+//! by a quota, whoever delivers it and whatever it says in EHLO.
 //!
 //! A recipient is checked at RCPT time against every counter that applies to it: the tenant's
 //! recipients per rolling 24 hours and per rolling 10 minutes (every recipient), and, when the
@@ -16,14 +23,12 @@
 pub mod memory;
 
 use crate::delivery::ledger::StoreError;
+use crate::interfaces::BoxFuture;
 use crate::metrics::{Metrics, QuotaLabels};
-use crate::server::{Admission, BoxFuture};
-use crate::smtp::reply::Reply;
-use crate::smtp::session::RecipientQuery;
-use mailroute_config::RelayConfig;
+use crate::reply::Reply;
+use crate::tenants::{Tenant, TenantId, Tenants};
 use mailroute_config::document::Limits;
-use mailroute_config::names::Address;
-use std::collections::{HashMap, HashSet};
+use mailroute_config::names::{Address, Mailbox};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -132,16 +137,8 @@ pub trait QuotaStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
-#[derive(Debug)]
-struct TenantQuota {
-    limits: Limits,
-    /// Registered users, lowercased (local parts compared without case, as mail systems do).
-    users: HashSet<String>,
-}
-
 /// Quota decisions for a configuration.
 pub struct Quotas {
-    tenants: HashMap<String, TenantQuota>,
     store: Arc<dyn QuotaStore>,
     metrics: Arc<Metrics>,
     /// How long a reservation lives without being settled or released.
@@ -155,10 +152,47 @@ pub struct Quotas {
 impl std::fmt::Debug for Quotas {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Quotas")
-            .field("tenants", &self.tenants.len())
             .field("hold_ttl", &self.hold_ttl)
             .finish()
     }
+}
+
+/// Why a reservation was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exceeded {
+    Limit(Limit),
+    /// The store could not answer (and `--store-failure` is closed).
+    Store,
+}
+
+impl Exceeded {
+    pub fn reply(self) -> Reply {
+        match self {
+            Exceeded::Limit(limit) => limit.reply(),
+            Exceeded::Store => Reply::store_unavailable(),
+        }
+    }
+}
+
+/// Which tenant's quotas a recipient spends, if any (SPEC 3.4, 5.4): the tenant the session is
+/// authorised for (`sending`), unless the mail is inbound for it (a sender outside its
+/// domains to a recipient inside them).
+pub fn charged(
+    tenants: &Tenants,
+    sending: Option<TenantId>,
+    sender: &str,
+    recipient: &str,
+) -> Option<TenantId> {
+    let id = sending?;
+    let ours = |address: &str| {
+        address
+            .parse::<Address>()
+            .ok()
+            .and_then(|a| tenants.of_address(&a))
+            == Some(id)
+    };
+    let inbound = !ours(sender) && ours(recipient);
+    (!inbound).then_some(id)
 }
 
 /// Distinguishes this process's holds from other replicas' in a shared store.
@@ -179,26 +213,8 @@ fn hold_id(transaction: &str) -> String {
 }
 
 impl Quotas {
-    pub fn new(config: &RelayConfig, store: Arc<dyn QuotaStore>, metrics: Arc<Metrics>) -> Self {
-        let tenants = config
-            .tenants
-            .iter()
-            .map(|(name, t)| {
-                (
-                    name.clone(),
-                    TenantQuota {
-                        limits: t.limits.clone(),
-                        users: t
-                            .users
-                            .iter()
-                            .map(|u| u.to_string().to_ascii_lowercase())
-                            .collect(),
-                    },
-                )
-            })
-            .collect();
+    pub fn new(store: Arc<dyn QuotaStore>, metrics: Arc<Metrics>) -> Self {
         Self {
-            tenants,
             store,
             metrics,
             hold_ttl: Duration::from_secs(900),
@@ -207,29 +223,18 @@ impl Quotas {
         }
     }
 
-    /// The counters a recipient touches (pure: SPEC 3.4's counting rules). Empty when the
-    /// session is bound to no tenant (inbound mail from the Internet is not relayed mail).
-    pub fn counters(&self, query: &RecipientQuery) -> Vec<Counter> {
-        let Some((name, tenant)) = query
-            .tenant
-            .as_deref()
-            .and_then(|n| self.tenants.get_key_value(n))
-        else {
-            return Vec::new();
-        };
-        counters(name, &tenant.limits, &tenant.users, query)
-    }
-
-    /// Checks one recipient and reserves for it.
-    pub async fn admit(&self, query: &RecipientQuery) -> Admission {
-        let counters = self.counters(query);
-        if counters.is_empty() {
-            return Admission {
-                verdict: Ok(()),
-                hold: None,
-            };
-        }
-        let id = hold_id(&query.transaction);
+    /// Checks one recipient against `tenant`'s counters and reserves for it. `Ok(None)`: the
+    /// store could not answer and `--store-failure open` lets it through uncounted.
+    pub async fn reserve(
+        &self,
+        transaction: &str,
+        tenant: &Tenant,
+        sender: &str,
+        recipient: &str,
+        accepted: usize,
+    ) -> Result<Option<Hold>, Exceeded> {
+        let counters = counters(tenant, sender, recipient, accepted);
+        let id = hold_id(transaction);
         let answer = tokio::time::timeout(
             self.store_timeout,
             self.store.reserve(&id, &counters, self.hold_ttl),
@@ -237,14 +242,11 @@ impl Quotas {
         .await
         .unwrap_or_else(|_| Err(StoreError("timed out".to_owned())));
         match answer {
-            Ok(Reservation::Granted(reserved)) => Admission {
-                verdict: Ok(()),
-                hold: Some(Hold {
-                    id,
-                    counters,
-                    reserved,
-                }),
-            },
+            Ok(Reservation::Granted(reserved)) => Ok(Some(Hold {
+                id,
+                counters,
+                reserved,
+            })),
             Ok(Reservation::Exceeded(i)) => {
                 let limit = counters
                     .get(i)
@@ -252,27 +254,20 @@ impl Quotas {
                 self.metrics
                     .quota_rejections
                     .get_or_create(&QuotaLabels {
-                        tenant: query.tenant.as_deref().unwrap_or_default().to_owned(),
+                        tenant: tenant.name.to_string(),
                         limit: limit.as_str().to_owned(),
                     })
                     .inc();
-                tracing::info!(transaction = %query.transaction, tenant = ?query.tenant, limit = limit.as_str(), "quota reached");
-                Admission {
-                    verdict: Err(limit.reply()),
-                    hold: None,
-                }
+                tracing::info!(%transaction, tenant = %tenant.name, limit = limit.as_str(), "quota reached");
+                Err(Exceeded::Limit(limit))
             }
             Err(e) => {
                 self.metrics.store_errors.inc();
-                tracing::warn!(transaction = %query.transaction, error = %e, open = self.store_failure_open, "quota store unavailable");
-                let verdict = if self.store_failure_open {
-                    Ok(())
+                tracing::warn!(%transaction, error = %e, open = self.store_failure_open, "quota store unavailable");
+                if self.store_failure_open {
+                    Ok(None)
                 } else {
-                    Err(Reply::store_unavailable())
-                };
-                Admission {
-                    verdict,
-                    hold: None,
+                    Err(Exceeded::Store)
                 }
             }
         }
@@ -295,22 +290,15 @@ impl Quotas {
     }
 }
 
-/// SPEC 3.4's counting rules for one recipient of a session bound to tenant `name`.
-pub fn counters(
-    name: &str,
-    limits: &Limits,
-    users: &HashSet<String>,
-    query: &RecipientQuery,
-) -> Vec<Counter> {
-    let registered = query
-        .sender
-        .parse::<Address>()
-        .ok()
-        .map(|a| a.to_string().to_ascii_lowercase())
-        .filter(|a| users.contains(a));
+/// SPEC 3.4's counting rules for one recipient that `tenant` sends (see [`charged`]):
+/// `accepted` recipients of the message were accepted before it.
+pub fn counters(tenant: &Tenant, sender: &str, recipient: &str, accepted: usize) -> Vec<Counter> {
+    let name = &*tenant.name;
+    let limits: &Limits = &tenant.limits;
+    let registered = Mailbox::parse(sender).filter(|m| tenant.is_user(m));
     let mut out = Vec::with_capacity(4);
     if let Some(user) = &registered {
-        if query.accepted == 0 {
+        if accepted == 0 {
             out.push(Counter {
                 limit: Limit::UserMessagesPerDay,
                 key: format!("{{{name}}}:user:{user}:messages"),
@@ -325,7 +313,10 @@ pub fn counters(
             key: format!("{{{name}}}:user:{user}:recipients"),
             max: limits.per_user_unique_recipients_per_day,
             window: DAY,
-            member: Some(query.recipient.to_ascii_lowercase()),
+            member: Some(
+                Mailbox::parse(recipient)
+                    .map_or_else(|| recipient.to_lowercase(), |m| m.as_str().to_owned()),
+            ),
             enforce: true,
         });
     }
@@ -356,28 +347,23 @@ pub fn counters(
 mod tests {
     use super::*;
 
-    fn query(sender: &str, recipient: &str, accepted: usize) -> RecipientQuery {
-        RecipientQuery {
-            transaction: "s.1".into(),
-            tenant: Some(Arc::from("acme")),
-            sender: sender.into(),
-            recipient: recipient.into(),
-            accepted,
-        }
+    use mailroute_config::{Manifests, compile};
+
+    /// A Trial tenant `acme` (100 a day, 50 per 10 minutes) with one registered user.
+    fn tenants(block_all: bool) -> Tenants {
+        let yaml = format!(
+            "apiVersion: mailroute.io/v1alpha1\nkind: RelayPolicy\nmetadata: {{name: acme, namespace: mail}}\nspec:\n  domains: [acme.example]\n  licenses: 1\n  tier: Trial\n  users: [Alice@acme.example]\n  limits: {{blockAllSendersOnCustomerLimit: {block_all}}}\n  authentication:\n    ipRanges: [{{cidr: 10.1.0.0/16}}]\n"
+        );
+        let mut m = Manifests::default();
+        m.add_yaml(std::path::Path::new("t.yaml"), &yaml)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let compiled = compile(&m.namespaces.remove("mail").unwrap_or_default());
+        assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
+        Tenants::new(&compiled.config)
     }
 
-    fn limits(block_all: bool) -> Limits {
-        Limits {
-            per_user_messages_per_day: 10_000,
-            per_user_unique_recipients_per_day: 130,
-            per_customer_recipients_per_day: 100,
-            per_customer_recipients_per_10_minutes: 50,
-            block_all_senders_on_customer_limit: block_all,
-        }
-    }
-
-    fn users() -> HashSet<String> {
-        ["alice@acme.example".to_owned()].into_iter().collect()
+    fn acme(tenants: &Tenants) -> &Tenant {
+        tenants.by_name("acme").unwrap_or_else(|| panic!("acme"))
     }
 
     fn kinds(counters: &[Counter]) -> Vec<(Limit, bool)> {
@@ -387,10 +373,10 @@ mod tests {
     #[test]
     fn a_registered_user_counts_the_message_once_and_each_recipient_uniquely() {
         let first = counters(
-            "acme",
-            &limits(false),
-            &users(),
-            &query("Alice@acme.example", "Bob@Other.example", 0),
+            acme(&tenants(false)),
+            "Alice@acme.example",
+            "Bob@Other.example",
+            0,
         );
         assert_eq!(
             kinds(&first),
@@ -403,10 +389,10 @@ mod tests {
         );
         assert_eq!(first[1].member.as_deref(), Some("bob@other.example"));
         let second = counters(
-            "acme",
-            &limits(false),
-            &users(),
-            &query("alice@acme.example", "carol@other.example", 1),
+            acme(&tenants(false)),
+            "alice@acme.example",
+            "carol@other.example",
+            1,
         );
         assert_eq!(second[0].limit, Limit::UserUniqueRecipientsPerDay);
         assert_eq!(second.len(), 3);
@@ -415,10 +401,10 @@ mod tests {
     #[test]
     fn other_senders_have_no_user_limits_and_meet_the_tenant_limits() {
         let c = counters(
-            "acme",
-            &limits(false),
-            &users(),
-            &query("app@acme.example", "bob@other.example", 0),
+            acme(&tenants(false)),
+            "app@acme.example",
+            "bob@other.example",
+            0,
         );
         assert_eq!(
             kinds(&c),
@@ -435,10 +421,10 @@ mod tests {
     #[test]
     fn blocking_all_senders_enforces_tenant_limits_on_registered_users() {
         let c = counters(
-            "acme",
-            &limits(true),
-            &users(),
-            &query("alice@acme.example", "bob@other.example", 3),
+            acme(&tenants(true)),
+            "alice@acme.example",
+            "bob@other.example",
+            3,
         );
         assert_eq!(
             kinds(&c),
@@ -448,6 +434,31 @@ mod tests {
                 (Limit::CustomerRecipientsPer10Minutes, true),
             ]
         );
+    }
+
+    #[test]
+    fn only_mail_the_tenant_sends_is_charged() {
+        let t = tenants(false);
+        let acme = t.id("acme");
+        // An outsider (no authorised session) is charged nothing, whatever it sends.
+        assert_eq!(
+            charged(&t, None, "alice@acme.example", "postmaster@acme.example"),
+            None
+        );
+        // Inbound through the tenant's own authorised server (a legacy primary forwarding).
+        assert_eq!(
+            charged(&t, acme, "news@outside.example", "bob@acme.example"),
+            None
+        );
+        // Sent: internal, outbound, a bounce out, a foreign sender relayed out (rewritten).
+        for (from, to) in [
+            ("alice@acme.example", "bob@acme.example"),
+            ("app@sub.acme.example", "x@outside.example"),
+            ("", "x@outside.example"),
+            ("vendor@outside.example", "x@outside.example"),
+        ] {
+            assert_eq!(charged(&t, acme, from, to), acme, "{from} -> {to}");
+        }
     }
 
     #[test]

@@ -17,8 +17,8 @@
 //!   recovers without a restart while Redis is away (SPEC 5.3a).
 
 use crate::delivery::ledger::{self, Key, Ledger, StoreError};
+use crate::interfaces::BoxFuture;
 use crate::quota::{BUCKETS, Counter, Hold, QuotaStore, Reservation};
-use crate::server::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -10,13 +10,13 @@ mod plan;
 
 pub use plan::{Leg, LegRecipient, Plan};
 
-use crate::policy::domains::DomainIndex;
-use crate::smtp::reply::Reply;
+use crate::reply::Reply;
+use crate::tenants::{Tenant, TenantId, Tenants};
 use mailroute_config::RelayConfig;
-use mailroute_config::document::{Header, Matcher, Rule};
+use mailroute_config::document::{Header, Matcher};
 use mailroute_config::names::{Address, Domain};
 use mailroute_config::resources::{AccountType, DeliveryMode, MessageKind, RuleMode};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -91,6 +91,35 @@ pub struct CopyTo {
     pub suppress_bounces: bool,
 }
 
+/// Why a recipient has no route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unroutable {
+    /// A rule's `actions.reject`, with the rule's reply.
+    Rejected(Reply),
+    /// Neither the recipient nor the session belongs to a tenant.
+    NoTenant,
+    /// Not an address with a domain, and no outbound route to hand it to.
+    NoDomain,
+}
+
+impl Unroutable {
+    pub fn reply(&self) -> Reply {
+        match self {
+            Unroutable::Rejected(reply) => reply.clone(),
+            Unroutable::NoTenant => Reply::new(
+                550,
+                "5.7.1",
+                "Relaying denied: the recipient belongs to no tenant of this relay",
+            ),
+            Unroutable::NoDomain => Reply::new(
+                550,
+                "5.1.3",
+                "Cannot route to this address: no domain to look up",
+            ),
+        }
+    }
+}
+
 /// Where one recipient goes, after its tenant's rules.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecipientRoute {
@@ -108,66 +137,33 @@ pub struct RecipientRoute {
     pub matches: Vec<RuleMatch>,
 }
 
-#[derive(Debug)]
-struct Group {
-    address: Address,
-    members: HashSet<Address>,
-}
-
-#[derive(Debug)]
-struct TenantRouting {
-    name: Arc<str>,
-    users: HashSet<Address>,
-    groups: HashMap<String, Group>,
-    group_addresses: HashSet<Address>,
-    inbound_route: Option<Arc<str>>,
-    outbound_route: Option<Arc<str>>,
-    rules: Vec<(Arc<str>, Rule)>,
+impl RecipientRoute {
+    /// A recipient of `tenant` going to `target` as written, no rule applied (stand-in
+    /// admissions in protocol tests and fuzzing).
+    pub fn plain(tenant: &str, direction: Direction, target: Target, recipient: &str) -> Self {
+        Self {
+            tenant: Arc::from(tenant),
+            direction,
+            target,
+            deliver_as: recipient.to_owned(),
+            require_tls: false,
+            headers: Vec::new(),
+            copies: Vec::new(),
+            matches: Vec::new(),
+        }
+    }
 }
 
 /// The routing tables built once per configuration.
 #[derive(Debug)]
 pub struct Router {
-    tenants: Vec<TenantRouting>,
-    domains: DomainIndex,
+    tenants: Arc<Tenants>,
     /// Route name -> whether a failure of its legs holds the client's reply.
     required: HashMap<Arc<str>, bool>,
 }
 
 impl Router {
-    pub fn new(config: &RelayConfig) -> Self {
-        let tenants = config
-            .tenants
-            .iter()
-            .map(|(name, tenant)| {
-                let groups: HashMap<String, Group> = tenant
-                    .groups
-                    .iter()
-                    .map(|g| {
-                        (
-                            g.name.clone(),
-                            Group {
-                                address: g.address.clone(),
-                                members: g.members.iter().cloned().collect(),
-                            },
-                        )
-                    })
-                    .collect();
-                TenantRouting {
-                    name: Arc::from(name.as_str()),
-                    users: tenant.users.iter().cloned().collect(),
-                    group_addresses: groups.values().map(|g| g.address.clone()).collect(),
-                    groups,
-                    inbound_route: tenant.inbound_route.as_deref().map(Arc::from),
-                    outbound_route: tenant.outbound_route.as_deref().map(Arc::from),
-                    rules: tenant
-                        .rules
-                        .iter()
-                        .map(|r| (Arc::from(r.name.as_str()), r.clone()))
-                        .collect(),
-                }
-            })
-            .collect();
+    pub fn new(config: &RelayConfig, tenants: Arc<Tenants>) -> Self {
         let required = config
             .routes
             .iter()
@@ -178,11 +174,12 @@ impl Router {
                 )
             })
             .collect();
-        Self {
-            tenants,
-            domains: DomainIndex::new(config),
-            required,
-        }
+        Self { tenants, required }
+    }
+
+    /// The tenant table the router was built with.
+    pub fn tenants(&self) -> &Arc<Tenants> {
+        &self.tenants
     }
 
     /// Whether a failure of a leg to `target` holds the client's reply (SPEC 6.5). Direct MX
@@ -194,10 +191,6 @@ impl Router {
         }
     }
 
-    fn tenant_index(&self, name: &str) -> Option<usize> {
-        self.tenants.iter().position(|t| &*t.name == name)
-    }
-
     /// Where `recipient` goes for a message from `sender` in a session bound to `bound`
     /// (SPEC 6.1-6.2), or the reply refusing it at RCPT time (a rule's `reject`).
     ///
@@ -207,27 +200,20 @@ impl Router {
     /// match is only recorded.
     pub fn route_recipient(
         &self,
-        bound: Option<&str>,
+        bound: Option<TenantId>,
         sender: &str,
         recipient: &str,
-    ) -> Result<RecipientRoute, Reply> {
+    ) -> Result<RecipientRoute, Unroutable> {
         let address = recipient.parse::<Address>().ok();
-        let recipient_tenant = address
-            .as_ref()
-            .and_then(|a| self.domains.tenant_of(a.domain().as_str()));
-        let Some(index) = recipient_tenant.or_else(|| bound.and_then(|b| self.tenant_index(b)))
-        else {
-            return Err(Reply::new(
-                550,
-                "5.7.1",
-                "Relaying denied: the recipient belongs to no tenant of this relay",
-            ));
+        let recipient_tenant = address.as_ref().and_then(|a| self.tenants.of_address(a));
+        let Some(index) = recipient_tenant.or(bound) else {
+            return Err(Unroutable::NoTenant);
         };
-        let tenant = &self.tenants[index];
+        let tenant = self.tenants.get(index);
         let sender_address = sender.parse::<Address>().ok();
         let sender_internal = sender_address
             .as_ref()
-            .and_then(|a| self.domains.tenant_of(a.domain().as_str()))
+            .and_then(|a| self.tenants.of_address(a))
             == Some(index);
         let recipient_internal = recipient_tenant == Some(index);
         let direction = match (recipient_internal, sender_internal) {
@@ -236,9 +222,10 @@ impl Router {
             (false, _) => Direction::Outbound,
         };
         let account_type = address.as_ref().map(|a| {
-            if tenant.users.contains(a) {
+            let mailbox = a.mailbox();
+            if tenant.users.contains(&mailbox) {
                 AccountType::Users
-            } else if tenant.group_addresses.contains(a) {
+            } else if tenant.group_addresses.contains(&mailbox) {
                 AccountType::Groups
             } else {
                 AccountType::Unrecognized
@@ -285,11 +272,11 @@ impl Router {
             }
             let actions = &rule.actions;
             if let Some(reject) = &actions.reject {
-                return Err(Reply::relayed(
+                return Err(Unroutable::Rejected(Reply::relayed(
                     reject.code,
                     Some(&reject.enhanced_code),
                     reject.text.clone(),
-                ));
+                )));
             }
             if route.is_none() {
                 route = actions.route.as_deref().map(Arc::from);
@@ -333,13 +320,7 @@ impl Router {
             (None, Some(a)) => self.default_target(index, a),
             (None, None) => match &tenant.outbound_route {
                 Some(name) => Target::Route(Arc::clone(name)),
-                None => {
-                    return Err(Reply::new(
-                        550,
-                        "5.1.3",
-                        "Cannot route to this address: no domain to look up",
-                    ));
-                }
+                None => return Err(Unroutable::NoDomain),
             },
         };
         let deliver_as = match (&address, rewrite) {
@@ -361,8 +342,8 @@ impl Router {
     /// The normal destination of an address for a tenant: its `inboundRoute` when the address
     /// is in its domains, else its `outboundRoute`, else the address's MX hosts.
     fn default_target(&self, tenant: usize, address: &Address) -> Target {
-        let facts = &self.tenants[tenant];
-        let internal = self.domains.tenant_of(address.domain().as_str()) == Some(tenant);
+        let facts = self.tenants.get(tenant);
+        let internal = self.tenants.of_address(address) == Some(tenant);
         let route = if internal {
             facts.inbound_route.as_ref()
         } else {
@@ -376,20 +357,23 @@ impl Router {
 
     fn matcher(
         &self,
-        tenant: &TenantRouting,
+        tenant: &Tenant,
         matcher: &Matcher,
         address: Option<&Address>,
         raw: &str,
     ) -> bool {
         match matcher {
-            Matcher::Address(expected) => address == Some(expected),
+            Matcher::Address(expected) => address.is_some_and(|a| a.same_mailbox(expected)),
             Matcher::Pattern(pattern) => match address {
                 Some(a) => pattern.is_match(&a.to_string()),
                 None => pattern.is_match(raw),
             },
             Matcher::Domain(domain) => address.is_some_and(|a| a.domain().is_within(domain)),
             Matcher::Group(name) => match (tenant.groups.get(name), address) {
-                (Some(group), Some(a)) => group.address == *a || group.members.contains(a),
+                (Some(group), Some(a)) => {
+                    let mailbox = a.mailbox();
+                    group.address == mailbox || group.members.contains(&mailbox)
+                }
                 _ => false,
             },
         }

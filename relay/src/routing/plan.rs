@@ -2,7 +2,7 @@
 //! transaction per (target, copy or not, TLS requirement, added headers), copies deduplicated.
 
 use super::{Direction, RecipientRoute, Router, RuleMatch, Target};
-use crate::smtp::reply::Reply;
+use crate::reply::Reply;
 use mailroute_config::document::Header;
 use std::collections::HashSet;
 
@@ -36,8 +36,8 @@ pub struct Leg {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub legs: Vec<Leg>,
-    /// Recipients refused by the configuration in force at end of data (it may have changed
-    /// since RCPT): index of the client's recipient and the reply.
+    /// Recipients that cannot be delivered (no route was decided for them): index of the
+    /// client's recipient and the reply.
     pub refused: Vec<(usize, Reply)>,
     /// Tenant and direction per client recipient (`None` when refused), for metrics.
     pub recipients: Vec<Option<(std::sync::Arc<str>, Direction)>>,
@@ -48,9 +48,8 @@ pub struct Plan {
 }
 
 impl Router {
-    /// Plans the delivery of a message. `is_copy`: the message carries another relay's loop
-    /// marker, so it gets no further copies (two relays copying to each other stop after one
-    /// hop).
+    /// Routes every recipient of a message from `sender` in a session bound to `bound`, then
+    /// plans its delivery (the whole decision at once: `explain`, tests).
     pub fn plan(
         &self,
         bound: Option<&str>,
@@ -58,10 +57,29 @@ impl Router {
         recipients: &[String],
         is_copy: bool,
     ) -> Plan {
+        let bound = bound.and_then(|b| self.tenants().id(b));
+        self.plan_routes(
+            recipients.iter().map(|r| {
+                self.route_recipient(bound, sender, r)
+                    .map_err(|u| u.reply())
+            }),
+            is_copy,
+        )
+    }
+
+    /// Plans the delivery of a message whose recipients were routed at RCPT time (one route, or
+    /// the refusal, per client recipient, in order). `is_copy`: the message carries another
+    /// relay's loop marker, so it gets no further copies (two relays copying to each other stop
+    /// after one hop).
+    pub fn plan_routes(
+        &self,
+        routes: impl IntoIterator<Item = Result<RecipientRoute, Reply>>,
+        is_copy: bool,
+    ) -> Plan {
         let mut plan = Plan::default();
-        let mut routed: Vec<(usize, RecipientRoute)> = Vec::with_capacity(recipients.len());
-        for (i, recipient) in recipients.iter().enumerate() {
-            match self.route_recipient(bound, sender, recipient) {
+        let mut routed: Vec<(usize, RecipientRoute)> = Vec::new();
+        for (i, route) in routes.into_iter().enumerate() {
+            match route {
                 Ok(route) => {
                     plan.recipients.push(Some((
                         std::sync::Arc::clone(&route.tenant),

@@ -2,7 +2,9 @@
 //! carries out the session's events (TLS upgrade, credential check, delivery) with timeouts.
 
 use super::{Generation, Shared};
-use crate::smtp::reply::Reply;
+use crate::interfaces::RefusalReason;
+use crate::metrics::{ListenerResultLabels, RefusalLabels};
+use crate::reply::Reply;
 use crate::smtp::session::{AuthOutcome, Event, ListenerKind, Session, TlsInfo};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -79,23 +81,21 @@ enum End {
     Close,
 }
 
-/// The configuration generation a session uses, and what its current transaction reserved
-/// at RCPT time (quotas) until the transaction ends.
+/// The configuration generation a session uses, and the transaction the admission holds
+/// something for (quota reservations) until it ends.
 struct Current {
     generation: Arc<Generation>,
-    holds: Vec<crate::quota::Hold>,
+    open: Option<Arc<str>>,
 }
 
 impl Current {
-    /// Settles (`accepted`) or releases everything held.
-    async fn finish(&mut self, accepted: bool) {
-        if self.holds.is_empty() {
+    /// Tells the admission that the open transaction ended (`accepted`: the client heard 250).
+    async fn end(&mut self, accepted: bool) {
+        let Some(transaction) = self.open.take() else {
             return;
-        }
+        };
         if let Some(admit) = &self.generation.admit {
-            admit
-                .finish(std::mem::take(&mut self.holds), accepted)
-                .await;
+            admit.end(&transaction, accepted).await;
         }
     }
 }
@@ -111,11 +111,11 @@ pub(crate) async fn drive(
 ) {
     let mut current = Current {
         generation: shared.generation.load_full(),
-        holds: Vec::new(),
+        open: None,
     };
     run(conn, peer, listener, &shared, shutdown, id, &mut current).await;
     // NB: a client that disconnects in the middle of a transaction releases what it held.
-    current.finish(false).await;
+    current.end(false).await;
 }
 
 async fn run(
@@ -192,7 +192,7 @@ async fn run(
         .await;
         if !session.in_transaction() {
             // RSET, a new STARTTLS, a refused message: nothing of it will be accepted.
-            current.finish(false).await;
+            current.end(false).await;
             // Between transactions: the next one uses the configuration in force now.
             let latest = shared.generation.load();
             if !Arc::ptr_eq(&latest, &current.generation) {
@@ -272,9 +272,15 @@ async fn process(
                     let Conn::Plain(stream) = std::mem::replace(conn, Conn::Detached) else {
                         return Err(End::Close);
                     };
-                    match timeout(shared.limits.tls_handshake_timeout, acceptor.accept(stream))
-                        .await
-                    {
+                    let handshake =
+                        timeout(shared.limits.tls_handshake_timeout, acceptor.accept(stream)).await;
+                    let result = match &handshake {
+                        Ok(Ok(_)) => "success",
+                        Ok(Err(_)) => "failure",
+                        Err(_) => "timeout",
+                    };
+                    count_tls(shared, session.listener(), result);
+                    match handshake {
                         Ok(Ok(tls)) => {
                             *conn = Conn::Tls(Box::new(tls));
                             if let Some(info) = conn.tls_info() {
@@ -282,8 +288,12 @@ async fn process(
                             }
                             resumed = true;
                         }
-                        _ => {
-                            tracing::debug!("STARTTLS handshake failed");
+                        Ok(Err(e)) => {
+                            tracing::info!(error = %e, "STARTTLS handshake failed");
+                            return Err(End::Close);
+                        }
+                        Err(_) => {
+                            tracing::info!("STARTTLS handshake timed out");
                             return Err(End::Close);
                         }
                     }
@@ -298,29 +308,53 @@ async fn process(
                             current.generation.auth.as_ref(),
                         )
                         .await;
+                    let result = match outcome {
+                        AuthOutcome::Accepted => "accepted",
+                        AuthOutcome::Refused => "refused",
+                        AuthOutcome::Throttled => "throttled",
+                        AuthOutcome::Busy => "busy",
+                    };
+                    shared
+                        .metrics
+                        .auth
+                        .get_or_create(&ListenerResultLabels {
+                            listener: session.listener().as_str(),
+                            result,
+                        })
+                        .inc();
                     if outcome != AuthOutcome::Accepted {
-                        tracing::info!(username = %username, outcome = ?outcome, "authentication failed");
+                        tracing::info!(username = %username, result, "authentication failed");
                     }
                     session.auth_result(&username, outcome, &mut more);
                     resumed = true;
                 }
                 Event::CheckRecipient(query) => {
-                    if query.accepted == 0 {
-                        // Holds belong to accepted recipients only: these are left from a
-                        // transaction ended by a command pipelined in the same read (RSET).
-                        current.finish(false).await;
+                    if current.open.as_ref() != Some(&query.transaction) {
+                        // What an earlier transaction reserved, ended by a command pipelined in
+                        // the same read (RSET): released before the next one asks.
+                        current.end(false).await;
                     }
                     let verdict = match &current.generation.admit {
-                        None => Ok(()),
-                        Some(admit) => {
-                            let admission = admit.admit(&query).await;
-                            current.holds.extend(admission.hold);
-                            admission.verdict
-                        }
+                        None => Err(crate::interfaces::Refusal::new(
+                            RefusalReason::RelayDenied,
+                            Reply::new(550, "5.7.1", "Relaying denied"),
+                        )),
+                        Some(admit) => admit.admit(&query).await,
                     };
+                    current.open = Some(Arc::clone(&query.transaction));
+                    match &verdict {
+                        Ok(admitted) => {
+                            tracing::debug!(transaction = %query.transaction, tenant = admitted.tenant.as_deref(), direction = admitted.route.direction.as_str(), target = %admitted.route.target, "recipient accepted");
+                        }
+                        Err(refusal) => {
+                            count_refusal(shared, refusal.tenant.as_deref(), refusal.reason);
+                            tracing::info!(transaction = %query.transaction, reason = refusal.reason.as_str(), reply = %refusal.reply, "recipient refused");
+                        }
+                    }
                     session.recipient_checked(verdict, &mut more);
                     resumed = true;
                 }
+                Event::RecipientRefused(reason) => count_refusal(shared, None, reason),
                 Event::Message(transaction) => {
                     if !out.is_empty() {
                         if conn.write_all(out).await.is_err() {
@@ -336,14 +370,17 @@ async fn process(
                     .await
                     {
                         Ok(reply) => reply,
-                        Err(_) => Reply::new(
-                            451,
-                            "4.4.5",
-                            "Delivery did not finish in time; try again later",
-                        ),
+                        Err(_) => {
+                            tracing::warn!(transaction = %id, "delivery did not finish within the reply bound");
+                            Reply::new(
+                                451,
+                                "4.4.5",
+                                "Delivery did not finish in time; try again later",
+                            )
+                        }
                     };
-                    tracing::info!(transaction = %id, code = reply.code(), "transaction finished");
-                    current.finish(reply.is_positive()).await;
+                    current.open = Some(id);
+                    current.end(reply.is_positive()).await;
                     session.delivered(reply, &mut more);
                     resumed = true;
                 }
@@ -354,4 +391,28 @@ async fn process(
             return Ok(());
         }
     }
+}
+
+/// `mailroute_relay_rcpt_refusals_total`.
+fn count_refusal(shared: &Shared, tenant: Option<&str>, reason: RefusalReason) {
+    shared
+        .metrics
+        .rcpt_refusals
+        .get_or_create(&RefusalLabels {
+            tenant: tenant.unwrap_or("none").to_owned(),
+            reason: reason.as_str(),
+        })
+        .inc();
+}
+
+/// `mailroute_relay_tls_handshakes_total`.
+pub(super) fn count_tls(shared: &Shared, listener: ListenerKind, result: &'static str) {
+    shared
+        .metrics
+        .tls_handshakes
+        .get_or_create(&ListenerResultLabels {
+            listener: listener.as_str(),
+            result,
+        })
+        .inc();
 }

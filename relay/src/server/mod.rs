@@ -1,17 +1,16 @@
 //! Listeners and sessions: accepts connections on the smtp, submission and smtps listeners,
 //! runs each session's driver, limits concurrent sessions, and shuts down gracefully.
 
-pub mod auth_throttle;
 mod connection;
 pub mod proxy;
 pub mod tls;
 
+use crate::auth::throttle::AuthThrottle;
+use crate::interfaces::{Admit, Authenticator, Deliver};
 use crate::metrics::Metrics;
-use crate::smtp::reply::Reply;
-use crate::smtp::session::{ListenerKind, RecipientQuery, SessionConfig, Transaction};
-use auth_throttle::AuthThrottle;
+use crate::reply::Reply;
+use crate::smtp::session::{ListenerKind, SessionConfig};
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -19,37 +18,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tracing::Instrument;
-
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// Takes an accepted message somewhere and says what to tell the client.
-pub trait Deliver: Send + Sync + 'static {
-    fn deliver(&self, transaction: Transaction) -> BoxFuture<'_, Reply>;
-    /// Periodic upkeep (closing idle upstream connections); called every few seconds.
-    fn sweep(&self) {}
-}
-
-/// Decisions on a recipient at RCPT time that need I/O (sending quotas in a shared store,
-/// recipient verification with the upstream), and the end of what they reserved.
-pub trait Admit: Send + Sync + 'static {
-    fn admit<'a>(&'a self, query: &'a RecipientQuery) -> BoxFuture<'a, Admission>;
-    /// The transaction ended: `accepted` when the client was told `250` for it; otherwise
-    /// (refused, deferred, RSET, disconnect) what `holds` reserved is released.
-    fn finish(&self, holds: Vec<crate::quota::Hold>, accepted: bool) -> BoxFuture<'_, ()>;
-}
-
-/// The answer to one [`Admit::admit`].
-#[derive(Debug)]
-pub struct Admission {
-    pub verdict: Result<(), Reply>,
-    /// What was reserved for the recipient; settled or released when the transaction ends.
-    pub hold: Option<crate::quota::Hold>,
-}
-
-/// Checks SMTP AUTH credentials.
-pub trait Authenticator: Send + Sync + 'static {
-    fn check<'a>(&'a self, username: &'a str, password: &'a str) -> BoxFuture<'a, bool>;
-}
 
 /// Time and size limits of the server.
 #[derive(Clone, Debug)]
@@ -101,7 +69,8 @@ pub struct Generation {
     pub session: Arc<SessionConfig>,
     pub deliver: Arc<dyn Deliver>,
     pub auth: Arc<dyn Authenticator>,
-    /// RCPT-time checks with I/O; `None` accepts what the session's own checks accept.
+    /// The RCPT decision (`crate::admission`); `None` accepts what the session's own checks
+    /// accept (protocol tests).
     pub admit: Option<Arc<dyn Admit>>,
 }
 
@@ -320,8 +289,19 @@ async fn serve(
             match tokio::time::timeout(shared.limits.tls_handshake_timeout, acceptor.accept(stream))
                 .await
             {
-                Ok(Ok(tls)) => connection::Conn::Tls(Box::new(tls)),
-                _ => return,
+                Ok(Ok(tls)) => {
+                    connection::count_tls(&shared, kind, "success");
+                    connection::Conn::Tls(Box::new(tls))
+                }
+                Ok(Err(e)) => {
+                    connection::count_tls(&shared, kind, "failure");
+                    tracing::info!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    connection::count_tls(&shared, kind, "timeout");
+                    return;
+                }
             }
         }
         ListenerKind::Smtp | ListenerKind::Submission => {

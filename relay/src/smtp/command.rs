@@ -2,7 +2,7 @@
 //! checks smtp-proto does not make (a CR, NUL or bare LF inside a command), then smtp-proto's
 //! parser for the grammar, and the parameters we advertise.
 
-use super::reply::Reply;
+use crate::reply::Reply;
 use memchr::memchr;
 use smtp_proto::{
     Error as ProtoError, MAIL_BODY_7BIT, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8, MailFrom, RcptTo,

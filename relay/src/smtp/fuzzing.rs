@@ -4,8 +4,8 @@
 
 use super::command::{Framed, LineFramer, parse};
 use super::data::{BdatChecker, DataReceiver, DataStatus, dot_stuff};
-use super::reply::Reply;
 use super::session::{AuthOutcome, Event, ListenerKind, Session, SessionConfig, TlsInfo};
+use crate::reply::Reply;
 use std::sync::Arc;
 
 /// Published SMTP smuggling end-of-data variants (bare LF, bare CR, and their mixes with dots
@@ -161,7 +161,7 @@ pub fn session(data: &[u8]) {
                 let mut more = Vec::new();
                 match event {
                     Event::Close => closed = true,
-                    Event::Reply(_) => {}
+                    Event::Reply(_) | Event::RecipientRefused(_) => {}
                     Event::StartTls => {
                         pending.clear();
                         session.tls_started(TlsInfo {
@@ -182,9 +182,21 @@ pub fn session(data: &[u8]) {
                     Event::CheckRecipient(q) => {
                         assert!(!q.recipient.is_empty());
                         let verdict = if q.accepted % 3 == 2 {
-                            Err(Reply::new(450, "4.2.1", "limit"))
+                            Err(crate::interfaces::Refusal::new(
+                                crate::interfaces::RefusalReason::Quota,
+                                Reply::new(450, "4.2.1", "limit"),
+                            ))
                         } else {
-                            Ok(())
+                            Ok(crate::interfaces::Admitted {
+                                tenant: None,
+                                route: crate::routing::RecipientRoute::plain(
+                                    "fuzz",
+                                    crate::routing::Direction::Inbound,
+                                    crate::routing::Target::Route(std::sync::Arc::from("sink")),
+                                    &q.recipient,
+                                ),
+                                rewrite_sender: None,
+                            })
                         };
                         session.recipient_checked(verdict, &mut more);
                         resumed = true;

@@ -9,9 +9,12 @@
 
 use super::command::{Framed, LineFramer, parse};
 use super::data::{BdatChecker, DataReceiver, DataStatus};
-use super::reply::Reply;
-use base64::Engine;
-use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8, Request};
+use super::{received, sasl};
+use crate::interfaces::{
+    Admitted, Recipient, RecipientQuery, Refusal, RefusalReason, SessionFacts, Transaction,
+};
+use crate::reply::Reply;
+use smtp_proto::{MAIL_BODY_8BITMIME, MAIL_SMTPUTF8, Request};
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -59,12 +62,9 @@ pub struct SessionConfig {
     pub max_received_headers: usize,
     /// The clock for `Received:` dates.
     pub now: fn() -> SystemTime,
-    /// Tenants and the no-open-relay rule; `None` accepts every recipient (protocol tests).
-    pub directory: Option<Arc<crate::policy::tenants::Directory>>,
-    /// Routing rules, for refusals at RCPT time (`actions.reject`).
-    pub router: Option<Arc<crate::routing::Router>>,
-    /// Ask the driver about every recipient that passed the checks above
-    /// ([`Event::CheckRecipient`]): quotas, recipient verification with the upstream.
+    /// Ask the driver about every recipient that passes the protocol's checks
+    /// ([`Event::CheckRecipient`]: the RCPT decision of `crate::admission`). Off, every such
+    /// recipient is accepted unrouted (protocol tests with a stand-in delivery).
     pub check_recipients: bool,
 }
 
@@ -80,51 +80,12 @@ impl SessionConfig {
             max_idle_commands: 100,
             max_received_headers: 50,
             now: SystemTime::now,
-            directory: None,
-            router: None,
             check_recipients: false,
         }
     }
 }
 
-/// The negotiated TLS parameters, for `Received:` and logs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TlsInfo {
-    pub version: String,
-    pub cipher: String,
-}
-
-/// An accepted message, handed to delivery.
-#[derive(Debug)]
-pub struct Transaction {
-    /// `<session id>.<n>`: names the transaction in logs and in the reply to the client.
-    pub id: String,
-    /// Envelope sender; empty for the null sender.
-    pub mail_from: String,
-    pub recipients: Vec<String>,
-    pub body_8bit: bool,
-    pub smtputf8: bool,
-    /// `Received:` header plus the message exactly as the client sent it.
-    pub content: Vec<u8>,
-    /// Length of the `Received:` header at the start of `content`.
-    pub received_len: usize,
-    /// The tenant the session is bound to (SPEC 5.4), if any.
-    pub tenant: Option<Arc<str>>,
-}
-
-/// A recipient the session would accept, for the checks that need I/O (SPEC 3.4, 6.4).
-#[derive(Clone, Debug)]
-pub struct RecipientQuery {
-    /// The transaction's id, as [`Transaction::id`] will be.
-    pub transaction: String,
-    /// The tenant the session is bound to, if any.
-    pub tenant: Option<Arc<str>>,
-    /// Envelope sender as the client gave it (empty: the null sender).
-    pub sender: String,
-    pub recipient: String,
-    /// Recipients already accepted in this transaction.
-    pub accepted: usize,
-}
+pub use super::received::TlsInfo;
 
 /// What the driver must do.
 #[derive(Debug)]
@@ -139,8 +100,10 @@ pub enum Event {
     },
     /// Deliver, then call [`Session::delivered`] with the reply for the client.
     Message(Transaction),
-    /// Check the recipient and call [`Session::recipient_checked`].
+    /// Decide on the recipient and call [`Session::recipient_checked`].
     CheckRecipient(RecipientQuery),
+    /// The session itself refused a recipient (for `mailroute_relay_rcpt_refusals_total`).
+    RecipientRefused(RefusalReason),
     /// Write the replies so far and close the connection.
     Close,
 }
@@ -152,6 +115,8 @@ pub enum AuthOutcome {
     Refused,
     /// Too many failures from this client address: refused without checking.
     Throttled,
+    /// No slot for password hashing free: come back later.
+    Busy,
 }
 
 #[derive(Debug)]
@@ -160,9 +125,7 @@ enum Phase {
     Data(DataReceiver),
     Bdat { remaining: usize, last: bool },
     BdatDiscard { remaining: usize },
-    AuthPlain,
-    AuthLoginUser,
-    AuthLoginPassword { username: String },
+    Sasl(sasl::Waiting),
     WaitingTls,
     WaitingAuth,
     WaitingRecipient { address: String },
@@ -170,10 +133,18 @@ enum Phase {
     Closed,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Envelope {
+    /// `<session id>.<n>`.
+    id: Arc<str>,
+    facts: Arc<SessionFacts>,
     mail_from: String,
-    recipients: Vec<String>,
+    declared_size: usize,
+    recipients: Vec<Recipient>,
+    /// The tenant the admission bound the session to.
+    tenant: Option<Arc<str>>,
+    /// `allowedSenders: Any`: the sender to relay with.
+    rewrite_sender: Option<String>,
     body_8bit: bool,
     smtputf8: bool,
     used_bdat: bool,
@@ -394,36 +365,8 @@ impl Session {
     /// Handles one command or AUTH line; true when the rest of the input must be discarded.
     fn line(&mut self, line: &[u8], pipelined: bool, events: &mut Vec<Event>) -> bool {
         match std::mem::replace(&mut self.phase, Phase::Command) {
-            Phase::AuthPlain => {
-                self.auth_plain_response(trim_crlf(line), events);
-                return false;
-            }
-            Phase::AuthLoginUser => {
-                if is_cancel(line) {
-                    self.refuse(Reply::auth_cancelled(), events);
-                    return false;
-                }
-                match decode(trim_crlf(line)) {
-                    Some(username) => {
-                        self.phase = Phase::AuthLoginPassword { username };
-                        events.push(Event::Reply(Reply::auth_challenge("UGFzc3dvcmQ6")));
-                    }
-                    None => self.refuse(Reply::new(501, "5.5.2", "Invalid base64"), events),
-                }
-                return false;
-            }
-            Phase::AuthLoginPassword { username } => {
-                if is_cancel(line) {
-                    self.refuse(Reply::auth_cancelled(), events);
-                    return false;
-                }
-                match decode(trim_crlf(line)) {
-                    Some(password) => {
-                        self.phase = Phase::WaitingAuth;
-                        events.push(Event::Authenticate { username, password });
-                    }
-                    None => self.refuse(Reply::new(501, "5.5.2", "Invalid base64"), events),
-                }
+            Phase::Sasl(waiting) => {
+                self.sasl_step(sasl::respond(waiting, line), events);
                 return false;
             }
             other => self.phase = other,
@@ -504,39 +447,53 @@ impl Session {
                         events,
                     );
                 } else {
+                    self.transactions += 1;
                     self.envelope = Some(Envelope {
+                        id: Arc::from(format!("{}.{}", self.id, self.transactions)),
+                        facts: Arc::new(SessionFacts {
+                            client: self.peer.ip(),
+                            helo: self.helo.clone(),
+                            authenticated: self.authenticated.clone(),
+                            tls: self.tls.is_some(),
+                        }),
                         mail_from: from.address.into_owned(),
+                        declared_size: from.size,
+                        recipients: Vec::new(),
+                        tenant: None,
+                        rewrite_sender: None,
                         body_8bit: from.flags & MAIL_BODY_8BITMIME != 0,
                         smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
-                        ..Envelope::default()
+                        used_bdat: false,
+                        bdat: BdatChecker::default(),
+                        bdat_oversize: false,
+                        content: Vec::new(),
                     });
                     events.push(Event::Reply(Reply::sender_ok()));
                 }
             }
             Request::Rcpt { to } => {
-                // The relay policy first (it needs the whole session), then the envelope.
-                let refusal = if self.envelope.is_some() && !to.address.is_empty() {
-                    self.recipient_refusal(&to.address)
-                } else {
-                    None
-                };
                 let max = self.config.max_recipients;
-                match (self.envelope.as_mut(), refusal) {
-                    (None, _) => self.refuse(Reply::bad_sequence("send MAIL first"), events),
-                    (Some(_), _) if to.address.is_empty() => {
+                let check = self.config.check_recipients;
+                match self.envelope.as_mut() {
+                    None => self.refuse(Reply::bad_sequence("send MAIL first"), events),
+                    Some(_) if to.address.is_empty() => {
+                        events.push(Event::RecipientRefused(RefusalReason::Syntax));
                         self.refuse(Reply::bad_recipient_address(), events);
                     }
-                    (Some(_), Some(reply)) => self.refuse(reply, events),
-                    (Some(e), None) if e.mail_from.is_empty() && !e.recipients.is_empty() => {
-                        self.refuse(Reply::null_sender_one_recipient(), events);
+                    // NB: limits are not the client's errors (RFC 5321 section 4.5.3.1.10: 452,
+                    // and the accepted recipients are delivered).
+                    Some(e) if e.mail_from.is_empty() && !e.recipients.is_empty() => {
+                        events.push(Event::RecipientRefused(RefusalReason::Limit));
+                        events.push(Event::Reply(Reply::null_sender_one_recipient()));
                     }
-                    (Some(e), None) if e.recipients.len() >= max => {
-                        self.refuse(Reply::too_many_recipients(), events);
+                    Some(e) if e.recipients.len() >= max => {
+                        events.push(Event::RecipientRefused(RefusalReason::Limit));
+                        events.push(Event::Reply(Reply::too_many_recipients()));
                     }
-                    (Some(e), None) if self.config.check_recipients => {
+                    Some(e) if check => {
                         let query = RecipientQuery {
-                            transaction: format!("{}.{}", self.id, self.transactions + 1),
-                            tenant: None,
+                            transaction: Arc::clone(&e.id),
+                            session: Arc::clone(&e.facts),
                             sender: e.mail_from.clone(),
                             recipient: to.address.clone().into_owned(),
                             accepted: e.recipients.len(),
@@ -544,13 +501,13 @@ impl Session {
                         self.phase = Phase::WaitingRecipient {
                             address: to.address.into_owned(),
                         };
-                        events.push(Event::CheckRecipient(RecipientQuery {
-                            tenant: self.tenant(),
-                            ..query
-                        }));
+                        events.push(Event::CheckRecipient(query));
                     }
-                    (Some(e), None) => {
-                        e.recipients.push(to.address.into_owned());
+                    Some(e) => {
+                        e.recipients.push(Recipient {
+                            address: to.address.into_owned(),
+                            route: None,
+                        });
                         events.push(Event::Reply(Reply::recipient_ok()));
                     }
                 }
@@ -643,49 +600,6 @@ impl Session {
         }
     }
 
-    /// The sender the tenant's `allowedSenders: Any` rewrite gives this message, if any.
-    fn rewritten_sender(&self, sender: &str, recipients: &[String]) -> Option<String> {
-        let directory = self.config.directory.as_ref()?;
-        let binding = directory.bind(
-            self.authenticated.as_deref(),
-            self.peer.ip(),
-            self.helo.as_deref(),
-        );
-        directory.rewritten_sender(&binding, self.helo.as_deref(), sender, recipients)
-    }
-
-    /// Why a recipient must be refused at RCPT time, per the tenants' relay policy.
-    fn recipient_refusal(&self, recipient: &str) -> Option<Reply> {
-        let directory = self.config.directory.as_ref()?;
-        let binding = directory.bind(
-            self.authenticated.as_deref(),
-            self.peer.ip(),
-            self.helo.as_deref(),
-        );
-        let sender = self.envelope.as_ref().map_or("", |e| e.mail_from.as_str());
-        if let Err(reply) =
-            directory.check_recipient(&binding, self.tls.is_some(), sender, recipient)
-        {
-            return Some(reply);
-        }
-        let router = self.config.router.as_ref()?;
-        router
-            .route_recipient(binding.tenant.as_deref(), sender, recipient)
-            .err()
-    }
-
-    /// The tenant this session is bound to now.
-    fn tenant(&self) -> Option<Arc<str>> {
-        let directory = self.config.directory.as_ref()?;
-        directory
-            .bind(
-                self.authenticated.as_deref(),
-                self.peer.ip(),
-                self.helo.as_deref(),
-            )
-            .tenant
-    }
-
     fn ehlo_reply(&self) -> Reply {
         let mut lines: Vec<Cow<'static, str>> = vec![
             format!("{} greets {}", self.config.hostname, self.peer.ip()).into(),
@@ -718,65 +632,22 @@ impl Session {
                 Reply::bad_sequence("AUTH during a mail transaction"),
                 events,
             );
-        } else if mechanism == AUTH_PLAIN {
-            if initial.is_empty() {
-                self.phase = Phase::AuthPlain;
-                events.push(Event::Reply(Reply::auth_challenge("")));
-            } else {
-                self.auth_plain_response(initial.as_bytes(), events);
-            }
-        } else if mechanism == AUTH_LOGIN {
-            match initial {
-                "" => {
-                    self.phase = Phase::AuthLoginUser;
-                    events.push(Event::Reply(Reply::auth_challenge("VXNlcm5hbWU6")));
-                }
-                ir => match decode(ir.as_bytes()) {
-                    Some(username) => {
-                        self.phase = Phase::AuthLoginPassword { username };
-                        events.push(Event::Reply(Reply::auth_challenge("UGFzc3dvcmQ6")));
-                    }
-                    None => self.refuse(Reply::new(501, "5.5.2", "Invalid base64"), events),
-                },
-            }
         } else {
-            self.refuse(Reply::auth_mechanism_unsupported(), events);
+            self.sasl_step(sasl::start(mechanism, initial), events);
         }
     }
 
-    /// `[authzid] NUL authcid NUL password` (RFC 4616); an authzid other than the authcid is
-    /// refused: nobody may act as someone else.
-    fn auth_plain_response(&mut self, response: &[u8], events: &mut Vec<Event>) {
-        if response == b"*" {
-            self.refuse(Reply::auth_cancelled(), events);
-            return;
-        }
-        let decoded = if response == b"=" {
-            Some(Vec::new())
-        } else {
-            base64::engine::general_purpose::STANDARD
-                .decode(response)
-                .ok()
-        };
-        let parts: Option<(String, String)> = decoded.and_then(|bytes| {
-            let mut fields = bytes.split(|b| *b == 0);
-            let authzid = fields.next()?;
-            let authcid = String::from_utf8(fields.next()?.to_vec()).ok()?;
-            let password = String::from_utf8(fields.next()?.to_vec()).ok()?;
-            if fields.next().is_some() || (!authzid.is_empty() && authzid != authcid.as_bytes()) {
-                return None;
+    fn sasl_step(&mut self, step: sasl::Step, events: &mut Vec<Event>) {
+        match step {
+            sasl::Step::Challenge(reply, waiting) => {
+                self.phase = Phase::Sasl(waiting);
+                events.push(Event::Reply(reply));
             }
-            Some((authcid, password))
-        });
-        match parts {
-            Some((username, password)) => {
+            sasl::Step::Credentials { username, password } => {
                 self.phase = Phase::WaitingAuth;
                 events.push(Event::Authenticate { username, password });
             }
-            None => self.refuse(
-                Reply::new(501, "5.5.2", "Malformed AUTH PLAIN response"),
-                events,
-            ),
+            sasl::Step::Refused(reply) => self.refuse(reply, events),
         }
     }
 
@@ -793,6 +664,7 @@ impl Session {
             }
             AuthOutcome::Refused => self.refuse(Reply::auth_failed(), events),
             AuthOutcome::Throttled => self.close(Reply::auth_too_many_failures(), events),
+            AuthOutcome::Busy => events.push(Event::Reply(Reply::auth_busy())),
         }
     }
 
@@ -804,23 +676,38 @@ impl Session {
         }
     }
 
-    /// Answers a pending [`Event::CheckRecipient`]: `Ok` adds the recipient. A refusal does
-    /// not count towards the session's error limit.
-    pub fn recipient_checked(&mut self, verdict: Result<(), Reply>, events: &mut Vec<Event>) {
+    /// Answers a pending [`Event::CheckRecipient`]: `Ok` adds the recipient with its route.
+    /// A refusal counts towards the session's error limit only when it is the client's error
+    /// (relaying without authorisation, a refused sender), not a quota or a missing mailbox.
+    pub fn recipient_checked(
+        &mut self,
+        verdict: Result<Admitted, Refusal>,
+        events: &mut Vec<Event>,
+    ) {
         let Phase::WaitingRecipient { address } =
             std::mem::replace(&mut self.phase, Phase::Command)
         else {
             return;
         };
         match (verdict, self.envelope.as_mut()) {
-            (Ok(()), Some(e)) => {
-                e.recipients.push(address);
+            (Ok(admitted), Some(e)) => {
+                if e.tenant.is_none() {
+                    e.tenant = admitted.tenant;
+                }
+                if e.rewrite_sender.is_none() {
+                    e.rewrite_sender = admitted.rewrite_sender;
+                }
+                e.recipients.push(Recipient {
+                    address,
+                    route: Some(admitted.route),
+                });
                 events.push(Event::Reply(Reply::recipient_ok()));
             }
-            (Ok(()), None) => self.refuse(Reply::bad_sequence("send MAIL first"), events),
-            // NB: not a client error (quotas, a mailbox the upstream does not have): a client
-            // sending to many recipients past a limit is not closed for it.
-            (Err(reply), _) => events.push(Event::Reply(reply)),
+            (Ok(_), None) => self.refuse(Reply::bad_sequence("send MAIL first"), events),
+            (Err(refusal), _) if refusal.reason.is_client_error() => {
+                self.refuse(refusal.reply, events);
+            }
+            (Err(refusal), _) => events.push(Event::Reply(refusal.reply)),
         }
     }
 
@@ -861,85 +748,38 @@ impl Session {
             self.refuse(Reply::mail_loop(), events);
             return;
         }
-        let mut envelope = envelope;
-        if let Some(sender) = self.rewritten_sender(&envelope.mail_from, &envelope.recipients) {
-            envelope.mail_from = sender;
-        }
-        self.transactions += 1;
-        let id = format!("{}.{}", self.id, self.transactions);
-        let received = self.received_header(&id, &envelope);
+        let received = received::header(&received::Facts {
+            helo: self.helo.as_deref(),
+            client: self.peer.ip(),
+            hostname: &self.config.hostname,
+            esmtp: self.esmtp,
+            tls: self.tls.as_ref(),
+            authenticated: self.authenticated.is_some(),
+            id: &envelope.id,
+            recipients: &envelope.recipients,
+            now: (self.config.now)(),
+        });
         let mut content = Vec::with_capacity(received.len() + envelope.content.len());
         content.extend_from_slice(received.as_bytes());
         content.extend_from_slice(&envelope.content);
         self.phase = Phase::WaitingDelivery;
+        let (mail_from, original_sender) = match envelope.rewrite_sender {
+            Some(rewritten) => (rewritten, Some(envelope.mail_from)),
+            None => (envelope.mail_from, None),
+        };
         events.push(Event::Message(Transaction {
-            id,
-            mail_from: envelope.mail_from,
+            id: envelope.id,
+            mail_from,
+            original_sender,
             recipients: envelope.recipients,
             body_8bit: envelope.body_8bit,
             smtputf8: envelope.smtputf8,
+            declared_size: envelope.declared_size,
             received_len: received.len(),
             content,
-            tenant: self.tenant(),
+            tenant: envelope.tenant,
         }));
     }
-
-    /// One `Received:` header (RFC 5321 section 4.4, RFC 3848 protocol names), folded.
-    fn received_header(&self, id: &str, envelope: &Envelope) -> String {
-        let helo = sanitize(self.helo.as_deref().unwrap_or("unknown"));
-        let protocol = match (self.esmtp, self.tls.is_some(), self.authenticated.is_some()) {
-            (false, _, _) => "SMTP",
-            (true, false, false) => "ESMTP",
-            (true, false, true) => "ESMTPA",
-            (true, true, false) => "ESMTPS",
-            (true, true, true) => "ESMTPSA",
-        };
-        let mut header = format!(
-            "Received: from {helo} ([{}])\r\n\tby {} (Mailroute) with {protocol} id {id}",
-            self.peer.ip(),
-            sanitize(&self.config.hostname),
-        );
-        if let Some(tls) = &self.tls {
-            header.push_str(&format!(
-                "\r\n\t(using {} with cipher {})",
-                sanitize(&tls.version),
-                sanitize(&tls.cipher)
-            ));
-        }
-        if let [only] = envelope.recipients.as_slice() {
-            header.push_str(&format!("\r\n\tfor <{}>", sanitize(only)));
-        }
-        let date = httpdate::fmt_http_date((self.config.now)()).replace(" GMT", " +0000");
-        header.push_str(&format!(";\r\n\t{date}\r\n"));
-        header
-    }
-}
-
-fn trim_crlf(line: &[u8]) -> &[u8] {
-    line.strip_suffix(b"\r\n").unwrap_or(line)
-}
-
-fn is_cancel(line: &[u8]) -> bool {
-    trim_crlf(line) == b"*"
-}
-
-fn decode(text: &[u8]) -> Option<String> {
-    base64::engine::general_purpose::STANDARD
-        .decode(text)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-}
-
-/// Client-supplied text in a header: printable ASCII without parentheses or angle brackets
-/// (so it cannot close a comment or an address), UTF-8 kept for SMTPUTF8 addresses.
-fn sanitize(text: &str) -> String {
-    text.chars()
-        .map(|c| match c {
-            '(' | ')' | '<' | '>' | ';' | '\\' => '_',
-            c if c.is_control() || c == ' ' => '_',
-            c => c,
-        })
-        .collect()
 }
 
 /// `Received:` headers in the header section (up to the first empty line).

@@ -7,12 +7,13 @@ pub mod mta;
 pub mod redis;
 pub mod sink;
 
+use mailroute_relay::auth::throttle::{AuthThrottle, ThrottleConfig};
+use mailroute_relay::interfaces::{AuthCheck, Authenticator, BoxFuture, Deliver, Transaction};
 use mailroute_relay::metrics::Metrics;
-use mailroute_relay::server::auth_throttle::{AuthThrottle, ThrottleConfig};
+use mailroute_relay::reply::Reply;
 use mailroute_relay::server::tls::CertificateStore;
-use mailroute_relay::server::{Authenticator, BoxFuture, Deliver, Limits, Server, Shared};
-use mailroute_relay::smtp::reply::Reply;
-use mailroute_relay::smtp::session::{ListenerKind, SessionConfig, Transaction};
+use mailroute_relay::server::{Limits, Server, Shared};
+use mailroute_relay::smtp::session::{ListenerKind, SessionConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,8 +58,14 @@ impl Deliver for Capture {
 pub struct TestAccounts;
 
 impl Authenticator for TestAccounts {
-    fn check<'a>(&'a self, u: &'a str, p: &'a str) -> BoxFuture<'a, bool> {
-        Box::pin(async move { u == "app" && p == "secret" })
+    fn check<'a>(&'a self, u: &'a str, p: &'a str) -> BoxFuture<'a, AuthCheck> {
+        Box::pin(async move {
+            if u == "app" && p == "secret" {
+                AuthCheck::Accepted
+            } else {
+                AuthCheck::Refused
+            }
+        })
     }
 }
 
@@ -116,7 +123,7 @@ pub struct Options {
     /// Port of the smtp listener (default: any free one).
     pub smtp_port: u16,
     /// RCPT-time checks with I/O (quotas, recipient verification).
-    pub admit: Option<Arc<dyn mailroute_relay::server::Admit>>,
+    pub admit: Option<Arc<dyn mailroute_relay::interfaces::Admit>>,
 }
 
 impl Default for Options {
@@ -439,15 +446,23 @@ impl Stores {
     }
 }
 
-pub fn configured_with_stores(yaml: &str, stores: Stores) -> Configured {
-    let compiled = compile_yaml(yaml);
-    let loaded = mailroute_relay::config_source::Loaded {
-        document: compiled.document(1),
-        credentials: compiled.credentials,
-    };
+/// Options for a relay that decides recipients with the real admission for `loaded` (relay
+/// policy, rules, quotas in memory) and hands accepted messages to the capture.
+pub fn policy_options(loaded: &mailroute_relay::config_source::Loaded) -> Options {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
-    let builder = mailroute_relay::generation::Builder {
+    let built = builder(Stores::memory(), metrics)
+        .build(loaded)
+        .unwrap_or_else(|e| panic!("{e}"));
+    Options {
+        admit: Some(built.gate),
+        session: built.session,
+        ..Options::default()
+    }
+}
+
+fn builder(stores: Stores, metrics: Arc<Metrics>) -> mailroute_relay::generation::Builder {
+    mailroute_relay::generation::Builder {
         hostname: "relay.test".into(),
         tls_available: true,
         max_message_size: 35 * 1024 * 1024,
@@ -459,9 +474,21 @@ pub fn configured_with_stores(yaml: &str, stores: Stores) -> Configured {
         store_failure_open: stores.store_failure_open,
         dns_server: stores.dns_server,
         mx_port: stores.mx_port,
-        metrics: Arc::clone(&metrics),
+        metrics,
+    }
+}
+
+pub fn configured_with_stores(yaml: &str, stores: Stores) -> Configured {
+    let compiled = compile_yaml(yaml);
+    let loaded = mailroute_relay::config_source::Loaded {
+        document: compiled.document(1),
+        credentials: compiled.credentials,
     };
-    let built = builder.build(&loaded).unwrap_or_else(|e| panic!("{e}"));
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(Metrics::register(&mut registry));
+    let built = builder(stores, Arc::clone(&metrics))
+        .build(&loaded)
+        .unwrap_or_else(|e| panic!("{e}"));
     Configured {
         session: built.session,
         forwarder: built.forwarder,

@@ -1,9 +1,15 @@
 //! SMTP AUTH accounts from the tenants' credentials Secrets: each value is a password or an
-//! `$argon2id$` / bcrypt (`$2a$`, `$2b$`, `$2y$`) hash. Checks take the same path whether the
-//! user exists or not, compare plaintext in constant time, and run hash verification off the
-//! async threads.
+//! `$argon2id$` / bcrypt (`$2a$`, `$2b$`, `$2y$`) hash.
+//!
+//! - An unknown user costs what a known one does: its password is checked against the costliest
+//!   secret of the configuration (same algorithm, same parameters) and refused whatever the
+//!   result, so timing tells nobody which usernames exist.
+//! - Hash checks run off the async threads, at most [`Accounts::hashing_slots`] at once (an
+//!   argon2id check holds its memory cost, 64 MiB with the defaults, while it runs); beyond that
+//!   the attempt is answered "busy" at once (`454 4.7.0`), never queued without bound.
+//! - Plaintext values are compared in constant time.
 
-use crate::server::{Authenticator, BoxFuture};
+use crate::interfaces::{AuthCheck, Authenticator, BoxFuture};
 use argon2::{Argon2, PasswordVerifier};
 use mailroute_config::Credentials;
 use std::collections::HashMap;
@@ -31,6 +37,15 @@ impl Secret {
         }
     }
 
+    /// How costly a check is, to pick the stand-in for unknown users.
+    fn cost(&self) -> u8 {
+        match self {
+            Secret::Plain(_) => 0,
+            Secret::Bcrypt(_) => 1,
+            Secret::Argon2(_) => 2,
+        }
+    }
+
     fn matches(&self, password: &str) -> bool {
         match self {
             Secret::Plain(expected) => bool::from(expected.as_bytes().ct_eq(password.as_bytes())),
@@ -43,9 +58,18 @@ impl Secret {
 }
 
 /// Every tenant's accounts.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Accounts {
     by_username: Arc<HashMap<String, (String, Secret)>>,
+    /// What an unknown user's password is checked against (the costliest secret present).
+    stand_in: Arc<Secret>,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Accounts {
+    fn default() -> Self {
+        Self::from_credentials(&Credentials::default())
+    }
 }
 
 impl std::fmt::Debug for Accounts {
@@ -69,9 +93,22 @@ impl Accounts {
                 by_username.insert(username.clone(), (tenant.clone(), Secret::new(value)));
             }
         }
+        let stand_in = by_username
+            .values()
+            .map(|(_, s)| s)
+            .max_by_key(|s| s.cost())
+            .cloned()
+            .unwrap_or_else(|| Secret::Plain(DUMMY.to_owned()));
         Self {
             by_username: Arc::new(by_username),
+            stand_in: Arc::new(stand_in),
+            slots: Arc::new(tokio::sync::Semaphore::new(Self::hashing_slots())),
         }
+    }
+
+    /// Password checks run at once, at most: one per core.
+    pub fn hashing_slots() -> usize {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -88,9 +125,9 @@ impl Accounts {
         match self.by_username.get(username) {
             Some((_, secret)) => secret.matches(password),
             None => {
-                // Same amount of work as a plaintext account, so a wrong username and a wrong
-                // password look alike from outside.
-                let _ = Secret::Plain(DUMMY.to_owned()).matches(password);
+                // The same work as the costliest account, so a wrong username and a wrong
+                // password look alike from outside; refused whatever the stand-in says.
+                let _ = self.stand_in.matches(password);
                 false
             }
         }
@@ -98,13 +135,25 @@ impl Accounts {
 }
 
 impl Authenticator for Accounts {
-    fn check<'a>(&'a self, username: &'a str, password: &'a str) -> BoxFuture<'a, bool> {
-        let accounts = self.clone();
-        let (username, password) = (username.to_owned(), password.to_owned());
+    fn check<'a>(&'a self, username: &'a str, password: &'a str) -> BoxFuture<'a, AuthCheck> {
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || accounts.verify(&username, &password))
-                .await
-                .unwrap_or(false)
+            let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
+                return AuthCheck::Busy;
+            };
+            let accounts = self.clone();
+            let (username, password) = (username.to_owned(), password.to_owned());
+            let ok = tokio::task::spawn_blocking(move || {
+                let ok = accounts.verify(&username, &password);
+                drop(slot);
+                ok
+            })
+            .await
+            .unwrap_or(false);
+            if ok {
+                AuthCheck::Accepted
+            } else {
+                AuthCheck::Refused
+            }
         })
     }
 }

@@ -304,6 +304,14 @@ impl Reply {
             "Too many failed authentication attempts, try again later",
         )
     }
+    /// Every slot for password checks is taken (a flood of AUTH attempts): come back later.
+    pub fn auth_busy() -> Self {
+        Self::new(
+            454,
+            "4.7.0",
+            "Temporary authentication failure, try again later",
+        )
+    }
     pub fn auth_cancelled() -> Self {
         Self::new(501, "5.7.0", "Authentication cancelled")
     }

@@ -1,7 +1,11 @@
 //! Failed AUTH attempts per client address: slowed after a few, refused without checking
 //! after more (SPEC section 5.3), forgotten after a quiet window.
+//!
+//! An attempt is counted as a failure *before* its password is checked, in the same step that
+//! reads the count, and forgiven only when it succeeds: parallel attempts from one address
+//! cannot all pass the threshold between a read and a write.
 
-use super::{Authenticator, BoxFuture};
+use crate::interfaces::{AuthCheck, Authenticator, BoxFuture};
 use crate::smtp::session::AuthOutcome;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -51,24 +55,12 @@ impl AuthThrottle {
         }
     }
 
-    fn failures(&self, ip: IpAddr) -> u32 {
-        let Ok(map) = self.failures.lock() else {
-            return 0;
-        };
-        match map.get(&ip) {
-            Some((n, last)) if last.elapsed() < self.config.window => *n,
-            _ => 0,
-        }
-    }
-
-    fn record(&self, ip: IpAddr, ok: bool) {
+    /// Counts an attempt as a failure; returns the failures before it, or `None` when the
+    /// address is over the limit (nothing counted, nothing to check).
+    fn begin(&self, ip: IpAddr) -> Option<u32> {
         let Ok(mut map) = self.failures.lock() else {
-            return;
+            return None;
         };
-        if ok {
-            map.remove(&ip);
-            return;
-        }
         if map.len() >= MAX_TRACKED {
             let window = self.config.window;
             map.retain(|_, (_, last)| last.elapsed() < window);
@@ -77,8 +69,26 @@ impl AuthThrottle {
         if entry.1.elapsed() >= self.config.window {
             entry.0 = 0;
         }
+        if entry.0 >= self.config.refuse_after {
+            return None;
+        }
+        let before = entry.0;
         entry.0 += 1;
         entry.1 = Instant::now();
+        Some(before)
+    }
+
+    /// Takes back the failure [`Self::begin`] counted: the attempt succeeded, or was never
+    /// checked (busy).
+    fn forgive(&self, ip: IpAddr, all: bool) {
+        let Ok(mut map) = self.failures.lock() else {
+            return;
+        };
+        if all {
+            map.remove(&ip);
+        } else if let Some(entry) = map.get_mut(&ip) {
+            entry.0 = entry.0.saturating_sub(1);
+        }
     }
 
     /// Checks credentials for a client, applying the throttle.
@@ -90,23 +100,28 @@ impl AuthThrottle {
         auth: &'a dyn Authenticator,
     ) -> BoxFuture<'a, AuthOutcome> {
         Box::pin(async move {
-            let failures = self.failures(ip);
-            if failures >= self.config.refuse_after {
+            let Some(failures) = self.begin(ip) else {
                 return AuthOutcome::Throttled;
-            }
-            let ok = auth.check(username, password).await;
-            if !ok && failures >= self.config.slow_after {
-                // Slow the reply, not the check: an attacker learns nothing earlier.
-                tokio::time::sleep(
-                    self.config.delay_step * (failures - self.config.slow_after + 1),
-                )
-                .await;
-            }
-            self.record(ip, ok);
-            if ok {
-                AuthOutcome::Accepted
-            } else {
-                AuthOutcome::Refused
+            };
+            match auth.check(username, password).await {
+                AuthCheck::Accepted => {
+                    self.forgive(ip, true);
+                    AuthOutcome::Accepted
+                }
+                AuthCheck::Busy => {
+                    self.forgive(ip, false);
+                    AuthOutcome::Busy
+                }
+                AuthCheck::Refused => {
+                    if failures >= self.config.slow_after {
+                        // Slow the reply, not the check: an attacker learns nothing earlier.
+                        tokio::time::sleep(
+                            self.config.delay_step * (failures - self.config.slow_after + 1),
+                        )
+                        .await;
+                    }
+                    AuthOutcome::Refused
+                }
             }
         })
     }

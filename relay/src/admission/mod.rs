@@ -1,0 +1,186 @@
+//! The RCPT decision, in one place and one order (docs/admission.md has it as a table):
+//!
+//! 1. [`binding`]: the session's facts bind it to a tenant (AUTH, then range, then EHLO), and
+//!    say whether it is authorised to send for it.
+//! 2. [`relay`]: relay policy: no open relay, `requireTLS`, `allowedSenders` and the `Any`
+//!    rewrite.
+//! 3. Routing rules (`crate::routing`): a rule's `reject`, and otherwise where the recipient
+//!    goes: that decision is made here once, and delivery carries it out.
+//! 4. Quotas (`crate::quota`): only mail the tenant sends, reserved until the transaction ends.
+//! 5. Recipient verification with the primary upstream (`crate::delivery`), where the route
+//!    asks for it.
+//!
+//! The session (`crate::smtp::session`) keeps the protocol's own checks (sequence, syntax,
+//! recipients per message); the connection driver asks [`Gate::admit`] about every recipient
+//! that passes them and says when the transaction ended ([`Gate::end`]).
+
+pub mod binding;
+pub mod relay;
+
+use crate::auth::accounts::Accounts;
+use crate::delivery::Forwarder;
+use crate::interfaces::{Admit, Admitted, BoxFuture, RecipientQuery, Refusal, RefusalReason};
+use crate::quota::{self, Exceeded, Hold, Quotas};
+use crate::routing::{Router, Unroutable};
+use crate::tenants::Tenants;
+use binding::Binding;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// The relay's [`Admit`] for one configuration generation.
+pub struct Gate {
+    tenants: Arc<Tenants>,
+    accounts: Accounts,
+    router: Arc<Router>,
+    quotas: Quotas,
+    /// Present when some route verifies recipients.
+    verifier: Option<Arc<Forwarder>>,
+    /// What each open transaction reserved, by transaction id.
+    holds: Mutex<HashMap<Arc<str>, Vec<Hold>>>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("verifies", &self.verifier.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gate {
+    pub fn new(
+        config: &mailroute_config::RelayConfig,
+        router: Arc<Router>,
+        accounts: Accounts,
+        quotas: Quotas,
+        forwarder: &Arc<Forwarder>,
+    ) -> Self {
+        let verifies = config.routes.values().any(|r| r.verify_recipients);
+        Self {
+            tenants: Arc::clone(router.tenants()),
+            accounts,
+            router,
+            quotas,
+            verifier: verifies.then(|| Arc::clone(forwarder)),
+            holds: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Transactions holding quota reservations now (tests and leaks).
+    pub fn open_transactions(&self) -> usize {
+        self.holds.lock().map(|h| h.len()).unwrap_or(0)
+    }
+
+    async fn decide(&self, query: &RecipientQuery) -> Result<Admitted, Refusal> {
+        let binding = binding::bind(&self.tenants, &self.accounts, &query.session);
+        let tenant = binding
+            .tenant
+            .map(|id| Arc::clone(&self.tenants.get(id).name));
+        self.steps(query, &binding, tenant.clone())
+            .await
+            .map_err(|refusal| Refusal { tenant, ..refusal })
+    }
+
+    /// Steps 2 to 5, for a bound session.
+    async fn steps(
+        &self,
+        query: &RecipientQuery,
+        binding: &Binding,
+        tenant_name: Option<Arc<str>>,
+    ) -> Result<Admitted, Refusal> {
+        let facts = &query.session;
+        let refuse = |reason, reply| Refusal::new(reason, reply);
+
+        let permit = relay::check(
+            &self.tenants,
+            binding,
+            facts.tls,
+            facts.helo.as_deref(),
+            &query.sender,
+            &query.recipient,
+        )?;
+
+        let route = self
+            .router
+            .route_recipient(binding.tenant, &query.sender, &query.recipient)
+            .map_err(|unroutable| {
+                let reason = match unroutable {
+                    Unroutable::Rejected(_) => RefusalReason::Rule,
+                    Unroutable::NoTenant => RefusalReason::RelayDenied,
+                    Unroutable::NoDomain => RefusalReason::Syntax,
+                };
+                refuse(reason, unroutable.reply())
+            })?;
+
+        let hold = match quota::charged(
+            &self.tenants,
+            binding.sender_tenant(),
+            &query.sender,
+            &query.recipient,
+        ) {
+            None => None,
+            Some(id) => self
+                .quotas
+                .reserve(
+                    &query.transaction,
+                    self.tenants.get(id),
+                    &query.sender,
+                    &query.recipient,
+                    query.accepted,
+                )
+                .await
+                .map_err(|exceeded| {
+                    let reason = match exceeded {
+                        Exceeded::Limit(_) => RefusalReason::Quota,
+                        Exceeded::Store => RefusalReason::Store,
+                    };
+                    refuse(reason, exceeded.reply())
+                })?,
+        };
+
+        if let Some(verifier) = &self.verifier
+            && let Err(reply) = verifier.verify_recipient(query, &route).await
+        {
+            // Nothing of a refused recipient stays reserved.
+            if let Some(hold) = hold {
+                self.quotas.finish(vec![hold], false).await;
+            }
+            return Err(refuse(RefusalReason::Upstream, reply));
+        }
+
+        if let Some(hold) = hold
+            && let Ok(mut holds) = self.holds.lock()
+        {
+            holds
+                .entry(Arc::clone(&query.transaction))
+                .or_default()
+                .push(hold);
+        }
+        Ok(Admitted {
+            tenant: tenant_name,
+            route,
+            rewrite_sender: permit.rewrite_sender,
+        })
+    }
+}
+
+impl Admit for Gate {
+    fn admit<'a>(&'a self, query: &'a RecipientQuery) -> BoxFuture<'a, Result<Admitted, Refusal>> {
+        Box::pin(self.decide(query))
+    }
+
+    fn end<'a>(&'a self, transaction: &'a str, accepted: bool) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let holds = self
+                .holds
+                .lock()
+                .ok()
+                .and_then(|mut h| h.remove(transaction))
+                .unwrap_or_default();
+            self.quotas.finish(holds, accepted).await;
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

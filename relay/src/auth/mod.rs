@@ -1,0 +1,7 @@
+//! SMTP AUTH (SPEC 3.3, 5.3): the tenants' accounts and password checks
+//! ([`accounts::Accounts`], a bounded pool for hashing), and the throttle on failed attempts
+//! per client address ([`throttle::AuthThrottle`]). The SASL exchange itself is
+//! `crate::smtp::sasl`.
+
+pub mod accounts;
+pub mod throttle;
