@@ -5,6 +5,7 @@
 #   postfix : smtp-source -> Postfix (relayhost) -> smtp-sink
 # for 1 KiB and 100 KiB messages at concurrency 1 and 50, plus the relay's CPU per message.
 # Usage: bench/relay-throughput.sh [MESSAGES]   (default 5000; bounded, stops by itself)
+#        RELAY_BIN=path/to/mailroute-relay bench/relay-throughput.sh   (another build, e.g. before a change)
 # Needs postfix (smtp-source, smtp-sink, postfix) as scripts/test installs it; run as root
 # (Postfix's own daemons drop privileges). Figures go to stdout; docs/benchmarks.md keeps them.
 set -euo pipefail
@@ -22,8 +23,8 @@ trap cleanup EXIT
 
 source bench/lib.sh
 
-cargo build --release --locked -q -p mailroute-relay
-RELAY_BIN=target/release/mailroute-relay
+[[ -n "${RELAY_BIN:-}" ]] || cargo build --release --locked -q -p mailroute-relay
+RELAY_BIN=${RELAY_BIN:-target/release/mailroute-relay}
 
 start_sink
 

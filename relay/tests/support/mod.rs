@@ -124,6 +124,8 @@ pub struct Options {
     pub smtp_port: u16,
     /// RCPT-time checks with I/O (quotas, recipient verification).
     pub admit: Option<Arc<dyn mailroute_relay::interfaces::Admit>>,
+    /// The server's metrics (default: a registry of its own, not readable by the test).
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl Default for Options {
@@ -139,6 +141,7 @@ impl Default for Options {
             delivery_delay: Duration::ZERO,
             smtp_port: 0,
             admit: None,
+            metrics: None,
         }
     }
 }
@@ -172,7 +175,9 @@ impl Relay {
             limits: options.limits,
             tls: Some(tls),
             throttle: AuthThrottle::new(options.throttle),
-            metrics: Arc::new(Metrics::register(&mut registry)),
+            metrics: options
+                .metrics
+                .unwrap_or_else(|| Arc::new(Metrics::register(&mut registry))),
             ready: Arc::clone(&ready),
         });
         // NB: the relay's own bind (accept queue as deep as the system allows): tokio's
@@ -273,6 +278,20 @@ impl Client {
         let tcp = TcpStream::connect(addr)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
+        let _ = tcp.set_nodelay(true);
+        Self {
+            stream: Stream::Plain(BufReader::new(tcp)),
+        }
+    }
+
+    /// From another loopback address (`127.0.0.2`...): a client in a tenant's range while the
+    /// others, from 127.0.0.1, are outsiders.
+    pub async fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap_or_else(|e| panic!("{e}"));
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let tcp = socket.connect(addr).await.unwrap_or_else(|e| panic!("{e}"));
         let _ = tcp.set_nodelay(true);
         Self {
             stream: Stream::Plain(BufReader::new(tcp)),
@@ -519,6 +538,7 @@ impl Configured {
             admit: Some(self.gate.clone()),
             session: self.session.clone(),
             smtp_port: port,
+            metrics: Some(Arc::clone(&self.metrics)),
             ..Options::default()
         })
         .await
