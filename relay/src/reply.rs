@@ -202,6 +202,14 @@ impl Reply {
     pub fn bad_recipient_address() -> Self {
         Self::new(501, "5.1.3", "Bad recipient address syntax")
     }
+    /// RFC 6531 section 3.5: a UTF-8 address in a transaction without `SMTPUTF8`.
+    pub fn non_ascii_address() -> Self {
+        Self::new(
+            553,
+            "5.6.7",
+            "Non-ASCII addresses need the SMTPUTF8 parameter on MAIL",
+        )
+    }
     pub fn bad_sequence(what: &'static str) -> Self {
         Self::new(503, "5.5.1", format!("Bad sequence of commands: {what}"))
     }

@@ -137,6 +137,10 @@ impl Tenants {
         self.list.is_empty()
     }
 
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
     /// The tenant whose domains hold `domain` (SPEC 3.3): a domain with its subdomains (the
     /// most specific wins), or exactly one of its parents up to the registrable domain.
     pub fn of_domain(&self, domain: &Domain) -> Option<TenantId> {

@@ -21,6 +21,7 @@ use crate::auth::accounts::Accounts;
 use crate::delivery::Forwarder;
 use crate::interfaces::{Admit, Admitted, BoxFuture, RecipientQuery, Refusal, RefusalReason};
 use crate::quota::{self, Exceeded, Hold, Quotas};
+use crate::reply::Reply;
 use crate::routing::{Router, Unroutable};
 use crate::tenants::Tenants;
 use binding::Binding;
@@ -90,6 +91,22 @@ impl Gate {
     ) -> Result<Admitted, Refusal> {
         let facts = &query.session;
         let refuse = |reason, reply| Refusal::new(reason, reply);
+        let postmaster;
+        let recipient = if query.recipient.eq_ignore_ascii_case("postmaster") {
+            postmaster = self.postmaster(binding).ok_or_else(|| {
+                refuse(
+                    RefusalReason::Syntax,
+                    Reply::new(
+                        550,
+                        "5.1.1",
+                        "Several tenants share this relay: write postmaster@ their domain",
+                    ),
+                )
+            })?;
+            postmaster.as_str()
+        } else {
+            query.recipient.as_str()
+        };
 
         let permit = relay::check(
             &self.tenants,
@@ -97,12 +114,12 @@ impl Gate {
             facts.tls,
             facts.helo.as_deref(),
             &query.sender,
-            &query.recipient,
+            recipient,
         )?;
 
         let route = self
             .router
-            .route_recipient(binding.tenant, &query.sender, &query.recipient)
+            .route_recipient(binding.tenant, &query.sender, recipient)
             .map_err(|unroutable| {
                 let reason = match unroutable {
                     Unroutable::Rejected(_) => RefusalReason::Rule,
@@ -116,7 +133,7 @@ impl Gate {
             &self.tenants,
             binding.sender_tenant(),
             &query.sender,
-            &query.recipient,
+            recipient,
         ) {
             None => None,
             Some(id) => self
@@ -125,7 +142,7 @@ impl Gate {
                     &query.transaction,
                     self.tenants.get(id),
                     &query.sender,
-                    &query.recipient,
+                    recipient,
                     query.accepted,
                 )
                 .await
@@ -161,6 +178,18 @@ impl Gate {
             route,
             rewrite_sender: permit.rewrite_sender,
         })
+    }
+}
+
+impl Gate {
+    /// Where `RCPT TO:<postmaster>` (RFC 5321 section 4.5.1, no domain) goes: the postmaster
+    /// of the session's tenant (however it was bound), or of the only tenant there is.
+    fn postmaster(&self, binding: &Binding) -> Option<String> {
+        let id = binding
+            .tenant
+            .or_else(|| (self.tenants.len() == 1).then_some(0))?;
+        let domain = self.tenants.get(id).domains.first()?;
+        Some(format!("postmaster@{domain}"))
     }
 }
 

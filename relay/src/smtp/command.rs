@@ -2,6 +2,7 @@
 //! checks smtp-proto does not make (a CR, NUL or bare LF inside a command), then smtp-proto's
 //! parser for the grammar, and the parameters we advertise.
 
+use super::address;
 use crate::reply::Reply;
 use memchr::memchr;
 use smtp_proto::{
@@ -111,8 +112,75 @@ const NOT_SMTP: &[&[u8]] = &[
     b"CONTENT-",
 ];
 
-/// Parses one framed command line.
+/// Parses one framed command line. The path of MAIL and RCPT is ours to read
+/// ([`super::address`]): the address comes back exactly as the client wrote it.
 pub fn parse(line: &[u8]) -> Result<Request<Cow<'_, str>>, Refusal> {
+    let refused = |reply| Refusal {
+        reply,
+        close: false,
+    };
+    let bad_path = || {
+        refused(if line[..4].eq_ignore_ascii_case(b"MAIL") {
+            Reply::bad_sender_address()
+        } else {
+            Reply::bad_recipient_address()
+        })
+    };
+    match address::find(line) {
+        None => {}
+        Some(Err(_)) => return Err(bad_path()),
+        Some(Ok(path)) => {
+            let raw = std::str::from_utf8(&line[path.start..path.end]).map_err(|_| bad_path())?;
+            let mailbox = address::mailbox(raw).map_err(|_| bad_path())?;
+            // smtp-proto reads the parameters, on the line with a stand-in address.
+            let mut stand_in = Vec::with_capacity(line.len());
+            stand_in.extend_from_slice(&line[..path.start]);
+            if !mailbox.is_empty() {
+                stand_in.extend_from_slice(b"stand-in@mailroute.invalid");
+            }
+            stand_in.extend_from_slice(&line[path.end..]);
+            return match parse_grammar(&stand_in)? {
+                // NB: check_parameters refused every parameter that carries a value.
+                Request::Mail { from } => Ok(Request::Mail {
+                    from: MailFrom {
+                        address: Cow::Owned(mailbox),
+                        flags: from.flags,
+                        size: from.size,
+                        trans_id: None,
+                        by: 0,
+                        env_id: None,
+                        solicit: None,
+                        mtrk: None,
+                        auth: None,
+                        hold_for: 0,
+                        hold_until: 0,
+                        mt_priority: 0,
+                    },
+                }),
+                Request::Rcpt { to } => Ok(Request::Rcpt {
+                    to: RcptTo {
+                        address: Cow::Owned(mailbox),
+                        orcpt: None,
+                        rrvs: 0,
+                        flags: to.flags,
+                    },
+                }),
+                _ => Err(bad_path()),
+            };
+        }
+    }
+    let request = parse_grammar(line)?;
+    // Without angle brackets smtp-proto read the address: it must still be one we would
+    // write back out unchanged.
+    match &request {
+        Request::Mail { from } if address::mailbox(&from.address).is_err() => Err(bad_path()),
+        Request::Rcpt { to } if address::mailbox(&to.address).is_err() => Err(bad_path()),
+        _ => Ok(request),
+    }
+}
+
+/// smtp-proto's grammar and our parameter checks.
+fn parse_grammar(line: &[u8]) -> Result<Request<Cow<'_, str>>, Refusal> {
     let refused = |reply| Refusal {
         reply,
         close: false,

@@ -439,6 +439,8 @@ impl Session {
                     self.refuse(Reply::bad_sequence("nested MAIL command"), events);
                 } else if from.size > self.config.max_message_size {
                     self.refuse(Reply::message_too_big(), events);
+                } else if !from.address.is_ascii() && from.flags & MAIL_SMTPUTF8 == 0 {
+                    self.refuse(Reply::non_ascii_address(), events);
                 } else if (from.flags & MAIL_SMTPUTF8 != 0 || from.flags & MAIL_BODY_8BITMIME != 0)
                     && !self.esmtp
                 {
@@ -479,6 +481,10 @@ impl Session {
                     Some(_) if to.address.is_empty() => {
                         events.push(Event::RecipientRefused(RefusalReason::Syntax));
                         self.refuse(Reply::bad_recipient_address(), events);
+                    }
+                    Some(e) if !to.address.is_ascii() && !e.smtputf8 => {
+                        events.push(Event::RecipientRefused(RefusalReason::Syntax));
+                        self.refuse(Reply::non_ascii_address(), events);
                     }
                     // NB: limits are not the client's errors (RFC 5321 section 4.5.3.1.10: 452,
                     // and the accepted recipients are delivered).
