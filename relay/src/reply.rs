@@ -181,6 +181,30 @@ impl Reply {
 
     // --- Syntax and sequence (RFC 5321 section 4.2.2, RFC 3463) ---
 
+    /// A session sending commands without ever sending a message (a MAIL/RSET loop).
+    pub fn too_many_commands() -> Self {
+        Self::new(
+            421,
+            "4.7.0",
+            "Too many commands without a message, closing connection",
+        )
+    }
+    /// Content kept coming after a refused DATA, past the largest message.
+    pub fn content_after_refused_data() -> Self {
+        Self::new(
+            554,
+            "5.5.0",
+            "Message content after a refused DATA, closing connection",
+        )
+    }
+    /// Content sent after a refused DATA, read to its end and thrown away.
+    pub fn content_after_refused_data_discarded() -> Self {
+        Self::new(
+            554,
+            "5.5.1",
+            "DATA was refused: the content that followed was discarded",
+        )
+    }
     pub fn unrecognized_command() -> Self {
         Self::new(500, "5.5.1", "Command unrecognized")
     }
@@ -266,7 +290,7 @@ impl Reply {
         Self::new(
             550,
             "5.6.11",
-            "Bare CR or LF in message content, closing connection (see RFC 5321 section 2.3.8)",
+            "Bare CR or LF, or NUL, in message content, closing connection (see RFC 5321 section 2.3.8)",
         )
     }
     pub fn mail_loop() -> Self {

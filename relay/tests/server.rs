@@ -112,6 +112,46 @@ async fn smuggling_variants_over_the_wire_are_refused_in_any_segmentation() {
 }
 
 #[tokio::test]
+async fn a_nul_in_bdat_content_is_refused_in_one_write_and_byte_by_byte() {
+    bounded(60, async {
+        let relay = Relay::start(Options::default()).await;
+        for content in [&b"hello\r\n\x00.\r\n"[..], b"hello\r\n.\x00\r\n"] {
+            let chunk = [
+                format!("BDAT {} LAST\r\n", content.len()).as_bytes(),
+                content,
+            ]
+            .concat();
+            for pieces in [
+                vec![chunk.clone()],
+                chunk.chunks(1).map(<[u8]>::to_vec).collect(),
+            ] {
+                let mut c = Client::connect(relay.smtp).await;
+                assert!(c.reply().await.starts_with("220 "));
+                assert!(c.command("EHLO client.test").await.starts_with("250"));
+                assert!(
+                    c.command("MAIL FROM:<a@example.com>")
+                        .await
+                        .starts_with("250")
+                );
+                assert!(
+                    c.command("RCPT TO:<b@example.com>")
+                        .await
+                        .starts_with("250")
+                );
+                for piece in &pieces {
+                    c.send(piece).await;
+                }
+                let reply = c.reply().await;
+                assert!(reply.starts_with("550 5.6.11"), "{content:?}: {reply}");
+                assert!(c.is_closed().await);
+            }
+        }
+        assert_eq!(relay.capture.count(), 0, "nothing forwarded");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn plaintext_pipelined_after_starttls_never_runs_inside_tls() {
     bounded(30, async {
         let relay = Relay::start(Options::default()).await;

@@ -433,3 +433,102 @@ fn a_mail_loop_is_refused() {
     );
     assert!(d.delivered.is_empty());
 }
+
+#[test]
+fn content_after_a_refused_data_never_runs_as_commands() {
+    let mut d = Dialogue::new();
+    d.ehlo();
+    d.says("MAIL FROM:<a@example.com>\r\n", &["250"]);
+    d.says("DATA\r\n", &["554 5.5.1"]);
+    // The client sends its content anyway, in later segments, with commands inside.
+    d.says("Subject: x\r\n\r\nMAIL FROM:<evil@example.com>\r\n", &[]);
+    d.says("RCPT TO:<victim@example.com>\r\nDATA\r\nsmuggled\r\n", &[]);
+    d.says(".\r\n", &["554 5.5.1"]);
+    assert!(d.delivered.is_empty());
+    // The session goes on as a session: a new transaction works.
+    d.says("MAIL FROM:<a@example.com>\r\n", &["250"]);
+    d.says("RCPT TO:<b@example.com>\r\n", &["250"]);
+    d.says("DATA\r\n", &["354"]);
+    d.says("Subject: y\r\n\r\nok\r\n.\r\n", &["250"]);
+    assert_eq!(d.delivered.len(), 1);
+    assert!(!d.delivered[0].content.windows(8).any(|w| w == b"smuggled"));
+}
+
+#[test]
+fn a_client_that_obeys_a_refused_data_goes_on_with_its_next_command() {
+    let mut d = Dialogue::new();
+    d.ehlo();
+    d.says("MAIL FROM:<a@example.com>\r\n", &["250"]);
+    d.says("DATA\r\n", &["554 5.5.1"]);
+    d.says("RSET\r\n", &["250"]);
+    d.says("MAIL FROM:<a@example.com>\r\n", &["250"]);
+    d.says("DATA\r\n", &["554 5.5.1"]);
+    d.says("QUIT\r\n", &["221"]);
+    assert!(d.closed);
+}
+
+#[test]
+fn content_after_a_refused_data_that_never_ends_closes_the_session() {
+    let mut config = SessionConfig::new("relay.example");
+    config.max_message_size = 1000;
+    let mut d = Dialogue::with(config);
+    d.ehlo();
+    d.says("MAIL FROM:<a@example.com>\r\n", &["250"]);
+    d.says("DATA\r\n", &["554 5.5.1"]);
+    let line = "x".repeat(98) + "\r\n";
+    let mut replies = Vec::new();
+    for _ in 0..20 {
+        if d.closed {
+            break;
+        }
+        replies.extend(d.send(line.as_bytes()));
+    }
+    assert!(d.closed, "{replies:?}");
+    assert!(
+        replies.last().is_some_and(|r| r.starts_with("554 5.5.0")),
+        "{replies:?}"
+    );
+}
+
+#[test]
+fn a_mail_rset_loop_is_closed_at_the_command_limit() {
+    let mut d = Dialogue::new();
+    d.ehlo();
+    let mut replies = Vec::new();
+    for _ in 0..2000 {
+        if d.closed {
+            break;
+        }
+        replies.extend(d.send(b"MAIL FROM:<a@example.com>\r\nRSET\r\n"));
+    }
+    assert!(d.closed, "never closed");
+    assert!(replies.len() < 1200, "{} replies", replies.len());
+    assert!(
+        replies.last().is_some_and(|r| r.starts_with("421 4.7.0")),
+        "{:?}",
+        replies.last()
+    );
+}
+
+#[test]
+fn recipients_over_the_limit_get_452_and_the_accepted_ones_are_delivered() {
+    let mut d = Dialogue::new();
+    d.ehlo();
+    let mut batch = String::from("MAIL FROM:<a@example.com>\r\n");
+    for i in 0..1010 {
+        batch.push_str(&format!("RCPT TO:<r{i}@example.com>\r\n"));
+    }
+    batch.push_str("DATA\r\n");
+    let replies = d.send(batch.as_bytes());
+    assert_eq!(replies.len(), 1012);
+    assert!(replies[1..1001].iter().all(|r| r.starts_with("250 2.1.5")));
+    assert!(
+        replies[1001..1011]
+            .iter()
+            .all(|r| r.starts_with("452 4.5.3"))
+    );
+    assert!(replies[1011].starts_with("354"), "{}", replies[1011]);
+    d.says("Subject: many\r\n\r\nhi\r\n.\r\n", &["250"]);
+    assert_eq!(d.delivered[0].recipients.len(), 1000);
+    assert!(!d.closed);
+}

@@ -58,7 +58,7 @@ fn corpus() -> Vec<Vec<u8>> {
         b"From: a@example.com\r\nSubject: dots\r\n\r\n.first body line starts with a dot\r\n..two\r\n.\r\n...\r\nend\r\n".to_vec(),
         format!("From: a@example.com\r\nSubject: =?UTF-8?B?w6l0w6k=?=\r\n\tfolded\r\n  twice\r\nX-Long: {long}\r\n\r\n{long}\r\n{long}\r\n").into_bytes(),
         "From: j\u{fc}rgen@b\u{fc}cher.example\r\nSubject: caf\u{e9} \u{1F600}\r\n\r\n\u{e9}t\u{e9} \u{65e5}\u{672c}\u{8a9e} 8-bit body\r\n\r\n\r\n".as_bytes().to_vec(),
-        [&b"From: a@example.com\r\nSubject: latin-1 bytes\r\nContent-Type: text/plain; charset=iso-8859-1\r\n\r\n"[..], &[0xe9, 0x74, 0xe9, b'\r', b'\n', 0x00, 0xff, b' ', b' ', b'\t', b'\r', b'\n']].concat(),
+        [&b"From: a@example.com\r\nSubject: latin-1 bytes\r\nContent-Type: text/plain; charset=iso-8859-1\r\n\r\n"[..], &[0xe9, 0x74, 0xe9, b'\r', b'\n', 0x01, 0xff, b' ', b' ', b'\t', b'\r', b'\n']].concat(),
         format!("From: a@example.com\r\nSubject: big\r\n\r\n{big_body}").into_bytes(),
         b"From: a@example.com\r\nSubject: empty body\r\n\r\n".to_vec(),
     ]

@@ -112,6 +112,32 @@ const NOT_SMTP: &[&[u8]] = &[
     b"CONTENT-",
 ];
 
+/// Whether a line starts with an SMTP verb (a command, not a line of message content: content
+/// starts with header lines, `Name:`).
+pub fn is_command(line: &[u8]) -> bool {
+    const VERBS: &[&[u8]] = &[
+        b"EHLO",
+        b"HELO",
+        b"MAIL",
+        b"RCPT",
+        b"DATA",
+        b"BDAT",
+        b"RSET",
+        b"NOOP",
+        b"QUIT",
+        b"VRFY",
+        b"EXPN",
+        b"HELP",
+        b"AUTH",
+        b"STARTTLS",
+    ];
+    VERBS.iter().any(|verb| {
+        line.len() > verb.len()
+            && line[..verb.len()].eq_ignore_ascii_case(verb)
+            && matches!(line[verb.len()], b' ' | b'\r')
+    })
+}
+
 /// Parses one framed command line. The path of MAIL and RCPT is ours to read
 /// ([`super::address`]): the address comes back exactly as the client wrote it.
 pub fn parse(line: &[u8]) -> Result<Request<Cow<'_, str>>, Refusal> {

@@ -4,13 +4,15 @@
 //!
 //! Rules enforced (RFC 5321 sections 2.3.8, 4.1.1.4, 4.5.2):
 //! - Lines end with CRLF only. A bare CR or bare LF anywhere is an error (SMTP smuggling
-//!   defence): the caller answers `550 5.6.11` and closes the connection.
+//!   defence): the caller answers `550 5.6.11` and closes the connection. So is a NUL octet
+//!   (no BINARYMIME is offered): a downstream that strips NULs would otherwise see
+//!   `CRLF NUL . CRLF` as an end of data the relay did not.
 //! - End of data is `CRLF . CRLF`, where the CRLF before the dot may be the implicit one before
 //!   the first byte after `354` (a lone `.` on the first line ends an empty message).
 //! - A leading dot is removed from every line that has one, the first line included.
 //! - The content kept is exactly the lines received, each with its CRLF.
 
-use memchr::{memchr2, memmem};
+use memchr::{memchr2, memchr3, memmem};
 
 /// What happened to the bytes fed so far.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,7 +21,7 @@ pub enum DataStatus {
     NeedMore,
     /// The end-of-data line was consumed; bytes after it belong to the next command.
     Complete,
-    /// A bare CR or LF was found; the session must be closed.
+    /// A bare CR or LF, or a NUL, was found; the session must be closed.
     BareLineEnding,
 }
 
@@ -87,7 +89,7 @@ impl DataReceiver {
         let mut i = 0;
         while i < input.len() {
             match self.state {
-                State::Mid => match memchr2(b'\r', b'\n', &input[i..]) {
+                State::Mid => match memchr3(b'\r', b'\n', 0, &input[i..]) {
                     None => {
                         self.keep(&input[i..], out);
                         i = input.len();
@@ -95,7 +97,7 @@ impl DataReceiver {
                     Some(k) => {
                         self.keep(&input[i..i + k], out);
                         i += k;
-                        if input[i] == b'\n' {
+                        if input[i] != b'\r' {
                             return (i + 1, DataStatus::BareLineEnding);
                         }
                         self.state = State::Cr;
@@ -119,7 +121,7 @@ impl DataReceiver {
                         self.state = State::Cr;
                         i += 1;
                     }
-                    b'\n' => return (i + 1, DataStatus::BareLineEnding),
+                    b'\n' | 0 => return (i + 1, DataStatus::BareLineEnding),
                     _ => self.state = State::Mid,
                 },
                 State::Dot => match input[i] {
@@ -127,7 +129,7 @@ impl DataReceiver {
                         self.state = State::DotCr;
                         i += 1;
                     }
-                    b'\n' => return (i + 1, DataStatus::BareLineEnding),
+                    b'\n' | 0 => return (i + 1, DataStatus::BareLineEnding),
                     // The leading dot is dropped; what follows it is content.
                     _ => self.state = State::Mid,
                 },
@@ -143,7 +145,7 @@ impl DataReceiver {
     }
 }
 
-/// Checks BDAT chunks for bare CR and bare LF, across chunk boundaries (a chunk may end
+/// Checks BDAT chunks for bare CR, bare LF and NUL, across chunk boundaries (a chunk may end
 /// between the CR and the LF of one line ending).
 #[derive(Debug, Default)]
 pub struct BdatChecker {
@@ -151,8 +153,11 @@ pub struct BdatChecker {
 }
 
 impl BdatChecker {
-    /// Checks one chunk; false when it holds a bare CR or LF.
+    /// Checks one chunk; false when it holds a bare CR or LF, or a NUL.
     pub fn check(&mut self, chunk: &[u8]) -> bool {
+        if memchr::memchr(0, chunk).is_some() {
+            return false;
+        }
         let mut i = 0;
         if self.after_cr {
             match chunk.first() {
@@ -290,14 +295,19 @@ mod tests {
     }
 
     #[test]
-    fn a_nul_before_the_dot_is_content_not_an_end() {
-        let input = b"hello\r\n\x00.\r\nMAIL FROM:<evil@example.com>\r\n.\r\n";
-        let (status, consumed, content) = all_segmentations(input);
-        assert_eq!((status, consumed), (DataStatus::Complete, input.len()));
-        assert_eq!(
-            content, b"hello\r\n\x00.\r\nMAIL FROM:<evil@example.com>\r\n",
-            "one message, nothing smuggled"
-        );
+    fn a_nul_anywhere_is_refused_like_a_bare_line_ending() {
+        for input in [
+            &b"hello\r\n\x00.\r\nMAIL FROM:<evil@example.com>\r\n.\r\n"[..],
+            b"hello\r\n.\x00\r\n.\r\n",
+            b"\x00\r\n.\r\n",
+            b"mid\x00line\r\n.\r\n",
+        ] {
+            let (status, _, content) = all_segmentations(input);
+            assert_eq!(status, DataStatus::BareLineEnding, "{input:?}");
+            assert!(!content.contains(&0), "{input:?}");
+        }
+        let mut c = BdatChecker::default();
+        assert!(!c.check(b"hello\r\n\x00.\r\n"));
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub const SMUGGLING_VARIANTS: &[&[u8]] = &[
     b"\n.\r",
     b"\r.\n",
     b"\r\n.\r\r\n",
+    b"\r\n\x00.\r\n",
+    b"\r\n.\x00\r\n",
     b"\r\n\x00.\r\n.\n",
     b"\r\n.\x00\n",
     b"\n\x00.\r\n",

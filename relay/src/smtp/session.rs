@@ -7,7 +7,7 @@
 //! ([`Event::Message`], answered by [`Session::delivered`]). While one of those is pending the
 //! session consumes no input, so nothing a client pipelines can overtake it.
 
-use super::command::{Framed, LineFramer, parse};
+use super::command::{Framed, LineFramer, is_command, parse};
 use super::data::{BdatChecker, DataReceiver, DataStatus};
 use super::{received, sasl};
 use crate::interfaces::{
@@ -58,6 +58,9 @@ pub struct SessionConfig {
     pub max_errors: usize,
     /// Commands outside a transaction (NOOP, RSET, VRFY, HELP, EHLO...) before MAIL.
     pub max_idle_commands: usize,
+    /// Commands of any kind between two accepted messages, beyond `max_recipients` RCPTs (a
+    /// MAIL/RSET loop that never sends a message is closed with `421 4.7.0`).
+    pub max_commands_per_message: usize,
     /// More `Received:` headers than this is a loop (`554 5.4.6`).
     pub max_received_headers: usize,
     /// The clock for `Received:` dates.
@@ -78,6 +81,7 @@ impl SessionConfig {
             max_recipients: 1000,
             max_errors: 10,
             max_idle_commands: 100,
+            max_commands_per_message: 100,
             max_received_headers: 50,
             now: SystemTime::now,
             check_recipients: false,
@@ -123,13 +127,25 @@ pub enum AuthOutcome {
 enum Phase {
     Command,
     Data(DataReceiver),
-    Bdat { remaining: usize, last: bool },
-    BdatDiscard { remaining: usize },
+    Bdat {
+        remaining: usize,
+        last: bool,
+    },
+    BdatDiscard {
+        remaining: usize,
+    },
     Sasl(sasl::Waiting),
     WaitingTls,
     WaitingAuth,
-    WaitingRecipient { address: String },
+    WaitingRecipient {
+        address: String,
+    },
     WaitingDelivery,
+    /// DATA was refused: the next line tells whether the client goes on with a command or
+    /// sends its content anyway, which is then read to its end and never run as commands.
+    AfterRefusedData,
+    /// Content after a refused DATA, read to its `CRLF.CRLF` and thrown away.
+    DiscardData(DataReceiver),
     Closed,
 }
 
@@ -170,6 +186,8 @@ pub struct Session {
     transactions: u64,
     errors: usize,
     idle_commands: usize,
+    /// Commands since the last accepted message.
+    commands: usize,
 }
 
 impl Session {
@@ -196,6 +214,7 @@ impl Session {
             transactions: 0,
             errors: 0,
             idle_commands: 0,
+            commands: 0,
         }
     }
 
@@ -224,7 +243,7 @@ impl Session {
     pub fn receiving_content(&self) -> bool {
         matches!(
             self.phase,
-            Phase::Data(_) | Phase::Bdat { .. } | Phase::BdatDiscard { .. }
+            Phase::Data(_) | Phase::Bdat { .. } | Phase::BdatDiscard { .. } | Phase::DiscardData(_)
         )
     }
 
@@ -267,6 +286,42 @@ impl Session {
         while pos < input.len() {
             let rest = &input[pos..];
             match &mut self.phase {
+                Phase::AfterRefusedData => match self.framer.next(rest) {
+                    // A client that obeyed the refusal (RFC 5321 section 3.3: no content
+                    // without 354) goes on with a command; content starts with a header line.
+                    Framed::Line { line, .. } if is_command(line) => {
+                        self.phase = Phase::Command;
+                    }
+                    Framed::NeedMore => break,
+                    _ => {
+                        // NB: not consumed: the line is the content's first.
+                        self.envelope = None;
+                        self.framer = LineFramer::default();
+                        self.phase =
+                            Phase::DiscardData(DataReceiver::new(self.config.max_message_size));
+                    }
+                },
+                Phase::DiscardData(receiver) => {
+                    let mut sink = Vec::new();
+                    let (n, status) = receiver.feed(rest, &mut sink);
+                    pos += n;
+                    let oversize = receiver.is_oversize();
+                    match status {
+                        DataStatus::BareLineEnding => {
+                            self.close(Reply::bare_line_ending(), events);
+                            return input.len();
+                        }
+                        DataStatus::NeedMore if oversize => {
+                            self.close(Reply::content_after_refused_data(), events);
+                            return input.len();
+                        }
+                        DataStatus::NeedMore => {}
+                        DataStatus::Complete => {
+                            self.phase = Phase::Command;
+                            self.refuse(Reply::content_after_refused_data_discarded(), events);
+                        }
+                    }
+                }
                 Phase::Closed
                 | Phase::WaitingTls
                 | Phase::WaitingAuth
@@ -397,6 +452,15 @@ impl Session {
                 return false;
             }
         }
+        // NB: every command counts here, RSET and MAIL included: only an accepted message
+        // gives the client a fresh allowance. BDAT chunks are content (bounded by the size).
+        if !matches!(request, Request::Bdat { .. }) {
+            self.commands += 1;
+        }
+        if self.commands > self.config.max_commands_per_message + self.config.max_recipients {
+            self.close(Reply::too_many_commands(), events);
+            return false;
+        }
         match request {
             Request::Ehlo { .. } | Request::Helo { .. } if pipelined => {
                 self.close(Reply::pipelining_violation(), events);
@@ -525,15 +589,22 @@ impl Session {
                     self.close(Reply::pipelining_violation(), events);
                     return false;
                 }
-                match self.envelope.as_ref() {
-                    None => self.refuse(Reply::bad_sequence("send MAIL first"), events),
+                let refusal = match self.envelope.as_ref() {
+                    None => Some(Reply::bad_sequence("send MAIL first")),
                     Some(e) if e.recipients.is_empty() => {
-                        self.refuse(Reply::new(554, "5.5.1", "No valid recipients"), events);
+                        Some(Reply::new(554, "5.5.1", "No valid recipients"))
                     }
-                    Some(e) if e.used_bdat => {
-                        self.refuse(Reply::bad_sequence("DATA after BDAT"), events);
+                    Some(e) if e.used_bdat => Some(Reply::bad_sequence("DATA after BDAT")),
+                    Some(_) => None,
+                };
+                match refusal {
+                    Some(reply) => {
+                        self.refuse(reply, events);
+                        if !self.is_closed() {
+                            self.phase = Phase::AfterRefusedData;
+                        }
                     }
-                    Some(_) => {
+                    None => {
                         self.phase = Phase::Data(DataReceiver::new(self.config.max_message_size));
                         events.push(Event::Reply(Reply::start_data()));
                     }
@@ -735,6 +806,7 @@ impl Session {
         if matches!(self.phase, Phase::WaitingDelivery) {
             self.phase = Phase::Command;
             if reply.is_positive() {
+                self.commands = 0;
                 events.push(Event::Reply(reply));
             } else {
                 self.refuse(reply, events);
