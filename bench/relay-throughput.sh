@@ -32,7 +32,7 @@ start_sink
 RELAY=$(free_port)
 write_manifests "$WORK/manifests"
 "$RELAY_BIN" --manifests "$WORK/manifests" --hostname relay.bench.example \
-  --smtp 127.0.0.1:"$RELAY" --max-sessions 1000 >"$WORK/relay.log" 2>&1 & RELAY_PID=$!
+  --smtp 127.0.0.1:"$RELAY" --max-sessions 1000 --max-sessions-per-ip 1000 >"$WORK/relay.log" 2>&1 & RELAY_PID=$!
 PIDS+=($RELAY_PID)
 wait_port "$RELAY"
 

@@ -38,7 +38,7 @@ start_relay() { # store -> prints "port pid"
   local port
   port=$(free_port)
   "$RELAY_BIN" --manifests "$WORK/manifests" --hostname relay.bench.example \
-    --smtp 127.0.0.1:"$port" --max-sessions 1000 --store "$1" >>"$WORK/relay.log" 2>&1 &
+    --smtp 127.0.0.1:"$port" --max-sessions 1000 --max-sessions-per-ip 1000 --store "$1" >>"$WORK/relay.log" 2>&1 &
   wait_port "$port"
   echo "$port $!"
 }

@@ -141,7 +141,13 @@ fn main() {
         Command::new(binary)
             .args(["--manifests"])
             .arg(manifests.path())
-            .args(["--hostname", "relay.bench.example", "--smtp"])
+            .args([
+                "--hostname",
+                "relay.bench.example",
+                "--max-sessions-per-ip",
+                "1000",
+            ])
+            .args(["--smtp"])
             .arg(relay_addr.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -72,6 +72,8 @@ async fn main() {
             "bench.test",
             "--max-sessions",
             "30000",
+            "--max-sessions-per-ip",
+            "30000",
         ])
         .args(["--smtp", &addr.to_string()])
         .env("RUST_LOG", "warn")

@@ -132,7 +132,16 @@ struct Cli {
         default_value_t = 0
     )]
     greet_delay_ms: u64,
-    /// Seconds to wait for a command before 421 4.4.2.
+    /// Sessions one client address may hold at once (IPv6: per /64); more get 421 4.7.0.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "MAILROUTE_MAX_SESSIONS_PER_IP",
+        default_value_t = 50
+    )]
+    max_sessions_per_ip: usize,
+    /// Seconds each command may take to arrive, from the end of the previous one, before
+    /// 421 4.4.2 (a client trickling bytes does not extend it).
     #[arg(
         long,
         value_name = "SECONDS",
@@ -336,6 +345,7 @@ async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyho
     let limits = Limits {
         idle_timeout: Duration::from_secs(cli.idle_timeout),
         max_sessions: cli.max_sessions,
+        max_sessions_per_ip: cli.max_sessions_per_ip,
         shutdown_grace: Duration::from_secs(cli.shutdown_grace),
         greet_delay: Duration::from_millis(cli.greet_delay_ms),
         proxy_protocol: cli.proxy_protocol,
@@ -343,6 +353,7 @@ async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyho
     };
     let ready = Arc::new(AtomicBool::new(false));
     let shared = Arc::new(Shared {
+        clients: Default::default(),
         generation: arc_swap::ArcSwap::from_pointee(first),
         hostname,
         limits,

@@ -181,6 +181,14 @@ impl Reply {
 
     // --- Syntax and sequence (RFC 5321 section 4.2.2, RFC 3463) ---
 
+    /// `--max-sessions-per-ip`: this client already holds its share of the relay's sessions.
+    pub fn too_many_sessions_from_client(hostname: &str) -> Self {
+        Self::new(
+            421,
+            "4.7.0",
+            format!("{hostname} Too many connections from your address, try again later"),
+        )
+    }
     /// A session sending commands without ever sending a message (a MAIL/RSET loop).
     pub fn too_many_commands() -> Self {
         Self::new(

@@ -166,6 +166,8 @@ impl RelayProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_mailroute-relay"))
             .args(["--manifests", manifests.to_str().unwrap_or_default()])
             .args(["--hostname", "relay.test", "--smtp", &smtp.to_string()])
+            // NB: every test client comes from 127.0.0.1.
+            .args(["--max-sessions-per-ip", "1000"])
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

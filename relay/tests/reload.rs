@@ -28,6 +28,8 @@ impl RelayProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_mailroute-relay"))
             .args(source)
             .args(["--hostname", "relay.test", "--watch-interval-ms", "100"])
+            // NB: every test client comes from 127.0.0.1.
+            .args(["--max-sessions-per-ip", "1000"])
             .args(["--smtp", &smtp.to_string(), "--admin", &admin.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

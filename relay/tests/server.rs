@@ -383,6 +383,90 @@ async fn session_limit_and_idle_timeout_answer_with_421() {
 }
 
 #[tokio::test]
+async fn one_client_address_cannot_hold_more_than_its_share_of_sessions() {
+    bounded(30, async {
+        let relay = Relay::start(Options {
+            limits: Limits {
+                max_sessions_per_ip: 3,
+                ..Limits::default()
+            },
+            ..Options::default()
+        })
+        .await;
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut c = Client::connect(relay.smtp).await;
+            assert!(c.reply().await.starts_with("220"));
+            held.push(c);
+        }
+        let mut greedy = Client::connect(relay.smtp).await;
+        let reply = greedy.reply().await;
+        assert!(reply.starts_with("421 4.7.0"), "{reply}");
+        assert!(greedy.is_closed().await);
+        // Another client is still greeted at once.
+        let started = Instant::now();
+        let local = std::net::IpAddr::from([127, 0, 0, 2]);
+        let mut other = Client::connect_from(relay.smtp, local).await;
+        assert!(other.reply().await.starts_with("220"));
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            started.elapsed()
+        );
+        // A session ended gives its place back.
+        if let Some(mut c) = held.pop() {
+            assert!(c.command("QUIT").await.starts_with("221"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut again = Client::connect(relay.smtp).await;
+        assert!(again.reply().await.starts_with("220"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_client_trickling_bytes_is_closed_by_the_command_deadline() {
+    bounded(30, async {
+        let relay = Relay::start(Options {
+            limits: Limits {
+                idle_timeout: Duration::from_millis(1500),
+                ..Limits::default()
+            },
+            ..Options::default()
+        })
+        .await;
+        let mut c = Client::connect(relay.smtp).await;
+        assert!(c.reply().await.starts_with("220"));
+        let started = Instant::now();
+        // One byte every 200 ms, never a line end: each read arrives well within the
+        // timeout, the command never does.
+        let mut closed_after = None;
+        for byte in std::iter::repeat_n(b'N', 40) {
+            if c.try_send(&[byte]).await.is_err() {
+                closed_after = Some(started.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let reply = c.reply().await;
+        assert!(reply.starts_with("421 4.4.2"), "{reply}");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "closed after {:?} ({closed_after:?})",
+            started.elapsed()
+        );
+        // A client that sends whole commands is not cut off by the same deadline.
+        let mut ok = Client::connect(relay.smtp).await;
+        assert!(ok.reply().await.starts_with("220"));
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            assert!(ok.command("NOOP").await.starts_with("250"));
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_rotated_certificate_is_served_to_new_sessions() {
     bounded(30, async {
         let relay = Relay::start(Options::default()).await;

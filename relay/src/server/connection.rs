@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
+
 use tokio_rustls::server::TlsStream;
 
 /// A plaintext or TLS connection.
@@ -142,20 +143,29 @@ async fn run(
     }
     out.clear();
     let deadline = Instant::now() + limits.max_session_duration;
+    // NB: deadlines, not read timeouts: a client trickling a byte at a time does not extend
+    // them (RFC 5321 section 4.5.3.2: 5 minutes a command; 3 minutes a block of content and
+    // 10 minutes for all of it).
+    let mut command_deadline = Instant::now() + limits.idle_timeout;
+    let mut content_deadline: Option<Instant> = None;
     let mut input: Vec<u8> = Vec::new();
     loop {
         if *shutdown.borrow() && !session.in_transaction() {
             Reply::shutting_down(&shared.hostname).write_to(&mut out);
             break;
         }
-        let wait = if session.receiving_content() {
-            limits.data_timeout
+        let receiving = session.receiving_content();
+        let wait_until = if receiving {
+            let all =
+                *content_deadline.get_or_insert_with(|| Instant::now() + limits.data_total_timeout);
+            all.min(Instant::now() + limits.data_timeout)
         } else {
-            limits.idle_timeout
+            content_deadline = None;
+            command_deadline
         };
         input.reserve(4096);
         let read = tokio::select! {
-            r = timeout(wait, conn.read_buf(&mut input)) => r,
+            r = tokio::time::timeout_at(wait_until, conn.read_buf(&mut input)) => r,
             _ = shutdown.changed(), if !session.in_transaction() => {
                 Reply::shutting_down(&shared.hostname).write_to(&mut out);
                 break;
@@ -171,7 +181,7 @@ async fn run(
                 shared.metrics.bytes_received.inc_by(n as u64);
             }
             Err(_) => {
-                let reply = if session.receiving_content() {
+                let reply = if receiving {
                     Reply::data_timeout(&shared.hostname)
                 } else {
                     Reply::idle_timeout(&shared.hostname)
@@ -180,6 +190,7 @@ async fn run(
                 break;
             }
         }
+        let lines_before = session.lines();
         let processed = process(
             &mut session,
             &mut conn,
@@ -209,6 +220,11 @@ async fn run(
                 return finish(shared, &conn, listener);
             }
             out.clear();
+        }
+        if session.lines() != lines_before {
+            // A whole command arrived: the next one has its own deadline. (Bytes of a line
+            // not yet ended, or of an over-long line being skipped, are no progress.)
+            command_deadline = Instant::now() + limits.idle_timeout;
         }
         if input.is_empty() && input.capacity() > 64 * 1024 {
             input = Vec::new();

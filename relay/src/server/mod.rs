@@ -1,6 +1,7 @@
 //! Listeners and sessions: accepts connections on the smtp, submission and smtps listeners,
 //! runs each session's driver, limits concurrent sessions, and shuts down gracefully.
 
+pub mod clients;
 mod connection;
 pub mod proxy;
 pub mod tls;
@@ -22,10 +23,16 @@ use tracing::Instrument;
 /// Time and size limits of the server.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Waiting for a command (RFC 5321 section 4.5.3.2.7: at least 5 minutes).
+    /// Deadline for each command, from the end of the previous one (RFC 5321 section
+    /// 4.5.3.2.7: at least 5 minutes). A client trickling bytes does not extend it.
     pub idle_timeout: Duration,
-    /// Waiting for the next block of message content (RFC 5321: 3 minutes).
+    /// Waiting for the next block of message content (RFC 5321 section 4.5.3.2.5: 3 minutes).
     pub data_timeout: Duration,
+    /// Deadline for the whole content of one message, from `354` or the first BDAT.
+    pub data_total_timeout: Duration,
+    /// Sessions one client address may hold at once (IPv6: one /64); more are told
+    /// `421 4.7.0` and closed.
+    pub max_sessions_per_ip: usize,
     /// Longest session, whatever it does.
     pub max_session_duration: Duration,
     /// Sessions open at once; more are told `421 4.3.2` and closed.
@@ -47,6 +54,8 @@ impl Default for Limits {
         Self {
             idle_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
+            data_total_timeout: Duration::from_secs(600),
+            max_sessions_per_ip: 50,
             max_session_duration: Duration::from_secs(3600),
             max_sessions: 20_000,
             tls_handshake_timeout: Duration::from_secs(30),
@@ -87,6 +96,8 @@ impl std::fmt::Debug for Generation {
 pub struct Shared {
     /// The configuration in force; replaced by reloads.
     pub generation: arc_swap::ArcSwap<Generation>,
+    /// Sessions open per client address.
+    pub clients: clients::Clients,
     /// Name in the greeting and in `421` replies.
     pub hostname: String,
     pub limits: Limits,
@@ -275,6 +286,18 @@ async fn serve(
             }
         }
     }
+    let Some(_slot) = shared
+        .clients
+        .admit(peer.ip(), shared.limits.max_sessions_per_ip)
+    else {
+        tracing::info!(%peer, "too many sessions from this client address");
+        if kind != ListenerKind::Smtps {
+            let mut out = Vec::new();
+            Reply::too_many_sessions_from_client(&shared.hostname).write_to(&mut out);
+            let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&out)).await;
+        }
+        return;
+    };
     let conn = match kind {
         ListenerKind::Smtps => {
             if !early.is_empty() {

@@ -188,6 +188,8 @@ pub struct Session {
     idle_commands: usize,
     /// Commands since the last accepted message.
     commands: usize,
+    /// Whole lines read (commands, AUTH responses, refused lines): progress for deadlines.
+    lines: u64,
 }
 
 impl Session {
@@ -215,7 +217,13 @@ impl Session {
             errors: 0,
             idle_commands: 0,
             commands: 0,
+            lines: 0,
         }
+    }
+
+    /// Whole lines read so far (a command's deadline starts again after each).
+    pub fn lines(&self) -> u64 {
+        self.lines
     }
 
     pub fn greeting(&self) -> Reply {
@@ -317,6 +325,7 @@ impl Session {
                         }
                         DataStatus::NeedMore => {}
                         DataStatus::Complete => {
+                            self.lines += 1;
                             self.phase = Phase::Command;
                             self.refuse(Reply::content_after_refused_data_discarded(), events);
                         }
@@ -344,6 +353,7 @@ impl Session {
                         }
                         DataStatus::Complete => {
                             let oversize = receiver.is_oversize();
+                            self.lines += 1;
                             self.phase = Phase::Command;
                             self.finish_message(oversize, events);
                         }
@@ -354,6 +364,7 @@ impl Session {
                     *remaining -= take;
                     pos += take;
                     if *remaining == 0 && !self.is_closed() {
+                        self.lines += 1;
                         self.phase = Phase::Command;
                     }
                 }
@@ -378,6 +389,7 @@ impl Session {
                         envelope.content.extend_from_slice(chunk);
                     }
                     if done {
+                        self.lines += 1;
                         self.phase = Phase::Command;
                         if last {
                             if !envelope.bdat.finish() {
@@ -400,10 +412,12 @@ impl Session {
                     Framed::Skipped { consumed } => pos += consumed,
                     Framed::Refused { reply, consumed } => {
                         pos += consumed;
+                        self.lines += 1;
                         self.refuse(reply, events);
                     }
                     Framed::Line { line, consumed } => {
                         pos += consumed;
+                        self.lines += 1;
                         let pipelined = pos < input.len();
                         let line = line.to_vec();
                         if self.line(&line, pipelined, events) {
@@ -804,6 +818,8 @@ impl Session {
     /// Answers a pending [`Event::Message`] with the reply for the client.
     pub fn delivered(&mut self, reply: Reply, events: &mut Vec<Event>) {
         if matches!(self.phase, Phase::WaitingDelivery) {
+            // The reply to the content: the next command's deadline starts now.
+            self.lines += 1;
             self.phase = Phase::Command;
             if reply.is_positive() {
                 self.commands = 0;

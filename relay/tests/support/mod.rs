@@ -135,7 +135,11 @@ impl Default for Options {
         session.auth_available = true;
         Self {
             deliver: None,
-            limits: Limits::default(),
+            // NB: every test client comes from 127.0.0.1.
+            limits: Limits {
+                max_sessions_per_ip: 100_000,
+                ..Limits::default()
+            },
             throttle: ThrottleConfig::default(),
             session,
             delivery_delay: Duration::ZERO,
@@ -170,6 +174,7 @@ impl Relay {
             admit: options.admit,
         };
         let shared = Arc::new(Shared {
+            clients: Default::default(),
             generation: arc_swap::ArcSwap::from_pointee(generation),
             hostname,
             limits: options.limits,
@@ -303,6 +308,18 @@ impl Client {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         Self::over_tls(tcp, cert_pem).await
+    }
+
+    /// Sends without panicking when the server has closed the connection.
+    pub async fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match &mut self.stream {
+            Stream::Plain(s) => s.get_mut().write_all(bytes).await,
+            Stream::Tls(s) => {
+                let w = s.get_mut();
+                w.write_all(bytes).await?;
+                w.flush().await
+            }
+        }
     }
 
     pub async fn send(&mut self, bytes: &[u8]) {
