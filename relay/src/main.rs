@@ -72,6 +72,16 @@ struct Cli {
     /// sends one), so IP ranges and Received: see the client's own address.
     #[arg(long, env = "MAILROUTE_PROXY_PROTOCOL")]
     proxy_protocol: bool,
+    /// Believe PROXY headers only from these sources (the load balancers; repeatable, implies
+    /// the PROXY protocol): a connection from one must begin with a header, a header from any
+    /// other source is refused and the socket's own address is used.
+    #[arg(
+        long,
+        value_name = "CIDR",
+        env = "MAILROUTE_PROXY_TRUSTED",
+        value_delimiter = ','
+    )]
+    proxy_trusted: Vec<ipnet::IpNet>,
     /// PEM certificate chain for STARTTLS and smtps; reloaded when the file changes.
     #[arg(
         long,
@@ -348,7 +358,8 @@ async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyho
         max_sessions_per_ip: cli.max_sessions_per_ip,
         shutdown_grace: Duration::from_secs(cli.shutdown_grace),
         greet_delay: Duration::from_millis(cli.greet_delay_ms),
-        proxy_protocol: cli.proxy_protocol,
+        proxy_protocol: cli.proxy_protocol || !cli.proxy_trusted.is_empty(),
+        proxy_trusted: cli.proxy_trusted.iter().map(ipnet::IpNet::trunc).collect(),
         ..Limits::default()
     };
     let ready = Arc::new(AtomicBool::new(false));

@@ -121,6 +121,7 @@ pub struct Metrics {
     pub rcpt_refusals: Family<RefusalLabels, Counter>,
     pub auth: Family<ListenerResultLabels, Counter>,
     pub tls_handshakes: Family<ListenerResultLabels, Counter>,
+    pub connections_refused: Family<ListenerResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -143,6 +144,7 @@ impl Default for Metrics {
             rcpt_refusals: Family::default(),
             auth: Family::default(),
             tls_handshakes: Family::default(),
+            connections_refused: Family::default(),
         }
     }
 }
@@ -236,6 +238,11 @@ impl Metrics {
             "mailroute_relay_tls_handshakes",
             "TLS handshakes with clients (STARTTLS and implicit), by listener and result",
             metrics.tls_handshakes.clone(),
+        );
+        registry.register(
+            "mailroute_relay_connections_refused",
+            "Connections closed before a session, by listener and reason (pregreet, proxy_untrusted, proxy_invalid, too_many_from_client, too_many_sessions)",
+            metrics.connections_refused.clone(),
         );
         metrics
     }

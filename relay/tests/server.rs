@@ -500,8 +500,14 @@ fn proxy_v2_ipv6(source: std::net::Ipv6Addr, port: u16) -> Vec<u8> {
 }
 
 async fn received_from(relay: &Relay, preamble: &[u8]) -> String {
-    let mut c = Client::connect(relay.smtp).await;
-    c.send(preamble).await;
+    received_via(relay, Client::connect(relay.smtp).await, &[preamble]).await
+}
+
+/// The `Received:` header of a message sent over `c` after writing `preamble` in pieces.
+async fn received_via(relay: &Relay, mut c: Client, preamble: &[&[u8]]) -> String {
+    for piece in preamble {
+        c.send(piece).await;
+    }
     assert!(c.reply().await.starts_with("220"));
     c.command("EHLO client.test").await;
     c.command("MAIL FROM:<a@example.com>").await;
@@ -561,6 +567,168 @@ async fn the_proxy_protocol_carries_the_client_address_in_v1_and_v2() {
         let mut c = Client::connect(relay.smtp).await;
         c.send(b"EHLO direct.test\r\n").await;
         assert_eq!(c.reply().await, "", "no reply without a PROXY header");
+    })
+    .await;
+}
+
+/// A stream whose first write carries `header` in front of the client's first bytes (the TLS
+/// ClientHello), as a load balancer sends them: one segment.
+struct HeaderFirst {
+    inner: tokio::net::TcpStream,
+    header: Option<Vec<u8>>,
+}
+
+impl tokio::io::AsyncRead for HeaderFirst {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for HeaderFirst {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if let Some(header) = self.header.take() {
+            // NB: one write of header and ClientHello; reported as the client's bytes only.
+            // A fresh loopback socket takes a few hundred octets at once.
+            let joined = [header.as_slice(), buf].concat();
+            match self.inner.try_write(&joined) {
+                Ok(n) if n == joined.len() => return std::task::Poll::Ready(Ok(buf.len())),
+                other => panic!("one write of header and ClientHello: {other:?}"),
+            }
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn a_proxy_v2_header_and_the_client_hello_in_one_segment_always_handshake() {
+    bounded(60, async {
+        let relay = Relay::start(Options {
+            limits: Limits {
+                proxy_protocol: true,
+                tls_handshake_timeout: Duration::from_secs(5),
+                ..Limits::default()
+            },
+            ..Options::default()
+        })
+        .await;
+        let connector = support::tls_connector(&relay.certs.cert_pem);
+        for i in 0..100 {
+            let tcp = tokio::net::TcpStream::connect(relay.smtps)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let _ = tcp.set_nodelay(true);
+            let io = HeaderFirst {
+                inner: tcp,
+                header: Some(proxy_v2_ipv6(
+                    "2001:db8::7".parse().unwrap_or_else(|e| panic!("{e}")),
+                    40000 + i,
+                )),
+            };
+            let name = rustls_pki_types::ServerName::try_from("relay.test")
+                .unwrap_or_else(|e| panic!("{e}"));
+            let mut tls = connector
+                .connect(name, io)
+                .await
+                .unwrap_or_else(|e| panic!("handshake {i}: {e}"));
+            let mut greeting = [0u8; 3];
+            tokio::io::AsyncReadExt::read_exact(&mut tls, &mut greeting)
+                .await
+                .unwrap_or_else(|e| panic!("greeting {i}: {e}"));
+            assert_eq!(&greeting, b"220", "{i}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_proxy_header_is_believed_only_from_a_trusted_source_and_read_byte_by_byte() {
+    bounded(60, async {
+        let relay = Relay::start(Options {
+            limits: Limits {
+                proxy_protocol: true,
+                proxy_trusted: vec!["127.0.0.2/32".parse().unwrap_or_else(|e| panic!("{e}"))],
+                tls_handshake_timeout: Duration::from_secs(2),
+                ..Limits::default()
+            },
+            ..Options::default()
+        })
+        .await;
+        let balancer = std::net::IpAddr::from([127, 0, 0, 2]);
+        let header = b"PROXY TCP4 203.0.113.9 192.0.2.1 40000 25\r\n";
+        // From the balancer, a v1 header sent one byte at a time is read whole.
+        let pieces: Vec<&[u8]> = header.chunks(1).collect();
+        let received = received_via(
+            &relay,
+            Client::connect_from(relay.smtp, balancer).await,
+            &pieces,
+        )
+        .await;
+        assert!(
+            received.starts_with("Received: from client.test ([203.0.113.9])"),
+            "{received}"
+        );
+        // From anyone else a PROXY header is refused and the session ended.
+        let mut c = Client::connect(relay.smtp).await;
+        c.send(header).await;
+        let reply = c.reply().await;
+        assert!(reply.starts_with("554 5.5.0"), "{reply}");
+        assert!(c.is_closed().await);
+        // ... and without one, the socket's own address is used.
+        let received = received_from(&relay, b"").await;
+        assert!(
+            received.starts_with("Received: from client.test ([127.0.0.1])"),
+            "{received}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn behind_haproxy_every_smtps_client_is_greeted_and_seen_with_its_own_address() {
+    bounded(90, async {
+        let relay = Relay::start(Options {
+            limits: Limits {
+                proxy_trusted: vec!["127.0.0.1/32".parse().unwrap_or_else(|e| panic!("{e}"))],
+                proxy_protocol: true,
+                tls_handshake_timeout: Duration::from_secs(5),
+                ..Limits::default()
+            },
+            ..Options::default()
+        })
+        .await;
+        let balancer = support::haproxy::Haproxy::start(relay.smtps);
+        for i in 0..100 {
+            let mut c = Client::connect_tls(balancer.addr, &relay.certs.cert_pem).await;
+            let greeting = c.reply().await;
+            assert!(greeting.starts_with("220"), "{i}: {greeting:?}");
+            if i == 0 {
+                let ehlo = c.command("EHLO client.test").await;
+                assert!(ehlo.contains("greets 127.0.0.1"), "{ehlo}");
+            }
+            assert!(c.command("QUIT").await.starts_with("221"));
+        }
     })
     .await;
 }

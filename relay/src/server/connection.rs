@@ -16,10 +16,13 @@ use tokio::time::{Instant, timeout};
 
 use tokio_rustls::server::TlsStream;
 
+/// The socket, with what was read past a PROXY header still to be read.
+pub(crate) type Io = super::proxy::Rewind<TcpStream>;
+
 /// A plaintext or TLS connection.
 pub(crate) enum Conn {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Plain(Io),
+    Tls(Box<TlsStream<Io>>),
     /// The stream was handed to the TLS acceptor (only while a handshake runs).
     Detached,
 }

@@ -45,8 +45,21 @@ pub struct Limits {
     /// Wait this long before the greeting; a client that talks meanwhile is refused (as
     /// Postfix's postscreen pregreet test). 0: only bytes already waiting are detected.
     pub greet_delay: Duration,
-    /// Every connection starts with a PROXY protocol v1 or v2 header (behind a load balancer).
+    /// Every connection starts with a PROXY protocol v1 or v2 header (behind a load balancer),
+    /// from the sources in `proxy_trusted`, or from any source when that is empty.
     pub proxy_protocol: bool,
+    /// `--proxy-trusted`: the load balancers whose PROXY headers are believed.
+    pub proxy_trusted: Vec<ipnet::IpNet>,
+}
+
+impl Limits {
+    /// Whether a connection from `source` must begin with a PROXY header.
+    pub fn expects_proxy_header(&self, source: std::net::IpAddr) -> bool {
+        let source = mailroute_config::net::canonical_client(source);
+        self.proxy_protocol
+            && (self.proxy_trusted.is_empty()
+                || self.proxy_trusted.iter().any(|net| net.contains(&source)))
+    }
 }
 
 impl Default for Limits {
@@ -63,6 +76,7 @@ impl Default for Limits {
             shutdown_grace: Duration::from_secs(30),
             greet_delay: Duration::ZERO,
             proxy_protocol: false,
+            proxy_trusted: Vec::new(),
         }
     }
 }
@@ -247,6 +261,7 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            count_refused(&shared, kind, "too_many_sessions");
             let hostname = shared.hostname.clone();
             tokio::spawn(refuse_busy(stream, hostname));
             continue;
@@ -272,8 +287,9 @@ async fn serve(
     let id = next_session_id();
     let mut peer = socket_peer;
     let mut early = Vec::new();
-    if shared.limits.proxy_protocol {
-        match proxy::read_header(&mut stream, shared.limits.tls_handshake_timeout).await {
+    let limits = &shared.limits;
+    if limits.expects_proxy_header(socket_peer.ip()) {
+        match proxy::read_header(&mut stream, limits.tls_handshake_timeout).await {
             Ok((source, rest)) => {
                 if let Some(source) = source {
                     peer = source;
@@ -282,15 +298,14 @@ async fn serve(
             }
             Err(e) => {
                 tracing::warn!(%socket_peer, error = %e, "connection dropped: PROXY header expected");
+                count_refused(&shared, kind, "proxy_invalid");
                 return;
             }
         }
     }
-    let Some(_slot) = shared
-        .clients
-        .admit(peer.ip(), shared.limits.max_sessions_per_ip)
-    else {
+    let Some(_slot) = shared.clients.admit(peer.ip(), limits.max_sessions_per_ip) else {
         tracing::info!(%peer, "too many sessions from this client address");
+        count_refused(&shared, kind, "too_many_from_client");
         if kind != ListenerKind::Smtps {
             let mut out = Vec::new();
             Reply::too_many_sessions_from_client(&shared.hostname).write_to(&mut out);
@@ -300,18 +315,12 @@ async fn serve(
     };
     let conn = match kind {
         ListenerKind::Smtps => {
-            if !early.is_empty() {
-                // NB: bytes after the PROXY header belong to the TLS handshake; this simple
-                // reader does not hand them to rustls, so the session cannot continue.
-                tracing::warn!(%peer, "client sent TLS data in the PROXY header's packet");
-                return;
-            }
             let Some(acceptor) = shared.tls.clone() else {
                 return;
             };
-            match tokio::time::timeout(shared.limits.tls_handshake_timeout, acceptor.accept(stream))
-                .await
-            {
+            // NB: what followed the PROXY header in its segment is the ClientHello.
+            let io = proxy::Rewind::new(stream, early);
+            match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(io)).await {
                 Ok(Ok(tls)) => {
                     connection::count_tls(&shared, kind, "success");
                     connection::Conn::Tls(Box::new(tls))
@@ -329,19 +338,29 @@ async fn serve(
         }
         ListenerKind::Smtp | ListenerKind::Submission => {
             // A client that talks before the greeting is not waiting for it (RFC 5321
-            // section 4.3.1): a spam engine or a protocol confusion.
-            if early.is_empty() && !shared.limits.greet_delay.is_zero() {
-                let _ = tokio::time::timeout(shared.limits.greet_delay, stream.readable()).await;
+            // section 4.3.1): a spam engine, a protocol confusion, or a PROXY header from a
+            // source not trusted to send one (SPEC 5.1).
+            if early.is_empty() && !limits.greet_delay.is_zero() {
+                let _ = tokio::time::timeout(limits.greet_delay, stream.readable()).await;
             }
-            let mut probe = [0u8; 1];
-            let talked = !early.is_empty() || matches!(stream.try_read(&mut probe), Ok(n) if n > 0);
-            if talked {
+            let mut probe = [0u8; 6];
+            let peeked = stream.try_read(&mut probe).unwrap_or_default();
+            if !early.is_empty() || peeked > 0 {
+                let proxy_line = probe[..peeked].starts_with(b"PROXY")
+                    || probe[..peeked].starts_with(b"\r\n\r\n\0\r");
+                let reason = if early.is_empty() && proxy_line {
+                    tracing::info!(%peer, "PROXY header from a source not trusted to send one");
+                    "proxy_untrusted"
+                } else {
+                    "pregreet"
+                };
+                count_refused(&shared, kind, reason);
                 let mut out = Vec::new();
                 Reply::talked_before_greeting().write_to(&mut out);
                 let _ = stream.write_all(&out).await;
                 return;
             }
-            connection::Conn::Plain(stream)
+            connection::Conn::Plain(proxy::Rewind::new(stream, Vec::new()))
         }
     };
     // NB: instrument the future rather than entering the span: a guard held across an await
@@ -350,6 +369,18 @@ async fn serve(
     connection::drive(conn, peer, kind, shared, stop, id)
         .instrument(span)
         .await;
+}
+
+/// `mailroute_relay_connections_refused_total`.
+fn count_refused(shared: &Shared, listener: ListenerKind, reason: &'static str) {
+    shared
+        .metrics
+        .connections_refused
+        .get_or_create(&crate::metrics::ListenerResultLabels {
+            listener: listener.as_str(),
+            result: reason,
+        })
+        .inc();
 }
 
 async fn refuse_busy(mut stream: TcpStream, hostname: String) {

@@ -105,6 +105,8 @@ const NOT_SMTP: &[&[u8]] = &[
     b"DELETE ",
     b"OPTIONS ",
     b"CONNECT ",
+    // A PROXY header from a source not trusted to send one (SPEC 5.1).
+    b"PROXY ",
     b"PATCH ",
     b"HOST:",
     b"USER-AGENT:",

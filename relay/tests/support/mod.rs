@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod haproxy;
 pub mod mta;
 pub mod redis;
 pub mod sink;
