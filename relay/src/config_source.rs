@@ -17,6 +17,19 @@ pub struct Loaded {
     pub credentials: Credentials,
 }
 
+impl Loaded {
+    /// What tells one configuration from another: the document's content hash and a digest of
+    /// the credentials (which the document leaves out), so a rotated password, CA bundle or
+    /// upstream credential is a change like a rule's. Never shows a secret.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let credentials = serde_json::to_vec(&self.credentials).unwrap_or_default();
+        let digest = Sha256::digest(&credentials);
+        let short: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}+{short}", self.document.hash)
+    }
+}
+
 /// Why a configuration was not loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {

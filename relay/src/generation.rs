@@ -78,7 +78,7 @@ impl Builder {
     pub fn generation(&self, loaded: &Loaded) -> Result<Generation, SetupError> {
         Ok(self
             .build(loaded)?
-            .into_generation(loaded.document.generation, loaded.document.hash.clone()))
+            .into_generation(loaded.document.generation, loaded.fingerprint()))
     }
 
     pub fn build(&self, loaded: &Loaded) -> Result<Built, SetupError> {

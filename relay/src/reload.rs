@@ -6,6 +6,11 @@
 //!
 //! `--configmap` polls the Kubernetes API the same way (three small GETs per interval).
 //!
+//! Every source covers the credentials as well: a change is what changes
+//! [`Loaded::fingerprint`], the document's hash *and* a digest of the credentials. A new
+//! generation has its own forwarder and connection pool, so upstream connections opened with a
+//! replaced credential are retired with the generation they belong to.
+//!
 //! The watch polls a cheap stamp of the files (names, sizes, modification times) rather than
 //! relying on inotify: Kubernetes updates mounted ConfigMaps and Secrets by swapping symlinks,
 //! which inotify watchers notoriously miss, and a stat of a few files per interval costs
@@ -110,14 +115,15 @@ pub async fn watch(source: Source, interval: Duration, shared: Arc<Shared>, buil
         }
         stamp = now;
         let result = match source.load(next).await {
-            Ok(loaded) if loaded.document.hash == hash => continue,
+            // NB: the credentials too: a rotated password alone is a change.
+            Ok(loaded) if loaded.fingerprint() == hash => continue,
             Ok(loaded) => build(&loaded).map(|generation| (loaded, generation)),
             Err(e) => Err(e.to_string()),
         };
         let label = match result {
             Ok((loaded, generation)) => {
                 tracing::info!(summary = %config_source::summary(&loaded), "configuration reloaded");
-                hash = loaded.document.hash.clone();
+                hash = loaded.fingerprint();
                 next = generation.number.max(next) + 1;
                 shared.install(generation);
                 "success"

@@ -119,7 +119,11 @@ stringData: {app: s3cret}
 }
 
 fn secret() -> Value {
-    let credentials = json!({"tenants": {"example": {"app": "s3cret"}}}).to_string();
+    secret_with("s3cret")
+}
+
+fn secret_with(password: &str) -> Value {
+    let credentials = json!({"tenants": {"example": {"app": password}}}).to_string();
     json!({"data": {"credentials.json": base64::engine::general_purpose::STANDARD.encode(credentials)}})
 }
 
@@ -201,4 +205,57 @@ async fn a_missing_config_map_is_a_clear_error() {
         "{e:?}"
     );
     assert!(matches!(parse_name("no-slash"), Err(ClusterError::Name(_))));
+}
+
+/// `AUTH PLAIN` as `app` over implicit TLS; the reply.
+async fn auth(relay: &support::Relay, password: &str) -> String {
+    let mut c = support::Client::connect_tls(relay.smtps, &relay.certs.cert_pem).await;
+    c.reply().await;
+    c.command("EHLO client.test").await;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("\0app\0{password}"));
+    c.command(&format!("AUTH PLAIN {token}")).await
+}
+
+#[tokio::test]
+async fn a_password_rotated_in_the_secret_is_in_force_within_a_second() {
+    support::bounded(60, async {
+        let api = FakeApi::default();
+        api.put(
+            &format!("{CM}/mailroute-relay-config"),
+            json!({"metadata": {"annotations": {"mailroute.io/parts": "1"}}, "data": {"config.json": document_json()}}),
+        );
+        api.put(SECRET, secret());
+        let (source, api, _certs) = source(api).await;
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(mailroute_relay::metrics::Metrics::register(&mut registry));
+        let builder = Arc::new(support::builder(support::Stores::memory(), metrics));
+        let relay = support::Relay::start(support::Options::default()).await;
+        let loaded = source.load(1).await.unwrap_or_else(|e| panic!("{e}"));
+        relay
+            .shared
+            .install(builder.generation(&loaded).unwrap_or_else(|e| panic!("{e}")));
+        let build: Arc<mailroute_relay::reload::Build> =
+            Arc::new(move |l| builder.generation(l).map_err(|e| e.to_string()));
+        let watch = tokio::spawn(mailroute_relay::reload::watch(
+            source,
+            std::time::Duration::from_millis(100),
+            Arc::clone(&relay.shared),
+            build,
+        ));
+        // NB: let the watch read the source once before it changes.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(auth(&relay, "s3cret").await.starts_with("235"));
+        // Only the Secret changes; the ConfigMap (and the document's hash) stay as they were.
+        let before = relay.shared.generation.load().hash.clone();
+        api.put(SECRET, secret_with("rotated"));
+        let changed = std::time::Instant::now();
+        while relay.shared.generation.load().hash == before {
+            assert!(changed.elapsed() < std::time::Duration::from_secs(1), "not in force within a second");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(auth(&relay, "rotated").await.starts_with("235"));
+        assert!(auth(&relay, "s3cret").await.starts_with("535"), "the old password still works");
+        watch.abort();
+    })
+    .await;
 }

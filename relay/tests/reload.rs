@@ -301,3 +301,164 @@ async fn a_split_document_switches_only_when_every_part_is_there() {
     })
     .await;
 }
+
+/// A tenant whose clients must authenticate, with one account `app`.
+fn accounts(sink: SocketAddr, password: &str) -> String {
+    format!(
+        "{}---\napiVersion: mailroute.io/v1alpha1\nkind: RelayPolicy\nmetadata: {{name: example, namespace: mail}}\nspec:\n  domains: [example.com]\n  licenses: 10\n  inboundRoute: mailbox\n  authentication: {{requireSMTPAuth: true, credentialsSecretRef: {{name: accounts}}}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: accounts, namespace: mail}}\nstringData: {{app: {password}}}\n",
+        route("mailbox", sink)
+    )
+}
+
+/// `AUTH PLAIN` as `app` over implicit TLS; the reply.
+async fn auth(smtps: SocketAddr, cert_pem: &str, password: &str) -> String {
+    use base64::Engine;
+    let mut c = Client::connect_tls(smtps, cert_pem).await;
+    c.reply().await;
+    c.command("EHLO client.test").await;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("\0app\0{password}"));
+    c.command(&format!("AUTH PLAIN {token}")).await
+}
+
+/// Rotates `app`'s password with `rotate` and checks: the new one works within a second of the
+/// change being visible, the old one is refused, and a session open meanwhile is not dropped.
+async fn rotation_is_in_force_within_a_second(
+    relay: &RelayProcess,
+    smtps: SocketAddr,
+    cert_pem: &str,
+    rotate: impl FnOnce(),
+) {
+    assert!(auth(smtps, cert_pem, "old-secret").await.starts_with("235"));
+    let mut open = Client::connect_tls(smtps, cert_pem).await;
+    open.reply().await;
+    assert!(open.command("EHLO open.test").await.starts_with("250"));
+    rotate();
+    let changed = Instant::now();
+    let reloaded = "mailroute_relay_config_reloads_total{result=\"success\"} 1";
+    while !relay.metrics().contains(reloaded) {
+        assert!(
+            changed.elapsed() < Duration::from_secs(1),
+            "not in force within a second"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!("password rotation in force after {:?}", changed.elapsed());
+    assert!(auth(smtps, cert_pem, "new-secret").await.starts_with("235"));
+    assert!(
+        auth(smtps, cert_pem, "old-secret").await.starts_with("535"),
+        "the old password still works"
+    );
+    assert!(
+        open.command("NOOP").await.starts_with("250"),
+        "the open session was dropped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_rotated_in_the_manifests_is_in_force_at_once() {
+    bounded(60, async {
+        let sink = Sink::start();
+        let certs = support::cert_files(&["relay.test"]);
+        let smtps: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        write(dir.path(), "all.yaml", &accounts(sink.addr, "old-secret"));
+        let relay = RelayProcess::start_with(&[
+            "--manifests",
+            dir.path().to_str().unwrap_or_default(),
+            "--tls-cert",
+            certs.cert.to_str().unwrap_or_default(),
+            "--tls-key",
+            certs.key.to_str().unwrap_or_default(),
+            "--smtps",
+            &smtps.to_string(),
+        ]);
+        rotation_is_in_force_within_a_second(&relay, smtps, &certs.cert_pem, || {
+            write(dir.path(), "all.yaml", &accounts(sink.addr, "new-secret"));
+        })
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_rotated_in_the_credentials_of_a_compiled_document_is_in_force_at_once() {
+    bounded(60, async {
+        let sink = Sink::start();
+        let certs = support::cert_files(&["relay.test"]);
+        let smtps: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let compiled = support::compile_yaml(&accounts(sink.addr, "old-secret"));
+        let json = serde_json::to_string(&compiled.document(1)).unwrap_or_default();
+        write(dir.path(), "config.json", &json);
+        let credentials = |password: &str| {
+            serde_json::json!({"tenants": {"example": {"app": password}}}).to_string()
+        };
+        write(dir.path(), "credentials.json", &credentials("old-secret"));
+        let relay = RelayProcess::start_with(&[
+            "--config",
+            dir.path().to_str().unwrap_or_default(),
+            "--tls-cert",
+            certs.cert.to_str().unwrap_or_default(),
+            "--tls-key",
+            certs.key.to_str().unwrap_or_default(),
+            "--smtps",
+            &smtps.to_string(),
+        ]);
+        // Only the Secret changes: the document (and its hash) stay the same.
+        rotation_is_in_force_within_a_second(&relay, smtps, &certs.cert_pem, || {
+            write(dir.path(), "credentials.json", &credentials("new-secret"));
+        })
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_mailroute_object_is_refused_and_the_tenant_keeps_working() {
+    bounded(60, async {
+        let sink = Sink::start();
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        write(dir.path(), "route.yaml", &route("mailbox", sink.addr));
+        write(dir.path(), "policy.yaml", &policy("mailbox"));
+        let relay = RelayProcess::start(dir.path());
+        let send = || async {
+            support::send_message(
+                relay.smtp,
+                "a@partner.example",
+                &["bob@example.com"],
+                "Subject: t\r\n\r\nx\r\n",
+            )
+            .await
+        };
+        assert!(send().await.starts_with("250"));
+        // A typo in the kind, then in the apiVersion, then a file cut off mid-write.
+        let policy_text = policy("mailbox");
+        let broken = [
+            policy_text.replace("kind: RelayPolicy", "kind: RelayPolcy"),
+            policy_text.replace("mailroute.io/v1alpha1", "mailroute.io/v1alpha"),
+            policy_text[..policy_text.len() / 2].to_owned(),
+        ];
+        for (i, text) in broken.iter().enumerate() {
+            write(dir.path(), "policy.yaml", text);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let want = format!(
+                "mailroute_relay_config_reloads_total{{result=\"error\"}} {}",
+                i + 1
+            );
+            while !relay.metrics().contains(&want) {
+                assert!(
+                    Instant::now() < deadline,
+                    "change {i} was not refused: {}",
+                    relay.metrics()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(
+                send().await.starts_with("250"),
+                "the tenant stopped working after change {i}"
+            );
+        }
+        assert!(!relay.metrics().contains("result=\"success\""));
+    })
+    .await;
+}

@@ -93,6 +93,16 @@ struct Current {
 }
 
 impl Current {
+    /// Takes the generation in force now (only between transactions, once what the last one
+    /// reserved was given back to the generation that reserved it).
+    fn refresh(&mut self, shared: &Shared, session: &mut Session) {
+        let latest = shared.generation.load();
+        if self.open.is_none() && !Arc::ptr_eq(&latest, &self.generation) {
+            self.generation = Arc::clone(&latest);
+            session.reconfigure(Arc::clone(&self.generation.session));
+        }
+    }
+
     /// Tells the admission that the open transaction ended (`accepted`: the client heard 250).
     async fn end(&mut self, accepted: bool) {
         let Some(transaction) = self.open.take() else {
@@ -193,6 +203,11 @@ async fn run(
                 break;
             }
         }
+        if !session.in_transaction() {
+            // NB: before the input is read too, so a command that arrives after a reload (an
+            // AUTH with a password just rotated out) meets the configuration in force.
+            current.refresh(shared, &mut session);
+        }
         let lines_before = session.lines();
         let processed = process(
             &mut session,
@@ -208,11 +223,7 @@ async fn run(
             // RSET, a new STARTTLS, a refused message: nothing of it will be accepted.
             current.end(false).await;
             // Between transactions: the next one uses the configuration in force now.
-            let latest = shared.generation.load();
-            if !Arc::ptr_eq(&latest, &current.generation) {
-                current.generation = Arc::clone(&latest);
-                session.reconfigure(Arc::clone(&current.generation.session));
-            }
+            current.refresh(shared, &mut session);
         }
         match processed {
             Ok(()) => {}

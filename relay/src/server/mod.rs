@@ -87,7 +87,8 @@ impl Default for Limits {
 pub struct Generation {
     /// `mailroute_relay_config_generation`.
     pub number: u64,
-    /// The document's content hash (a reload with the same hash changes nothing).
+    /// The configuration's fingerprint (`Loaded::fingerprint`: document and credentials); a
+    /// reload with the same fingerprint changes nothing.
     pub hash: String,
     pub session: Arc<SessionConfig>,
     pub deliver: Arc<dyn Deliver>,

@@ -498,7 +498,8 @@ pub fn policy_options(loaded: &mailroute_relay::config_source::Loaded) -> Option
     }
 }
 
-fn builder(stores: Stores, metrics: Arc<Metrics>) -> mailroute_relay::generation::Builder {
+/// What builds generations for tests: `relay.test`, TLS available, the given stores.
+pub fn builder(stores: Stores, metrics: Arc<Metrics>) -> mailroute_relay::generation::Builder {
     mailroute_relay::generation::Builder {
         hostname: "relay.test".into(),
         tls_available: true,
