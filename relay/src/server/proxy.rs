@@ -203,7 +203,7 @@ mod tests {
         let v1 = b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 25\r\nEHLO";
         for end in 0..v1.len() {
             let got = header_length(&v1[..end.max(1)]).ok().flatten();
-            let want = (end >= 44).then_some(44);
+            let want = (end >= 43).then_some(43);
             assert_eq!(got, want, "{end}");
         }
         let mut v2 = V2_SIGNATURE.to_vec();
