@@ -34,6 +34,8 @@ pub struct Builder {
     pub dns_server: Option<SocketAddr>,
     pub mx_port: u16,
     pub metrics: Arc<Metrics>,
+    /// The memory budget for message content: one for the relay, whatever the generation.
+    pub budget: Arc<crate::budget::Budget>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -113,6 +115,7 @@ impl Builder {
         ));
         let mut session = SessionConfig::new(self.hostname.clone());
         session.check_recipients = true;
+        session.budget = Arc::clone(&self.budget);
         session.tls_available = self.tls_available;
         // AUTH is only ever offered inside TLS, and only when some tenant has accounts.
         session.auth_available = self.tls_available && !accounts.is_empty();

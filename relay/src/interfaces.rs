@@ -180,6 +180,9 @@ pub struct Transaction {
     pub received_len: usize,
     /// The tenant the session is bound to (SPEC 5.4), if any.
     pub tenant: Option<Arc<str>>,
+    /// The part of the memory budget `content` holds, given back when the transaction is
+    /// dropped (after its delivery).
+    pub memory: Option<crate::budget::Held>,
 }
 
 impl Transaction {

@@ -7,6 +7,7 @@
 //! - [`smtp`]: the protocol, free of I/O: command framing and parsing, the strict
 //!   DATA/BDAT receiver and dot-stuffing writer, and the session state machine.
 //! - [`reply`]: every SMTP reply the relay sends, with its enhanced status code (bottom level).
+//! - [`budget`]: the memory budget for message content across sessions (`--max-inflight-bytes`).
 //! - [`interfaces`]: the traits the driver calls and the values that cross them (bottom level).
 //! - [`tenants`]: one configuration's tenants, built once: by name, by domain, by client range.
 //! - [`auth`]: SMTP AUTH accounts (bounded password hashing) and the failed-attempt throttle.
@@ -24,6 +25,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod budget;
 pub mod cluster;
 pub mod config_source;
 pub mod delivery;

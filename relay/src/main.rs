@@ -142,6 +142,12 @@ struct Cli {
         default_value_t = 0
     )]
     greet_delay_ms: u64,
+    /// Octets of message content the relay holds at once, across all sessions, from receipt to
+    /// the end of delivery; a transaction that would exceed it is answered 452 4.3.1 (at MAIL
+    /// when it declares SIZE=). Default: half the container's memory limit (or of the
+    /// machine's memory).
+    #[arg(long, value_name = "OCTETS", env = "MAILROUTE_MAX_INFLIGHT_BYTES")]
+    max_inflight_bytes: Option<usize>,
     /// Sessions one client address may hold at once (IPv6: per /64); more get 421 4.7.0.
     #[arg(
         long,
@@ -350,6 +356,10 @@ async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyho
         dns_server: cli.dns_server,
         mx_port: cli.mx_port,
         metrics: Arc::clone(&metrics),
+        budget: mailroute_relay::budget::Budget::new(
+            cli.max_inflight_bytes
+                .unwrap_or_else(mailroute_relay::budget::default_limit),
+        ),
     });
     let first = builder.generation(&loaded).context("setting up delivery")?;
     let limits = Limits {

@@ -287,6 +287,10 @@ impl Reply {
             "Only one recipient per transaction for the null sender",
         )
     }
+    /// `--max-inflight-bytes`: the relay holds as much message content as it may right now.
+    pub fn insufficient_storage() -> Self {
+        Self::new(452, "4.3.1", "Insufficient system storage, try again later")
+    }
     pub fn message_too_big() -> Self {
         Self::new(
             552,

@@ -380,7 +380,8 @@ async fn a_pipelined_mail_refusal_is_what_the_recipients_get() {
                 ],
                 false,
                 false,
-                b"Subject: x\r\n\r\nbody\r\n.\r\n",
+                b"",
+                b"Subject: x\r\n\r\nbody\r\n",
                 Duration::from_secs(2),
             )
             .await

@@ -26,7 +26,6 @@ use crate::metrics::{
 };
 use crate::reply::Reply;
 use crate::routing::{Leg, RecipientRoute, Router, Target};
-use crate::smtp::data::dot_stuff;
 use hosts::{Candidate, ResolveError, Resolver};
 use ledger::Ledger;
 use mailroute_config::document::{Destination, Pool as PoolConfig, Route, RouteTimeouts, RouteTls};
@@ -373,14 +372,12 @@ impl Forwarder {
             }
         };
 
-        let mut stuffed = Vec::new();
-        dot_stuff(&tx.content, &mut stuffed);
         let mut offset = 0;
         let mut runs = Vec::with_capacity(plan.legs.len());
         for leg in &plan.legs {
             let leg_done = &done[offset..offset + leg.recipients.len()];
             offset += leg.recipients.len();
-            let run = self.run_leg(leg, &tx, &stuffed, leg_done);
+            let run = self.run_leg(leg, &tx, leg_done);
             runs.push(async move {
                 let started = Instant::now();
                 let outcome = run.await;
@@ -461,13 +458,7 @@ impl Forwarder {
         }
     }
 
-    async fn run_leg(
-        &self,
-        leg: &Leg,
-        tx: &Transaction,
-        stuffed: &[u8],
-        done: &[bool],
-    ) -> LegOutcome {
+    async fn run_leg(&self, leg: &Leg, tx: &Transaction, done: &[bool]) -> LegOutcome {
         let started = Instant::now();
         let mut result = LegOutcome {
             target: leg.target.to_string(),
@@ -505,7 +496,7 @@ impl Forwarder {
         let route_label = RouteLabels {
             route: runtime.name.to_string(),
         };
-        let class = match self.attempt(runtime, leg, tx, stuffed, &pending).await {
+        let class = match self.attempt(runtime, leg, tx, &pending).await {
             Ok(outcomes) => {
                 let class = if outcomes.iter().all(|o| o.is_delivered()) {
                     "2xx"
@@ -553,7 +544,6 @@ impl Forwarder {
         runtime: &RouteRuntime,
         leg: &Leg,
         tx: &Transaction,
-        stuffed: &[u8],
         pending: &[usize],
     ) -> Result<Vec<RecipientOutcome>, RecipientOutcome> {
         let candidates = match &leg.target {
@@ -584,21 +574,17 @@ impl Forwarder {
                 return Err(RecipientOutcome::Unreachable(Reply::new(451, "4.4.3", e)));
             }
         };
-        let wire: Cow<'_, [u8]> = if leg.headers.is_empty() && !leg.copy {
-            Cow::Borrowed(stuffed)
-        } else {
-            let mut prefixed = Vec::with_capacity(stuffed.len() + 128);
-            if leg.copy {
-                prefixed.extend_from_slice(
-                    format!("{LOOP_MARKER}: {}\r\n", self.settings.hostname).as_bytes(),
-                );
-            }
-            for h in &leg.headers {
-                prefixed.extend_from_slice(format!("{}: {}\r\n", h.name, h.value).as_bytes());
-            }
-            prefixed.extend_from_slice(stuffed);
-            Cow::Owned(prefixed)
-        };
+        // The header lines this leg adds, written before the message (which is never copied
+        // for a leg: it is dot-stuffed on the way out).
+        let mut prefix = Vec::new();
+        if leg.copy {
+            prefix.extend_from_slice(
+                format!("{LOOP_MARKER}: {}\r\n", self.settings.hostname).as_bytes(),
+            );
+        }
+        for h in &leg.headers {
+            prefix.extend_from_slice(format!("{}: {}\r\n", h.name, h.value).as_bytes());
+        }
         let recipients: Vec<upstream::Recipient<'_>> = pending
             .iter()
             .map(|i| upstream::Recipient {
@@ -642,7 +628,8 @@ impl Forwarder {
                         &recipients,
                         tx.body_8bit,
                         tx.smtputf8,
-                        &wire,
+                        &prefix,
+                        &tx.content,
                         data_timeout,
                     )
                     .await

@@ -7,6 +7,7 @@
 //! a leading dot; the relay's `dot_stuff` writes the content exactly as it was received.
 
 use crate::reply::Reply;
+use crate::smtp::data::DotStuffer;
 use mail_send::SmtpClient;
 use smtp_proto::{EXT_8BIT_MIME, EXT_DSN, EXT_PIPELINING, EXT_SMTP_UTF8, EXT_START_TLS, Response};
 use std::io;
@@ -20,6 +21,9 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 const END_OF_DATA: &str = "end of data";
+
+/// Message content is written upstream in pieces of about this many octets.
+pub const WRITE_CHUNK: usize = 64 * 1024;
 
 /// A plaintext or TLS stream to an upstream.
 #[derive(Debug)]
@@ -315,16 +319,19 @@ impl Upstream {
         })
     }
 
-    /// Runs one transaction. `wire`: the message, dot-stuffed, ending with the end marker.
-    /// A failure of the connection itself is an `Err` (and the connection is poisoned);
-    /// refusals are in the [`Answers`].
+    /// Runs one transaction: `prefix` (header lines this leg adds) then `message`, dot-stuffed
+    /// on the way out through a buffer of [`WRITE_CHUNK`] octets, never a whole copy. A failure
+    /// of the connection itself is an `Err` (and the connection is poisoned); refusals are in
+    /// the [`Answers`].
+    #[allow(clippy::too_many_arguments)]
     pub async fn send(
         &mut self,
         sender: &str,
         recipients: &[Recipient<'_>],
         eight_bit: bool,
         smtputf8: bool,
-        wire: &[u8],
+        prefix: &[u8],
+        message: &[u8],
         data_timeout: Duration,
     ) -> Result<Answers, UpstreamError> {
         self.poisoned = true;
@@ -432,11 +439,29 @@ impl Upstream {
                 let accepted = answers.recipients.iter().any(Option::is_none);
                 // NB: a server that said 354 with no recipient accepted gets an empty message
                 // it must refuse; the content is never sent to it.
-                let body: &[u8] = if accepted { wire } else { b".\r\n" };
+                let (prefix, message) = if accepted {
+                    (prefix, message)
+                } else {
+                    (&b""[..], &b""[..])
+                };
+                let client = &mut self.client;
                 let final_reply = tokio::time::timeout(data_timeout, async {
-                    self.client.stream.write_all(body).await?;
-                    self.client.stream.flush().await?;
-                    self.client.read().await.map_err(io::Error::other)
+                    // A small message goes out in one write with its end marker (no wait for a
+                    // delayed ACK); a large one in chunks.
+                    let mut buf =
+                        Vec::with_capacity((prefix.len() + message.len() + 8).min(WRITE_CHUNK + 8));
+                    buf.extend_from_slice(prefix);
+                    let mut stuffer = DotStuffer::new(message);
+                    loop {
+                        let done = stuffer.fill(&mut buf, WRITE_CHUNK);
+                        client.stream.write_all(&buf).await?;
+                        buf.clear();
+                        if done {
+                            break;
+                        }
+                    }
+                    client.stream.flush().await?;
+                    client.read().await.map_err(io::Error::other)
                 })
                 .await
                 .map_err(|_| UpstreamError::Timeout {

@@ -12,7 +12,7 @@
 //! - A leading dot is removed from every line that has one, the first line included.
 //! - The content kept is exactly the lines received, each with its CRLF.
 
-use memchr::{memchr2, memchr3, memmem};
+use memchr::{memchr2, memchr3};
 
 /// What happened to the bytes fed so far.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +46,8 @@ pub struct DataReceiver {
     max_size: usize,
     size: usize,
     oversize: bool,
+    /// Read on to the end but keep nothing more (the memory budget is spent).
+    discarding: bool,
 }
 
 impl DataReceiver {
@@ -56,7 +58,13 @@ impl DataReceiver {
             max_size,
             size: 0,
             oversize: false,
+            discarding: false,
         }
+    }
+
+    /// From now on the content is read to its end but not kept.
+    pub fn discard(&mut self) {
+        self.discarding = true;
     }
 
     /// Whether the content exceeded the maximum size (it was read to the end but not kept).
@@ -71,7 +79,7 @@ impl DataReceiver {
 
     fn keep(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
         self.size += bytes.len();
-        if self.oversize {
+        if self.oversize || self.discarding {
             return;
         }
         if self.size > self.max_size {
@@ -195,20 +203,55 @@ impl BdatChecker {
 /// end-of-data line `.` CRLF follows. Lines are otherwise written as received.
 pub fn dot_stuff(message: &[u8], out: &mut Vec<u8>) {
     out.reserve(message.len() + message.len() / 512 + 5);
-    if message.first() == Some(&b'.') {
-        out.push(b'.');
+    DotStuffer::new(message).fill(out, usize::MAX);
+}
+
+/// [`dot_stuff`] a piece at a time, so a large message is written upstream through a small
+/// buffer instead of a second whole copy.
+#[derive(Debug)]
+pub struct DotStuffer<'a> {
+    message: &'a [u8],
+    pos: usize,
+    line_start: bool,
+    done: bool,
+}
+
+impl<'a> DotStuffer<'a> {
+    pub fn new(message: &'a [u8]) -> Self {
+        Self {
+            message,
+            pos: 0,
+            line_start: true,
+            done: false,
+        }
     }
-    let mut start = 0;
-    for at in memmem::find_iter(message, b"\n.") {
-        out.extend_from_slice(&message[start..=at]);
-        out.push(b'.');
-        start = at + 1;
+
+    /// Appends to `out` until it holds about `limit` octets (a line is cut where needed) or the
+    /// message and its end marker are all out; true once they are.
+    pub fn fill(&mut self, out: &mut Vec<u8>, limit: usize) -> bool {
+        let message = self.message;
+        while self.pos < message.len() && out.len() < limit {
+            if self.line_start && message[self.pos] == b'.' {
+                out.push(b'.');
+            }
+            let rest = &message[self.pos..];
+            let line_end = memchr::memchr(b'\n', rest).map_or(rest.len(), |at| at + 1);
+            let room = limit.saturating_sub(out.len()).max(1);
+            let take = line_end.min(room);
+            out.extend_from_slice(&rest[..take]);
+            self.pos += take;
+            self.line_start = take == line_end && rest[take - 1] == b'\n';
+        }
+        if self.pos < message.len() || self.done {
+            return self.done;
+        }
+        if !message.is_empty() && !message.ends_with(b"\r\n") {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+        self.done = true;
+        true
     }
-    out.extend_from_slice(&message[start..]);
-    if !message.is_empty() && !message.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
 }
 
 #[cfg(test)]
@@ -384,6 +427,28 @@ mod tests {
         let mut wire = Vec::new();
         dot_stuff(b".a\r\nb\r\n.c\r\n", &mut wire);
         assert_eq!(wire, b"..a\r\nb\r\n..c\r\n.\r\n");
+    }
+
+    #[test]
+    fn stuffing_a_piece_at_a_time_writes_what_stuffing_at_once_does() {
+        let message = b".a\r\nb\r\n.c\r\n..d\r\nlast".repeat(50);
+        let mut whole = Vec::new();
+        dot_stuff(&message, &mut whole);
+        for chunk in [1, 2, 3, 7, 64, 1000] {
+            let mut stuffer = DotStuffer::new(&message);
+            let mut pieces = Vec::new();
+            loop {
+                let mut buf = Vec::new();
+                let done = stuffer.fill(&mut buf, chunk);
+                // At most the end: a CRLF, the end marker and one stuffed dot past the limit.
+                assert!(buf.len() <= chunk + 6, "{chunk}: {}", buf.len());
+                pieces.extend_from_slice(&buf);
+                if done {
+                    break;
+                }
+            }
+            assert_eq!(pieces, whole, "chunks of {chunk}");
+        }
     }
 
     #[test]

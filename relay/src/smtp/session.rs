@@ -65,6 +65,8 @@ pub struct SessionConfig {
     pub max_received_headers: usize,
     /// The clock for `Received:` dates.
     pub now: fn() -> SystemTime,
+    /// The memory budget for message content, shared by every session of the relay.
+    pub budget: Arc<crate::budget::Budget>,
     /// Ask the driver about every recipient that passes the protocol's checks
     /// ([`Event::CheckRecipient`]: the RCPT decision of `crate::admission`). Off, every such
     /// recipient is accepted unrouted (protocol tests with a stand-in delivery).
@@ -84,6 +86,7 @@ impl SessionConfig {
             max_commands_per_message: 100,
             max_received_headers: 50,
             now: SystemTime::now,
+            budget: crate::budget::Budget::unlimited(),
             check_recipients: false,
         }
     }
@@ -166,8 +169,38 @@ struct Envelope {
     used_bdat: bool,
     bdat: BdatChecker,
     bdat_oversize: bool,
+    /// The `Received:` header, then the message as it arrives: the only copy of it.
     content: Vec<u8>,
+    /// Length of the `Received:` header at the start of `content` (0 before content starts).
+    received_len: usize,
+    /// What `content` holds of the memory budget.
+    memory: Option<crate::budget::Held>,
+    /// The budget was spent while the content arrived: read on, keep nothing, answer 452.
+    over_budget: bool,
 }
+
+impl Envelope {
+    /// Holds budget for what `content` takes now; false (and the content dropped) once the
+    /// budget is spent.
+    fn within_budget(&mut self) -> bool {
+        if self.over_budget {
+            return false;
+        }
+        let held = self
+            .memory
+            .as_mut()
+            .is_some_and(|m| m.grow_to(self.content.capacity()));
+        if !held {
+            self.over_budget = true;
+            self.content = Vec::new();
+        }
+        held
+    }
+}
+
+/// Room beyond a declared `SIZE=` for the `Received:` header and a final CRLF (twice this is
+/// held at MAIL, so the content never needs more than was held).
+const CONTENT_SLACK: usize = 4096;
 
 /// One SMTP session.
 #[derive(Debug)]
@@ -345,6 +378,9 @@ impl Session {
                     };
                     let (n, status) = receiver.feed(rest, &mut envelope.content);
                     pos += n;
+                    if !envelope.within_budget() {
+                        receiver.discard();
+                    }
                     match status {
                         DataStatus::NeedMore => {}
                         DataStatus::BareLineEnding => {
@@ -369,6 +405,15 @@ impl Session {
                     }
                 }
                 Phase::Bdat { remaining, last } => {
+                    let (remaining_now, last_now) = (*remaining, *last);
+                    self.start_content();
+                    self.phase = Phase::Bdat {
+                        remaining: remaining_now,
+                        last: last_now,
+                    };
+                    let Phase::Bdat { remaining, last } = &mut self.phase else {
+                        continue;
+                    };
                     let take = (*remaining).min(rest.len());
                     let chunk = &rest[..take];
                     *remaining -= take;
@@ -382,11 +427,15 @@ impl Session {
                         self.close(Reply::bare_line_ending(), events);
                         return input.len();
                     }
-                    if envelope.content.len() + chunk.len() > self.config.max_message_size {
+                    // NB: saturating: a refused message's content was dropped, header and all.
+                    let size =
+                        envelope.content.len().saturating_sub(envelope.received_len) + chunk.len();
+                    if size > self.config.max_message_size {
                         envelope.bdat_oversize = true;
                         envelope.content = Vec::new();
-                    } else if !envelope.bdat_oversize {
+                    } else if !envelope.bdat_oversize && !envelope.over_budget {
                         envelope.content.extend_from_slice(chunk);
+                        envelope.within_budget();
                     }
                     if done {
                         self.lines += 1;
@@ -526,7 +575,11 @@ impl Session {
                         Reply::unsupported_parameter("(extensions need EHLO)"),
                         events,
                     );
-                } else {
+                } else if let Some(memory) = self.config.budget.hold(
+                    from.size
+                        .saturating_add(2 * CONTENT_SLACK * usize::from(from.size > 0)),
+                ) {
+                    // NB: a declared SIZE= is held at once; content without one as it arrives.
                     self.transactions += 1;
                     self.envelope = Some(Envelope {
                         id: Arc::from(format!("{}.{}", self.id, self.transactions)),
@@ -547,8 +600,14 @@ impl Session {
                         bdat: BdatChecker::default(),
                         bdat_oversize: false,
                         content: Vec::new(),
+                        received_len: 0,
+                        memory: Some(memory),
+                        over_budget: false,
                     });
                     events.push(Event::Reply(Reply::sender_ok()));
+                } else {
+                    // NB: not the client's error: it may try again later.
+                    events.push(Event::Reply(Reply::insufficient_storage()));
                 }
             }
             Request::Rcpt { to } => {
@@ -619,6 +678,7 @@ impl Session {
                         }
                     }
                     None => {
+                        self.start_content();
                         self.phase = Phase::Data(DataReceiver::new(self.config.max_message_size));
                         events.push(Event::Reply(Reply::start_data()));
                     }
@@ -838,24 +898,26 @@ impl Session {
             self.refuse(Reply::message_too_big(), events);
             return;
         }
-        if count_received(&envelope.content) >= self.config.max_received_headers {
+        if envelope.over_budget {
+            // NB: not the client's error: the relay is busy, the client retries later.
+            events.push(Event::Reply(Reply::insufficient_storage()));
+            return;
+        }
+        let mut envelope = envelope;
+        if envelope.received_len == 0 {
+            // An empty BDAT LAST as the only chunk: no content arrived to put it before.
+            envelope.content = self.received_header(&envelope);
+            envelope.received_len = envelope.content.len();
+        }
+        let envelope = envelope;
+        let message = envelope
+            .content
+            .get(envelope.received_len..)
+            .unwrap_or_default();
+        if count_received(message) >= self.config.max_received_headers {
             self.refuse(Reply::mail_loop(), events);
             return;
         }
-        let received = received::header(&received::Facts {
-            helo: self.helo.as_deref(),
-            client: self.peer.ip(),
-            hostname: &self.config.hostname,
-            esmtp: self.esmtp,
-            tls: self.tls.as_ref(),
-            authenticated: self.authenticated.is_some(),
-            id: &envelope.id,
-            recipients: &envelope.recipients,
-            now: (self.config.now)(),
-        });
-        let mut content = Vec::with_capacity(received.len() + envelope.content.len());
-        content.extend_from_slice(received.as_bytes());
-        content.extend_from_slice(&envelope.content);
         self.phase = Phase::WaitingDelivery;
         let (mail_from, original_sender) = match envelope.rewrite_sender {
             Some(rewritten) => (rewritten, Some(envelope.mail_from)),
@@ -869,10 +931,48 @@ impl Session {
             body_8bit: envelope.body_8bit,
             smtputf8: envelope.smtputf8,
             declared_size: envelope.declared_size,
-            received_len: received.len(),
-            content,
+            received_len: envelope.received_len,
+            content: envelope.content,
             tenant: envelope.tenant,
+            memory: envelope.memory,
         }));
+    }
+
+    /// Writes the `Received:` header into the envelope's content, once, as content starts.
+    fn start_content(&mut self) {
+        let Some(e) = self.envelope.as_ref() else {
+            return;
+        };
+        if e.received_len > 0 {
+            return;
+        }
+        let mut content = self.received_header(e);
+        if e.declared_size > 0 {
+            // NB: exactly what was declared (and held at MAIL): no doubling past it.
+            content
+                .reserve_exact(e.declared_size.min(self.config.max_message_size) + CONTENT_SLACK);
+        }
+        if let Some(e) = self.envelope.as_mut() {
+            e.received_len = content.len();
+            e.content = content;
+        }
+    }
+
+    /// The one `Received:` header, written before the content as it starts to arrive (so the
+    /// message is never copied to put it in front).
+    fn received_header(&self, envelope: &Envelope) -> Vec<u8> {
+        received::header(&received::Facts {
+            helo: self.helo.as_deref(),
+            client: self.peer.ip(),
+            hostname: &self.config.hostname,
+            esmtp: self.esmtp,
+            tls: self.tls.as_ref(),
+            authenticated: self.authenticated.is_some(),
+            id: &envelope.id,
+            recipients: &envelope.recipients,
+            now: (self.config.now)(),
+        })
+        .into_bytes()
     }
 }
 

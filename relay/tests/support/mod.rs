@@ -513,6 +513,7 @@ pub fn builder(stores: Stores, metrics: Arc<Metrics>) -> mailroute_relay::genera
         dns_server: stores.dns_server,
         mx_port: stores.mx_port,
         metrics,
+        budget: mailroute_relay::budget::Budget::unlimited(),
     }
 }
 
