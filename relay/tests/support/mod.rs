@@ -304,6 +304,18 @@ impl Client {
         }
     }
 
+    /// Implicit TLS from another loopback address.
+    pub async fn connect_tls_from(
+        addr: SocketAddr,
+        source: std::net::IpAddr,
+        cert_pem: &str,
+    ) -> Self {
+        let Stream::Plain(reader) = Self::connect_from(addr, source).await.stream else {
+            unreachable!("a new connection is plaintext")
+        };
+        Self::over_tls(reader.into_inner(), cert_pem).await
+    }
+
     pub async fn connect_tls(addr: SocketAddr, cert_pem: &str) -> Self {
         let tcp = TcpStream::connect(addr)
             .await
