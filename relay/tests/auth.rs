@@ -7,37 +7,17 @@ mod support;
 
 use base64::Engine;
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use support::sink::free_port;
-use support::{Client, bounded};
+use support::{Client, Process, bounded, rss_bytes, wait_port};
 
 /// The hash's memory cost.
 const HASH_MEMORY: u64 = 64 << 20;
 /// Failures from one address before attempts are refused unchecked (the throttle's default).
 const THROTTLE_LIMIT: usize = 10;
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024)
-}
 
 /// One `AUTH PLAIN` over implicit TLS from `source`; the reply and how long it took.
 async fn attempt(
@@ -81,11 +61,7 @@ async fn parallel_auth_is_bounded_and_unknown_users_cost_what_known_ones_do() {
             .unwrap_or_else(|e| panic!("{e}"));
         let pid = child.id();
         let _relay = Process(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(smtps).is_err() {
-            assert!(Instant::now() < deadline, "relay never listened");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_port(smtps);
         let slots = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
         let cert = Arc::new(certs.cert_pem.clone());
 

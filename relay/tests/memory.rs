@@ -7,44 +7,16 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use support::sink::free_port;
-use support::{Client, bounded};
+use support::{Client, Process, bounded, rss_bytes, wait_port};
 
 const BUDGET: u64 = 256 << 20;
 const MESSAGE: usize = 30_000_000;
 const SESSIONS: usize = 60;
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024)
-}
-
-fn wait_port(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "{addr} never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// One client's transaction: the reply that decided it.
 async fn send_large(relay: SocketAddr, declare_size: bool, chunk: Arc<Vec<u8>>) -> String {

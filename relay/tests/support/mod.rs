@@ -604,3 +604,37 @@ pub async fn send_message(addr: SocketAddr, from: &str, to: &[&str], message: &s
     let _ = client.command("QUIT").await;
     answer
 }
+
+/// A child process killed and reaped when dropped.
+pub struct Process(pub std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Resident memory of process `pid` now, in octets.
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Waits (10 s at most) until something listens on `addr`.
+pub fn wait_port(addr: SocketAddr) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{addr} never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
