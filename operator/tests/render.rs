@@ -153,3 +153,20 @@ fn several_namespaces_need_a_choice() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("green.example"));
 }
+
+#[test]
+fn a_public_suffix_as_a_tenant_domain_is_named_and_left_out() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        dir.path().join("policy.yaml"),
+        "apiVersion: mailroute.io/v1alpha1\nkind: RelayPolicy\nmetadata: {name: acme, namespace: mail}\nspec:\n  domains: [co.uk]\n  licenses: 3\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let out = render(dir.path(), &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("RelayPolicy/acme: domains[0]: co.uk is a public suffix"),
+        "{stderr}"
+    );
+}

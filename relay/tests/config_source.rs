@@ -90,6 +90,31 @@ fn a_relay_refuses_to_start_with_any_invalid_resource() {
 }
 
 #[test]
+fn a_public_suffix_as_a_tenant_domain_is_refused_naming_the_field() {
+    for suffix in ["co.uk", "com"] {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(
+            dir.path().join("policy.yaml"),
+            format!("apiVersion: mailroute.io/v1alpha1\nkind: RelayPolicy\nmetadata: {{name: acme}}\nspec:\n  domains: [{suffix}]\n  licenses: 3\n"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let out = relay(&[
+            "--manifests".as_ref(),
+            dir.path().as_os_str(),
+            "--check".as_ref(),
+        ]);
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!(
+                "RelayPolicy/acme: domains[0]: {suffix} is a public suffix"
+            )),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
 fn no_configuration_source_is_a_usage_error() {
     let out = relay(&["--check".as_ref()]);
     assert_eq!(out.status.code(), Some(2));
