@@ -310,6 +310,25 @@ fn accounts(sink: SocketAddr, password: &str) -> String {
     )
 }
 
+/// A relay reading `source` (`--manifests` or `--config`) from `dir`, with an smtps listener.
+fn start_with_smtps(
+    source: &str,
+    dir: &Path,
+    certs: &support::CertFiles,
+    smtps: SocketAddr,
+) -> RelayProcess {
+    RelayProcess::start_with(&[
+        source,
+        dir.to_str().unwrap_or_default(),
+        "--tls-cert",
+        certs.cert.to_str().unwrap_or_default(),
+        "--tls-key",
+        certs.key.to_str().unwrap_or_default(),
+        "--smtps",
+        &smtps.to_string(),
+    ])
+}
+
 /// `AUTH PLAIN` as `app` over implicit TLS; the reply.
 async fn auth(smtps: SocketAddr, cert_pem: &str, password: &str) -> String {
     use base64::Engine;
@@ -362,16 +381,7 @@ async fn a_password_rotated_in_the_manifests_is_in_force_at_once() {
         let smtps: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         write(dir.path(), "all.yaml", &accounts(sink.addr, "old-secret"));
-        let relay = RelayProcess::start_with(&[
-            "--manifests",
-            dir.path().to_str().unwrap_or_default(),
-            "--tls-cert",
-            certs.cert.to_str().unwrap_or_default(),
-            "--tls-key",
-            certs.key.to_str().unwrap_or_default(),
-            "--smtps",
-            &smtps.to_string(),
-        ]);
+        let relay = start_with_smtps("--manifests", dir.path(), &certs, smtps);
         rotation_is_in_force_within_a_second(&relay, smtps, &certs.cert_pem, || {
             write(dir.path(), "all.yaml", &accounts(sink.addr, "new-secret"));
         })
@@ -394,16 +404,7 @@ async fn a_password_rotated_in_the_credentials_of_a_compiled_document_is_in_forc
             serde_json::json!({"tenants": {"example": {"app": password}}}).to_string()
         };
         write(dir.path(), "credentials.json", &credentials("old-secret"));
-        let relay = RelayProcess::start_with(&[
-            "--config",
-            dir.path().to_str().unwrap_or_default(),
-            "--tls-cert",
-            certs.cert.to_str().unwrap_or_default(),
-            "--tls-key",
-            certs.key.to_str().unwrap_or_default(),
-            "--smtps",
-            &smtps.to_string(),
-        ]);
+        let relay = start_with_smtps("--config", dir.path(), &certs, smtps);
         // Only the Secret changes: the document (and its hash) stay the same.
         rotation_is_in_force_within_a_second(&relay, smtps, &certs.cert_pem, || {
             write(dir.path(), "credentials.json", &credentials("new-secret"));

@@ -54,7 +54,8 @@ fn smuggling_payload(variant: &[u8]) -> Vec<u8> {
     data
 }
 
-async fn open_data(relay: &Relay) -> Client {
+/// A session with one accepted recipient, ready for content.
+async fn open_transaction(relay: &Relay) -> Client {
     let mut c = Client::connect(relay.smtp).await;
     assert!(c.reply().await.starts_with("220 "));
     assert!(c.command("EHLO client.test").await.starts_with("250"));
@@ -68,6 +69,11 @@ async fn open_data(relay: &Relay) -> Client {
             .await
             .starts_with("250")
     );
+    c
+}
+
+async fn open_data(relay: &Relay) -> Client {
+    let mut c = open_transaction(relay).await;
     assert!(c.command("DATA").await.starts_with("354"));
     c
 }
@@ -125,19 +131,7 @@ async fn a_nul_in_bdat_content_is_refused_in_one_write_and_byte_by_byte() {
                 vec![chunk.clone()],
                 chunk.chunks(1).map(<[u8]>::to_vec).collect(),
             ] {
-                let mut c = Client::connect(relay.smtp).await;
-                assert!(c.reply().await.starts_with("220 "));
-                assert!(c.command("EHLO client.test").await.starts_with("250"));
-                assert!(
-                    c.command("MAIL FROM:<a@example.com>")
-                        .await
-                        .starts_with("250")
-                );
-                assert!(
-                    c.command("RCPT TO:<b@example.com>")
-                        .await
-                        .starts_with("250")
-                );
+                let mut c = open_transaction(&relay).await;
                 for piece in &pieces {
                     c.send(piece).await;
                 }
