@@ -5,6 +5,7 @@
 //! flood of large messages makes clients retry later instead of the relay being killed for
 //! running out of memory.
 
+use prometheus_client::metrics::gauge::Gauge;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -13,6 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub struct Budget {
     limit: usize,
     used: AtomicUsize,
+    /// `mailroute_relay_inflight_bytes`, kept equal to `used`.
+    gauge: Option<Gauge>,
 }
 
 /// Part of the budget held by one transaction; given back when dropped.
@@ -27,7 +30,23 @@ impl Budget {
         Arc::new(Self {
             limit,
             used: AtomicUsize::new(0),
+            gauge: None,
         })
+    }
+
+    /// A budget whose use is shown in `gauge`.
+    pub fn observed(limit: usize, gauge: Gauge) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            used: AtomicUsize::new(0),
+            gauge: Some(gauge),
+        })
+    }
+
+    fn show(&self, delta: i64) {
+        if let Some(gauge) = &self.gauge {
+            gauge.inc_by(delta);
+        }
     }
 
     /// No limit (protocol tests).
@@ -45,11 +64,16 @@ impl Budget {
     }
 
     fn take(&self, bytes: usize) -> bool {
-        self.used
+        let taken = self
+            .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 used.checked_add(bytes).filter(|total| *total <= self.limit)
             })
-            .is_ok()
+            .is_ok();
+        if taken {
+            self.show(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+        taken
     }
 
     /// Holds `bytes` for a new transaction, unless that would exceed the limit.
@@ -83,6 +107,8 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.budget
+            .show(-i64::try_from(self.bytes).unwrap_or(i64::MAX));
     }
 }
 
@@ -126,5 +152,17 @@ mod tests {
         drop(a);
         assert_eq!(budget.used(), 0);
         assert!(default_limit() > 0);
+    }
+
+    #[test]
+    fn the_gauge_shows_what_is_held() {
+        let gauge = Gauge::default();
+        let budget = Budget::observed(1000, gauge.clone());
+        let mut a = budget.hold(100).unwrap_or_else(|| panic!("hold"));
+        assert!(a.grow_to(400));
+        assert!(!a.grow_to(2000));
+        assert_eq!(gauge.get(), 400);
+        drop(a);
+        assert_eq!(gauge.get(), 0);
     }
 }

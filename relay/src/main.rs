@@ -356,10 +356,15 @@ async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyho
         dns_server: cli.dns_server,
         mx_port: cli.mx_port,
         metrics: Arc::clone(&metrics),
-        budget: mailroute_relay::budget::Budget::new(
-            cli.max_inflight_bytes
-                .unwrap_or_else(mailroute_relay::budget::default_limit),
-        ),
+        budget: {
+            let limit = cli
+                .max_inflight_bytes
+                .unwrap_or_else(mailroute_relay::budget::default_limit);
+            metrics
+                .inflight_bytes_limit
+                .set(i64::try_from(limit).unwrap_or(i64::MAX));
+            mailroute_relay::budget::Budget::observed(limit, metrics.inflight_bytes.clone())
+        },
     });
     let first = builder.generation(&loaded).context("setting up delivery")?;
     let limits = Limits {

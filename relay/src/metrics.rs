@@ -122,6 +122,9 @@ pub struct Metrics {
     pub auth: Family<ListenerResultLabels, Counter>,
     pub tls_handshakes: Family<ListenerResultLabels, Counter>,
     pub connections_refused: Family<ListenerResultLabels, Counter>,
+    /// Message content held now, and the budget for it (`--max-inflight-bytes`).
+    pub inflight_bytes: Gauge,
+    pub inflight_bytes_limit: Gauge,
 }
 
 impl Default for Metrics {
@@ -145,6 +148,8 @@ impl Default for Metrics {
             auth: Family::default(),
             tls_handshakes: Family::default(),
             connections_refused: Family::default(),
+            inflight_bytes: Gauge::default(),
+            inflight_bytes_limit: Gauge::default(),
         }
     }
 }
@@ -243,6 +248,18 @@ impl Metrics {
             "mailroute_relay_connections_refused",
             "Connections closed before a session, by listener and reason (pregreet, proxy_untrusted, proxy_invalid, too_many_from_client, too_many_sessions)",
             metrics.connections_refused.clone(),
+        );
+        registry.register_with_unit(
+            "mailroute_relay_inflight",
+            "Message content the relay holds now, across sessions, until delivery ends",
+            Unit::Bytes,
+            metrics.inflight_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "mailroute_relay_inflight_limit",
+            "The memory budget for message content (--max-inflight-bytes); 452 4.3.1 beyond it",
+            Unit::Bytes,
+            metrics.inflight_bytes_limit.clone(),
         );
         metrics
     }

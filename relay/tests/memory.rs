@@ -73,10 +73,12 @@ async fn sixty_large_messages_at_once_stay_within_the_memory_budget() {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let relay: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let child = Command::new(env!("CARGO_BIN_EXE_mailroute-relay"))
             .args(["--manifests", dir.path().to_str().unwrap_or_default()])
             .args(["--hostname", "relay.test", "--smtp", &relay.to_string()])
             .args(["--max-inflight-bytes", &BUDGET.to_string()])
+            .args(["--admin", &admin.to_string()])
             .args(["--max-sessions-per-ip", "1000"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -133,6 +135,21 @@ async fn sixty_large_messages_at_once_stay_within_the_memory_budget() {
         assert!(accepted > 0 && at_mail > 0, "{replies:?}");
         assert!(peak < BUDGET + (64 << 20), "RSS {peak} over the budget");
         assert!(greeted < Duration::from_millis(100), "greeted after {greeted:?}");
+        // Every octet held was given back, and the budget is shown.
+        let metrics = || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(admin).unwrap_or_else(|e| panic!("{e}"));
+            let _ = write!(s, "GET /metrics HTTP/1.0\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !metrics().contains("mailroute_relay_inflight_bytes 0") {
+            assert!(Instant::now() < deadline, "content still held: {}", metrics());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(metrics().contains(&format!("mailroute_relay_inflight_limit_bytes {BUDGET}")));
     })
     .await;
 }
