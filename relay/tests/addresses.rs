@@ -10,12 +10,7 @@ use support::{Client, bounded, configured};
 
 fn config(mailbox: std::net::SocketAddr) -> String {
     format!(
-        r#"
-apiVersion: mailroute.io/v1alpha1
-kind: MailRoute
-metadata: {{name: mailbox, namespace: mail}}
-spec: {{host: {}, port: {}, tls: {{mode: Disabled}}}}
----
+        r#"{}
 apiVersion: mailroute.io/v1alpha1
 kind: RelayPolicy
 metadata: {{name: example, namespace: mail}}
@@ -33,8 +28,7 @@ spec:
   envelopeFilter: {{senders: [{{domain: evil.example}}]}}
   actions: {{reject: {{code: 550, enhancedCode: "5.7.1", text: "No mail from evil.example"}}}}
 "#,
-        mailbox.ip(),
-        mailbox.port()
+        support::plain_route("mailbox", mailbox)
     )
 }
 

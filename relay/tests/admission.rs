@@ -15,17 +15,7 @@ const TLS_CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 3));
 /// alice, its clients in 127.0.0.2/32, and `secure.example` requiring TLS, in 127.0.0.3/32.
 fn tenants(mailbox: SocketAddr, out: SocketAddr, allowed: &str) -> String {
     format!(
-        r#"
-apiVersion: mailroute.io/v1alpha1
-kind: MailRoute
-metadata: {{name: mailbox, namespace: mail}}
-spec: {{host: {}, port: {}, tls: {{mode: Disabled}}}}
----
-apiVersion: mailroute.io/v1alpha1
-kind: MailRoute
-metadata: {{name: out, namespace: mail}}
-spec: {{host: {}, port: {}, tls: {{mode: Disabled}}}}
----
+        r#"{}{}
 apiVersion: mailroute.io/v1alpha1
 kind: RelayPolicy
 metadata: {{name: example, namespace: mail}}
@@ -50,10 +40,8 @@ spec:
   inboundRoute: mailbox
   outboundRoute: out
 "#,
-        mailbox.ip(),
-        mailbox.port(),
-        out.ip(),
-        out.port()
+        support::plain_route("mailbox", mailbox),
+        support::plain_route("out", out)
     )
 }
 

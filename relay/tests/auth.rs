@@ -7,12 +7,11 @@ mod support;
 
 use base64::Engine;
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use support::sink::free_port;
-use support::{Client, Process, bounded, rss_bytes, wait_port};
+use support::{Client, bounded, relay_process, rss_bytes};
 
 /// The hash's memory cost.
 const HASH_MEMORY: u64 = 64 << 20;
@@ -48,20 +47,22 @@ async fn parallel_auth_is_bounded_and_unknown_users_cost_what_known_ones_do() {
         let smtps: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let examples =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/application-relay");
-        let child = Command::new(env!("CARGO_BIN_EXE_mailroute-relay"))
-            .args(["--manifests", examples.to_str().unwrap_or_default()])
-            .args(["--hostname", "relay.test", "--smtps", &smtps.to_string()])
-            .args(["--tls-cert", certs.cert.to_str().unwrap_or_default()])
-            .args(["--tls-key", certs.key.to_str().unwrap_or_default()])
-            .args(["--max-sessions-per-ip", "1000"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{e}"));
-        let pid = child.id();
-        let _relay = Process(child);
-        wait_port(smtps);
+        let relay = relay_process(
+            &[
+                "--manifests",
+                examples.to_str().unwrap_or_default(),
+                "--hostname",
+                "relay.test",
+                "--smtps",
+                &smtps.to_string(),
+                "--tls-cert",
+                certs.cert.to_str().unwrap_or_default(),
+                "--tls-key",
+                certs.key.to_str().unwrap_or_default(),
+            ],
+            smtps,
+        );
+        let pid = relay.0.id();
         let slots = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
         let cert = Arc::new(certs.cert_pem.clone());
 

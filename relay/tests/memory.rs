@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use support::sink::free_port;
-use support::{Client, Process, bounded, rss_bytes, wait_port};
+use support::{Client, Process, bounded, relay_process, rss_bytes, wait_port};
 
 const BUDGET: u64 = 256 << 20;
 const MESSAGE: usize = 30_000_000;
@@ -74,20 +74,22 @@ async fn sixty_large_messages_at_once_stay_within_the_memory_budget() {
         .unwrap_or_else(|e| panic!("{e}"));
         let relay: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let child = Command::new(env!("CARGO_BIN_EXE_mailroute-relay"))
-            .args(["--manifests", dir.path().to_str().unwrap_or_default()])
-            .args(["--hostname", "relay.test", "--smtp", &relay.to_string()])
-            .args(["--max-inflight-bytes", &BUDGET.to_string()])
-            .args(["--admin", &admin.to_string()])
-            .args(["--max-sessions-per-ip", "1000"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{e}"));
-        let pid = child.id();
-        let _relay = Process(child);
-        wait_port(relay);
+        let relay_process = relay_process(
+            &[
+                "--manifests",
+                dir.path().to_str().unwrap_or_default(),
+                "--hostname",
+                "relay.test",
+                "--smtp",
+                &relay.to_string(),
+                "--max-inflight-bytes",
+                &BUDGET.to_string(),
+                "--admin",
+                &admin.to_string(),
+            ],
+            relay,
+        );
+        let pid = relay_process.0.id();
         let baseline = rss_bytes(pid);
 
         let peak = Arc::new(AtomicU64::new(0));

@@ -605,6 +605,15 @@ pub async fn send_message(addr: SocketAddr, from: &str, to: &[&str], message: &s
     answer
 }
 
+/// A `MailRoute` document to `upstream` in clear (test sinks speak no TLS), ending in `---`.
+pub fn plain_route(name: &str, upstream: SocketAddr) -> String {
+    format!(
+        "apiVersion: mailroute.io/v1alpha1\nkind: MailRoute\nmetadata: {{name: {name}, namespace: mail}}\nspec: {{host: {}, port: {}, tls: {{mode: Disabled}}}}\n---\n",
+        upstream.ip(),
+        upstream.port()
+    )
+}
+
 /// A child process killed and reaped when dropped.
 pub struct Process(pub std::process::Child);
 
@@ -613,6 +622,22 @@ impl Drop for Process {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The relay binary with `args`, every client from 127.0.0.1 allowed its sessions, quiet; once
+/// `listening` accepts connections.
+pub fn relay_process(args: &[&str], listening: SocketAddr) -> Process {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailroute-relay"))
+        .args(args)
+        .args(["--max-sessions-per-ip", "1000"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let process = Process(child);
+    wait_port(listening);
+    process
 }
 
 /// Resident memory of process `pid` now, in octets.
