@@ -533,6 +533,10 @@ pub struct Credentials {
     /// SMTP AUTH accounts by tenant, then username: a password or an `$argon2id$`/bcrypt hash.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tenants: BTreeMap<String, BTreeMap<String, String>>,
+    /// The key of the copies' loop marker MAC (SPEC 6.3), shared by every relay of the
+    /// installation; `--loop-key-file` takes precedence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loop_key: Option<String>,
 }
 
 impl fmt::Debug for Credentials {
@@ -549,6 +553,7 @@ impl fmt::Debug for Credentials {
                     .map(|(t, users)| (t, users.len()))
                     .collect::<Vec<_>>(),
             )
+            .field("loop_key", &self.loop_key.is_some())
             .finish()
     }
 }

@@ -33,6 +33,9 @@ pub struct Builder {
     pub store_failure_open: bool,
     pub dns_server: Option<SocketAddr>,
     pub mx_port: u16,
+    /// The copies' loop-marker key from `--loop-key-file`; without one, the credentials'
+    /// `loopKey`, else a key of this process only (markers then verify only here).
+    pub loop_key: Option<Arc<delivery::LoopKey>>,
     pub metrics: Arc<Metrics>,
     /// The memory budget for message content: one for the relay, whatever the generation.
     pub budget: Arc<crate::budget::Budget>,
@@ -83,6 +86,22 @@ impl Builder {
             .into_generation(loaded.document.generation, loaded.fingerprint()))
     }
 
+    fn loop_key(&self, loaded: &Loaded) -> Arc<delivery::LoopKey> {
+        static PROCESS: std::sync::OnceLock<Arc<delivery::LoopKey>> = std::sync::OnceLock::new();
+        if let Some(key) = &self.loop_key {
+            return Arc::clone(key);
+        }
+        match loaded.credentials.loop_key.as_deref() {
+            Some(secret) if !secret.trim().is_empty() => {
+                Arc::new(delivery::LoopKey::new(secret.as_bytes()))
+            }
+            _ => Arc::clone(PROCESS.get_or_init(|| {
+                tracing::warn!("no loop key (--loop-key-file or the credentials' loopKey): copies from other replicas will carry markers this relay cannot verify");
+                Arc::new(delivery::LoopKey::random())
+            })),
+        }
+    }
+
     pub fn build(&self, loaded: &Loaded) -> Result<Built, SetupError> {
         let config = &loaded.document.config;
         let accounts = Accounts::from_credentials(&loaded.credentials);
@@ -99,6 +118,7 @@ impl Builder {
                 store_failure_open: self.store_failure_open,
                 dns_server: self.dns_server,
                 mx_port: self.mx_port,
+                loop_key: self.loop_key(loaded),
             },
             Arc::clone(&self.metrics),
         )?);

@@ -15,7 +15,13 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Takes an accepted message somewhere and says what to tell the client.
 pub trait Deliver: Send + Sync + 'static {
-    fn deliver(&self, transaction: Transaction) -> BoxFuture<'_, Reply>;
+    /// The reply comes by `deadline` (the reply bound); work the delivery still has to do after
+    /// it (a best-effort copy, a late upstream answer) may go on in the background.
+    fn deliver(
+        self: Arc<Self>,
+        transaction: Transaction,
+        deadline: std::time::Instant,
+    ) -> BoxFuture<'static, Reply>;
     /// Periodic upkeep (closing idle upstream connections); called every few seconds.
     fn sweep(&self) {}
 }

@@ -226,6 +226,19 @@ struct Cli {
         default_value_t = 1_000_000
     )]
     ledger_max_entries: usize,
+    /// File holding the key of the copies' loop marker MAC (SPEC 6.3), shared by every relay
+    /// of the installation; without it, the credentials' `loopKey`.
+    #[arg(long, value_name = "FILE", env = "MAILROUTE_LOOP_KEY_FILE")]
+    loop_key_file: Option<PathBuf>,
+    /// Seconds to wait before answering end of data: below the shortest data timeout of the
+    /// clients in use (SPEC 5.2); `451 4.4.5` for what an upstream has not accepted by then.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        env = "MAILROUTE_REPLY_BOUND",
+        default_value_t = 300
+    )]
+    reply_bound: u64,
 }
 
 fn system_hostname() -> Option<String> {
@@ -355,6 +368,20 @@ async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyho
         store_failure_open: cli.store_failure == "open",
         dns_server: cli.dns_server,
         mx_port: cli.mx_port,
+        loop_key: match &cli.loop_key_file {
+            Some(path) => {
+                let secret = std::fs::read(path)
+                    .with_context(|| format!("reading --loop-key-file {}", path.display()))?;
+                if secret.trim_ascii().len() < 16 {
+                    anyhow::bail!(
+                        "--loop-key-file {}: the key must be at least 16 octets",
+                        path.display()
+                    );
+                }
+                Some(Arc::new(mailroute_relay::delivery::LoopKey::new(&secret)))
+            }
+            None => None,
+        },
         metrics: Arc::clone(&metrics),
         budget: {
             let limit = cli
@@ -375,6 +402,7 @@ async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyho
         greet_delay: Duration::from_millis(cli.greet_delay_ms),
         proxy_protocol: cli.proxy_protocol || !cli.proxy_trusted.is_empty(),
         proxy_trusted: cli.proxy_trusted.iter().map(ipnet::IpNet::trunc).collect(),
+        end_of_data_timeout: Duration::from_secs(cli.reply_bound.max(1)),
         ..Limits::default()
     };
     let ready = Arc::new(AtomicBool::new(false));

@@ -42,6 +42,16 @@ pub struct UpstreamLabels {
     pub class: String,
 }
 
+/// Labels of `mailroute_relay_copies_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CopyLabels {
+    pub route: String,
+    /// `delivered`, `refused` (5xx: counted, never told), `deferred` (4xx or no answer),
+    /// `withheld` (abandoned before its final `.`: the primary delivery did not succeed) or
+    /// `ledger` (delivered by an earlier attempt).
+    pub outcome: String,
+}
+
 /// Labels of `mailroute_relay_rule_matches_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RuleLabels {
@@ -114,6 +124,11 @@ pub struct Metrics {
     pub rule_matches: Family<RuleLabels, Counter>,
     /// Copies not made because the message already was one (loop protection).
     pub copies_suppressed: Counter,
+    /// Copy legs by route and outcome (SPEC 6.3, 6.5).
+    pub copies: Family<CopyLabels, Counter>,
+    /// Loop markers that did not verify (written by a client, or by a relay with another
+    /// key): ignored, copies made.
+    pub loop_markers_forged: Counter,
     /// Ledger and quota store operations that failed (SPEC 5.3a).
     pub store_errors: Counter,
     pub quota_rejections: Family<QuotaLabels, Counter>,
@@ -141,6 +156,8 @@ impl Default for Metrics {
             upstream_replies: Family::default(),
             rule_matches: Family::default(),
             copies_suppressed: Counter::default(),
+            copies: Family::default(),
+            loop_markers_forged: Counter::default(),
             store_errors: Counter::default(),
             quota_rejections: Family::default(),
             recipient_verifications: Family::default(),
@@ -213,6 +230,16 @@ impl Metrics {
             "mailroute_relay_copies_suppressed",
             "Copies not made because the message already was a copy (loop protection)",
             metrics.copies_suppressed.clone(),
+        );
+        registry.register(
+            "mailroute_relay_copies",
+            "Copy legs (alsoDeliverTo) by route and outcome",
+            metrics.copies.clone(),
+        );
+        registry.register(
+            "mailroute_relay_loop_markers_forged",
+            "X-Mailroute-Loop markers that did not verify (ignored: copies made)",
+            metrics.loop_markers_forged.clone(),
         );
         registry.register(
             "mailroute_relay_store_errors",

@@ -1,5 +1,6 @@
-//! What the client is told after end of data (SPEC 6.5), from what each leg's upstream said.
-//! A pure function, so every rule is tested on its own.
+//! What the client is told after end of data (SPEC 6.5), from what each leg's upstream said,
+//! and when a copy may be completed (SPEC 6.3). Pure functions, so every rule is tested on its
+//! own.
 
 use crate::reply::Reply;
 
@@ -16,6 +17,9 @@ pub enum RecipientOutcome {
     Unreachable(Reply),
     /// A 5xx (or a recipient the configuration refused at end of data).
     Permanent(Reply),
+    /// A copy abandoned before its final `.` because the message's primary delivery did not
+    /// succeed (SPEC 6.3): the primary legs' outcome is what the client hears.
+    Withheld,
 }
 
 impl RecipientOutcome {
@@ -42,6 +46,8 @@ pub struct LegOutcome {
     /// Route name (or `mx:domain`), for the client's reply and logs.
     pub target: String,
     pub required: bool,
+    /// An extra copy (`alsoDeliverTo`): completed only once the primary legs accepted.
+    pub copy: bool,
     /// Addresses and outcomes, in the leg's order.
     pub recipients: Vec<(String, RecipientOutcome)>,
 }
@@ -74,6 +80,7 @@ pub fn client_reply(transaction_id: &str, legs: &[LegOutcome]) -> Reply {
         .collect();
     let delivered = counted
         .iter()
+        .filter(|l| !l.copy)
         .flat_map(|l| &l.recipients)
         .filter(|(_, o)| o.is_delivered())
         .count();
@@ -106,8 +113,11 @@ pub fn client_reply(transaction_id: &str, legs: &[LegOutcome]) -> Reply {
             },
         );
     }
+    // NB: a copy never turns a delivered message into a bounce (SPEC 6.5): its permanent
+    // refusal is counted and logged, not told.
     let permanent: Vec<(&str, &str, &Reply)> = counted
         .iter()
+        .filter(|l| !l.copy)
         .flat_map(|l| {
             l.recipients.iter().filter_map(move |(a, o)| match o {
                 RecipientOutcome::Permanent(r) => Some((l.target.as_str(), a.as_str(), r)),
@@ -138,6 +148,46 @@ pub fn client_reply(transaction_id: &str, legs: &[LegOutcome]) -> Reply {
     Reply::message_accepted(transaction_id)
 }
 
+/// Whether the copies may be completed (SPEC 6.3), from the primary legs' outcomes so far
+/// (`None`: still running): `Some(true)` once every primary leg that counts for the reply
+/// accepted, `Some(false)` as soon as one of them did not (the copies are abandoned), `None`
+/// while that is not known. The legs that count are the required primaries; with none, the
+/// first primary that delivers opens the way, and all of them failing closes it.
+pub fn copies_may_complete(primaries: &[(bool, Option<&LegOutcome>)]) -> Option<bool> {
+    let delivered = |l: &LegOutcome| l.recipients.iter().all(|(_, o)| o.is_delivered());
+    let any_required = primaries.iter().any(|(required, _)| *required);
+    if any_required {
+        let mut pending = false;
+        for (required, outcome) in primaries {
+            match (required, outcome) {
+                (false, _) => {}
+                (true, None) => pending = true,
+                (true, Some(l)) if !delivered(l) => return Some(false),
+                (true, Some(_)) => {}
+            }
+        }
+        return (!pending).then_some(true);
+    }
+    if primaries.iter().any(|(_, o)| o.is_some_and(delivered)) {
+        return Some(true);
+    }
+    primaries.iter().all(|(_, o)| o.is_some()).then_some(false)
+}
+
+/// Whether the client's reply can be given now (SPEC 6.5): once every required leg (primary
+/// or copy) has its outcome; when the message has no required leg, once one leg delivered it
+/// or all are done. Best-effort legs never hold the reply.
+pub fn reply_ready(legs: &[(bool, Option<&LegOutcome>)]) -> bool {
+    let any_required = legs.iter().any(|(required, _)| *required);
+    if any_required {
+        return legs.iter().all(|(required, o)| !required || o.is_some());
+    }
+    legs.iter().all(|(_, o)| o.is_some())
+        || legs
+            .iter()
+            .any(|(_, o)| o.is_some_and(|l| l.recipients.iter().any(|(_, o)| o.is_delivered())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +197,7 @@ mod tests {
         LegOutcome {
             target: target.into(),
             required,
+            copy: false,
             recipients: outcomes
                 .into_iter()
                 .enumerate()
@@ -228,5 +279,94 @@ mod tests {
         let timeout = Unreachable(Reply::new(451, "4.4.2", "connect timed out"));
         let r = client_reply("t1", &[leg("mailbox", true, vec![timeout])]);
         assert_eq!(r.enhanced(), Some("4.4.2"));
+    }
+
+    fn copy(target: &str, required: bool, outcomes: Vec<RecipientOutcome>) -> LegOutcome {
+        LegOutcome {
+            copy: true,
+            ..leg(target, required, outcomes)
+        }
+    }
+
+    #[test]
+    fn a_copy_never_turns_a_delivered_message_into_a_bounce() {
+        // The primary accepted, a required copy refused permanently: 250, the copy counted.
+        let r = client_reply(
+            "t1",
+            &[
+                leg("mailbox", true, vec![Delivered]),
+                copy("legacy", true, vec![perm()]),
+            ],
+        );
+        assert_eq!(r.code(), 250, "{r}");
+        // A required copy's temporary failure: 451 naming it; the retry re-sends only it.
+        let r = client_reply(
+            "t1",
+            &[
+                leg("mailbox", true, vec![Delivered]),
+                copy("legacy", true, vec![temp()]),
+            ],
+        );
+        assert_eq!(r.code(), 451, "{r}");
+        assert!(r.text().contains("route legacy"), "{r}");
+        // The primary refused: its 5xx, the withheld copy says nothing.
+        let r = client_reply(
+            "t1",
+            &[
+                leg("mailbox", true, vec![perm()]),
+                copy("archive", true, vec![Withheld]),
+            ],
+        );
+        assert_eq!((r.code(), r.enhanced()), (550, Some("5.1.1")), "{r}");
+    }
+
+    #[test]
+    fn copies_wait_for_the_required_primaries() {
+        let ok = leg("mailbox", true, vec![Delivered]);
+        let refused = leg("mailbox", true, vec![perm()]);
+        let deferred = leg("legacy", true, vec![temp()]);
+        assert_eq!(copies_may_complete(&[(true, None)]), None);
+        assert_eq!(copies_may_complete(&[(true, Some(&ok))]), Some(true));
+        assert_eq!(copies_may_complete(&[(true, Some(&refused))]), Some(false));
+        // One required primary failed: abandon at once, without waiting for the other.
+        assert_eq!(
+            copies_may_complete(&[(true, None), (true, Some(&deferred))]),
+            Some(false)
+        );
+        assert_eq!(
+            copies_may_complete(&[(true, Some(&ok)), (true, None)]),
+            None
+        );
+        // A best-effort primary does not hold the copies when a required one exists.
+        assert_eq!(
+            copies_may_complete(&[(true, Some(&ok)), (false, None)]),
+            Some(true)
+        );
+        // Only best-effort primaries: the first delivery opens, all failing closes.
+        assert_eq!(
+            copies_may_complete(&[(false, None), (false, Some(&ok))]),
+            Some(true)
+        );
+        assert_eq!(
+            copies_may_complete(&[(false, Some(&deferred)), (false, None)]),
+            None
+        );
+        assert_eq!(
+            copies_may_complete(&[(false, Some(&deferred)), (false, Some(&refused))]),
+            Some(false)
+        );
+        // A partly refused primary leg is not an acceptance.
+        let partly = leg("mailbox", true, vec![Delivered, perm()]);
+        assert_eq!(copies_may_complete(&[(true, Some(&partly))]), Some(false));
+    }
+
+    #[test]
+    fn best_effort_legs_never_hold_the_reply() {
+        let ok = leg("mailbox", true, vec![Delivered]);
+        assert!(reply_ready(&[(true, Some(&ok)), (false, None)]));
+        assert!(!reply_ready(&[(true, Some(&ok)), (true, None)]));
+        assert!(!reply_ready(&[(false, None), (false, None)]));
+        let best = leg("archive", false, vec![Delivered]);
+        assert!(reply_ready(&[(false, Some(&best)), (false, None)]));
     }
 }

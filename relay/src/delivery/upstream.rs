@@ -9,7 +9,9 @@
 use crate::reply::Reply;
 use crate::smtp::data::DotStuffer;
 use mail_send::SmtpClient;
-use smtp_proto::{EXT_8BIT_MIME, EXT_DSN, EXT_PIPELINING, EXT_SMTP_UTF8, EXT_START_TLS, Response};
+use smtp_proto::{
+    EXT_8BIT_MIME, EXT_DSN, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS, Response,
+};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -130,6 +132,14 @@ pub enum UpstreamError {
     Tls(String),
     #[error("AUTH credentials are never sent without TLS")]
     AuthWithoutTls,
+    /// The client's reply bound passed before the end of data was written: the message was
+    /// abandoned unterminated.
+    #[error("{stage} not done within the reply bound")]
+    Bound { stage: &'static str },
+    /// A copy whose primary legs did not all accept the message: abandoned before its final
+    /// `.` (SPEC 6.3).
+    #[error("copy withheld: the message's primary delivery did not succeed")]
+    Withheld,
 }
 
 impl UpstreamError {
@@ -140,6 +150,8 @@ impl UpstreamError {
             UpstreamError::Timeout { stage, .. } | UpstreamError::Protocol { stage, .. } => {
                 *stage != END_OF_DATA
             }
+            // NB: the bound is spent, and a withheld copy must not go to another host.
+            UpstreamError::Bound { .. } | UpstreamError::Withheld => false,
             _ => true,
         }
     }
@@ -151,7 +163,10 @@ impl UpstreamError {
             UpstreamError::Timeout { .. } => "4.4.2",
             UpstreamError::TlsNotOffered | UpstreamError::Tls(_) => "4.7.5",
             UpstreamError::AuthWithoutTls => "4.7.5",
-            UpstreamError::Refused { .. } | UpstreamError::Protocol { .. } => "4.4.0",
+            UpstreamError::Bound { .. } => "4.4.5",
+            UpstreamError::Refused { .. }
+            | UpstreamError::Protocol { .. }
+            | UpstreamError::Withheld => "4.4.0",
         }
     }
 }
@@ -191,6 +206,26 @@ pub struct Recipient<'a> {
     pub notify_never: bool,
 }
 
+/// The envelope of one transaction as sent upstream.
+#[derive(Debug)]
+pub struct Envelope<'a> {
+    pub sender: &'a str,
+    pub recipients: &'a [Recipient<'a>],
+    /// The client declared `BODY=8BITMIME`.
+    pub eight_bit: bool,
+    /// The client declared `SMTPUTF8`.
+    pub smtputf8: bool,
+}
+
+/// How long one transaction may take.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Until the end-of-data marker is written: the client's reply bound.
+    pub deadline: Instant,
+    /// For the upstream's answer to the end of data.
+    pub data_timeout: Duration,
+}
+
 /// What the upstream said to one transaction.
 #[derive(Debug)]
 pub struct Answers {
@@ -221,6 +256,25 @@ impl std::fmt::Debug for Upstream {
             .field("poisoned", &self.poisoned)
             .finish()
     }
+}
+
+impl Answers {
+    /// Every recipient refused with `reply`, nothing sent.
+    fn refused(reply: Reply, recipients: usize) -> Self {
+        Self {
+            mail: Some(reply.clone()),
+            recipients: vec![Some(reply); recipients],
+            data: None,
+        }
+    }
+}
+
+/// The header section of a message (up to the first empty line).
+fn header_section(message: &[u8]) -> &[u8] {
+    if message.starts_with(b"\r\n") {
+        return &[];
+    }
+    memchr::memmem::find(message, b"\r\n\r\n").map_or(message, |at| &message[..at])
 }
 
 impl Upstream {
@@ -320,33 +374,144 @@ impl Upstream {
     }
 
     /// Runs one transaction: `prefix` (header lines this leg adds) then `message`, dot-stuffed
-    /// on the way out through a buffer of [`WRITE_CHUNK`] octets, never a whole copy. A failure
-    /// of the connection itself is an `Err` (and the connection is poisoned); refusals are in
-    /// the [`Answers`].
-    #[allow(clippy::too_many_arguments)]
-    pub async fn send(
+    /// on the way out through a buffer of [`WRITE_CHUNK`] octets, never a whole copy.
+    ///
+    /// Everything up to the end-of-data marker must be done by `timing.deadline` (the client's
+    /// reply bound); the upstream's answer to it is awaited for `timing.data_timeout`. With a
+    /// `hold`, the content goes out but its final `.` waits for `hold` to say `true`; `false`
+    /// (or the deadline) abandons the message without it ([`UpstreamError::Withheld`]), so the
+    /// upstream discards it. A leg whose upstream lacks an extension the message needs is
+    /// refused in the [`Answers`] before MAIL (SPEC 6.7). A failure of the connection itself is
+    /// an `Err` (and the connection is poisoned); refusals are in the [`Answers`].
+    pub async fn send<H>(
         &mut self,
-        sender: &str,
-        recipients: &[Recipient<'_>],
-        eight_bit: bool,
-        smtputf8: bool,
+        envelope: &Envelope<'_>,
         prefix: &[u8],
         message: &[u8],
-        data_timeout: Duration,
-    ) -> Result<Answers, UpstreamError> {
+        timing: Timing,
+        hold: Option<H>,
+    ) -> Result<Answers, UpstreamError>
+    where
+        H: std::future::Future<Output = bool>,
+    {
+        if let Some(refusal) = self.lacks(envelope, prefix, message) {
+            return Ok(Answers::refused(refusal, envelope.recipients.len()));
+        }
         self.poisoned = true;
         self.messages += 1;
+        let deadline = tokio::time::Instant::from_std(timing.deadline);
+        let bound = |stage: &'static str| UpstreamError::Bound { stage };
+        let (mut answers, data_reply) = tokio::time::timeout_at(
+            deadline,
+            self.envelope(envelope, prefix.len() + message.len()),
+        )
+        .await
+        .map_err(|_| bound("MAIL, RCPT and DATA"))??;
+        if answers.recipients.iter().all(Option::is_some)
+            || data_reply.as_ref().is_none_or(|r| r.code != 354)
+        {
+            // DATA refused (no valid recipient, or MAIL failed): leave the transaction.
+            if data_reply.is_some_and(|r| r.code == 354) {
+                // NB: a server that said 354 with no recipient accepted gets an empty message
+                // it must refuse; the content is never sent to it.
+                if let Ok(Ok(_)) =
+                    tokio::time::timeout(timing.data_timeout, self.finish(b".\r\n")).await
+                {
+                    self.poisoned = false;
+                    self.idle_since = Instant::now();
+                }
+            } else {
+                self.reset().await;
+            }
+            return Ok(answers);
+        }
+        let mut stuffer = DotStuffer::new(message);
+        let end = stuffer.end_marker();
+        let held = hold.is_some();
+        tokio::time::timeout_at(deadline, self.write_content(prefix, &mut stuffer, !held))
+            .await
+            .map_err(|_| bound("message content"))?
+            .map_err(|e| UpstreamError::Protocol {
+                stage: "message content",
+                detail: e.to_string(),
+            })?;
+        if let Some(hold) = hold {
+            match tokio::time::timeout_at(deadline, hold).await {
+                Ok(true) => {}
+                Ok(false) => return Err(UpstreamError::Withheld),
+                Err(_) => return Err(bound("waiting for the primary legs")),
+            }
+        }
+        let final_reply = tokio::time::timeout(
+            timing.data_timeout,
+            self.finish(if held { end } else { b"" }),
+        )
+        .await
+        .map_err(|_| UpstreamError::Timeout {
+            stage: END_OF_DATA,
+            after: timing.data_timeout,
+        })?
+        .map_err(|e| UpstreamError::Protocol {
+            stage: END_OF_DATA,
+            detail: e.to_string(),
+        })?;
+        answers.data = Some((final_reply.code / 100 != 2).then(|| to_reply(&final_reply)));
+        self.poisoned = false;
+        self.idle_since = Instant::now();
+        Ok(answers)
+    }
+
+    /// SPEC 6.7: what this message needs that the upstream does not offer, as the leg's
+    /// refusal. A body declared 8-bit that is in fact all ASCII needs nothing; an address
+    /// that is not ASCII, or (with `SMTPUTF8` declared) a header that is not, needs SMTPUTF8.
+    fn lacks(&self, envelope: &Envelope<'_>, prefix: &[u8], message: &[u8]) -> Option<Reply> {
+        if envelope.eight_bit
+            && self.capabilities & EXT_8BIT_MIME == 0
+            && !(prefix.is_ascii() && message.is_ascii())
+        {
+            return Some(Reply::new(
+                554,
+                "5.6.3",
+                "the upstream does not offer 8BITMIME and the relay never converts a body",
+            ));
+        }
+        if self.capabilities & EXT_SMTP_UTF8 == 0
+            && (!envelope.sender.is_ascii()
+                || envelope.recipients.iter().any(|r| !r.address.is_ascii())
+                || (envelope.smtputf8 && !header_section(message).is_ascii()))
+        {
+            return Some(Reply::new(
+                553,
+                "5.6.7",
+                "the upstream does not offer SMTPUTF8 for an internationalised address or header",
+            ));
+        }
+        None
+    }
+
+    /// MAIL (with what the client declared and the upstream offers), RCPT and DATA, pipelined
+    /// when offered: the refusals, and the reply to DATA when it was sent.
+    async fn envelope(
+        &mut self,
+        envelope: &Envelope<'_>,
+        size: usize,
+    ) -> Result<(Answers, Option<Response<String>>), UpstreamError> {
+        use std::fmt::Write as _;
         let t = self.client.timeout;
-        let mut mail = format!("MAIL FROM:<{sender}>");
-        if eight_bit && self.capabilities & EXT_8BIT_MIME != 0 {
+        let mut mail = format!("MAIL FROM:<{}>", envelope.sender);
+        if self.capabilities & EXT_SIZE != 0 {
+            let _ = write!(mail, " SIZE={size}");
+        }
+        if envelope.eight_bit && self.capabilities & EXT_8BIT_MIME != 0 {
             mail.push_str(" BODY=8BITMIME");
         }
-        if smtputf8 && self.capabilities & EXT_SMTP_UTF8 != 0 {
+        if envelope.smtputf8 && self.capabilities & EXT_SMTP_UTF8 != 0 {
             mail.push_str(" SMTPUTF8");
         }
         mail.push_str("\r\n");
         let dsn = self.capabilities & EXT_DSN != 0;
-        let rcpt_lines: Vec<String> = recipients
+        let rcpt_lines: Vec<String> = envelope
+            .recipients
             .iter()
             .map(|r| {
                 if r.notify_never && dsn {
@@ -358,7 +523,7 @@ impl Upstream {
             .collect();
         let mut answers = Answers {
             mail: None,
-            recipients: Vec::with_capacity(recipients.len()),
+            recipients: Vec::with_capacity(rcpt_lines.len()),
             data: None,
         };
         let data_reply = if self.capabilities & EXT_PIPELINING != 0 {
@@ -381,11 +546,11 @@ impl Upstream {
             })?
             .map_err(|e| from_mail_send("MAIL, RCPT and DATA", e, t))?;
             let mut it = replies.into_iter();
-            let mail_reply = it.next();
-            answers.mail = mail_reply
+            answers.mail = it
+                .next()
                 .filter(|r| r.code / 100 != 2)
                 .map(|r| to_reply(&r));
-            for _ in recipients {
+            for _ in &rcpt_lines {
                 let r = it.next();
                 answers
                     .recipients
@@ -402,9 +567,8 @@ impl Upstream {
                 answers.mail = Some(to_reply(&reply));
                 answers
                     .recipients
-                    .extend(recipients.iter().map(|_| Some(to_reply(&reply))));
-                self.reset().await;
-                return Ok(answers);
+                    .extend(rcpt_lines.iter().map(|_| Some(to_reply(&reply))));
+                return Ok((answers, None));
             }
             for line in &rcpt_lines {
                 let reply = self
@@ -417,8 +581,7 @@ impl Upstream {
                     .push((reply.code / 100 != 2).then(|| to_reply(&reply)));
             }
             if answers.recipients.iter().all(Option::is_some) {
-                self.reset().await;
-                return Ok(answers);
+                return Ok((answers, None));
             }
             Some(
                 self.client
@@ -434,58 +597,42 @@ impl Upstream {
                 *r = Some(failure.clone());
             }
         }
-        match data_reply {
-            Some(r) if r.code == 354 => {
-                let accepted = answers.recipients.iter().any(Option::is_none);
-                // NB: a server that said 354 with no recipient accepted gets an empty message
-                // it must refuse; the content is never sent to it.
-                let (prefix, message) = if accepted {
-                    (prefix, message)
-                } else {
-                    (&b""[..], &b""[..])
-                };
-                let client = &mut self.client;
-                let final_reply = tokio::time::timeout(data_timeout, async {
-                    // A small message goes out in one write with its end marker (no wait for a
-                    // delayed ACK); a large one in chunks.
-                    let mut buf =
-                        Vec::with_capacity((prefix.len() + message.len() + 8).min(WRITE_CHUNK + 8));
-                    buf.extend_from_slice(prefix);
-                    let mut stuffer = DotStuffer::new(message);
-                    loop {
-                        let done = stuffer.fill(&mut buf, WRITE_CHUNK);
-                        client.stream.write_all(&buf).await?;
-                        buf.clear();
-                        if done {
-                            break;
-                        }
-                    }
-                    client.stream.flush().await?;
-                    client.read().await.map_err(io::Error::other)
-                })
-                .await
-                .map_err(|_| UpstreamError::Timeout {
-                    stage: END_OF_DATA,
-                    after: data_timeout,
-                })?
-                .map_err(|e| UpstreamError::Protocol {
-                    stage: END_OF_DATA,
-                    detail: e.to_string(),
-                })?;
-                if accepted {
-                    answers.data =
-                        Some((final_reply.code / 100 != 2).then(|| to_reply(&final_reply)));
-                }
-            }
-            _ => {
-                // DATA refused (no valid recipient, or MAIL failed): leave the transaction.
-                self.reset().await;
-                return Ok(answers);
+        Ok((answers, data_reply))
+    }
+
+    /// Writes the content, with its end marker when `end` (a small message then goes out in
+    /// one write: no wait for a delayed ACK), a large one in chunks.
+    async fn write_content(
+        &mut self,
+        prefix: &[u8],
+        stuffer: &mut DotStuffer<'_>,
+        end: bool,
+    ) -> io::Result<()> {
+        let mut buf =
+            Vec::with_capacity((prefix.len() + stuffer.remaining() + 8).min(WRITE_CHUNK + 8));
+        buf.extend_from_slice(prefix);
+        loop {
+            let done = if end {
+                stuffer.fill(&mut buf, WRITE_CHUNK)
+            } else {
+                stuffer.fill_body(&mut buf, WRITE_CHUNK)
+            };
+            self.client.stream.write_all(&buf).await?;
+            buf.clear();
+            if done {
+                break;
             }
         }
-        self.poisoned = false;
-        self.idle_since = Instant::now();
-        Ok(answers)
+        self.client.stream.flush().await
+    }
+
+    /// Writes what is left of the end of data (`end`, possibly nothing) and reads the reply.
+    async fn finish(&mut self, end: &[u8]) -> io::Result<Response<String>> {
+        if !end.is_empty() {
+            self.client.stream.write_all(end).await?;
+            self.client.stream.flush().await?;
+        }
+        self.client.read().await.map_err(io::Error::other)
     }
 
     /// Asks whether the upstream would take `recipient` from `sender`: MAIL, RCPT and RSET

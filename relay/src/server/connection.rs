@@ -393,9 +393,14 @@ async fn process(
                         out.clear();
                     }
                     let id = transaction.id.clone();
+                    let deadline = std::time::Instant::now() + shared.limits.end_of_data_timeout;
+                    let delivery =
+                        Arc::clone(&current.generation.deliver).deliver(transaction, deadline);
+                    // NB: the delivery answers by the deadline itself (what succeeded is in the
+                    // ledger by then); this guard, a little later, is for one that does not.
                     let reply = match timeout(
-                        shared.limits.end_of_data_timeout,
-                        current.generation.deliver.deliver(transaction),
+                        shared.limits.end_of_data_timeout + DELIVERY_GRACE,
+                        delivery,
                     )
                     .await
                     {
@@ -422,6 +427,10 @@ async fn process(
         }
     }
 }
+
+/// How long past the reply bound the driver waits for a delivery's own answer (its ledger
+/// write) before answering `451 4.4.5` itself.
+const DELIVERY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `mailroute_relay_rcpt_refusals_total`.
 fn count_refusal(shared: &Shared, tenant: Option<&str>, reason: RefusalReason) {

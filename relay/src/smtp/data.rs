@@ -226,9 +226,41 @@ impl<'a> DotStuffer<'a> {
         }
     }
 
+    /// Octets of the message not yet written (before stuffing).
+    pub fn remaining(&self) -> usize {
+        self.message.len() - self.pos
+    }
+
+    /// What ends the data after the message: `.` on a line of its own (with the CRLF a
+    /// message that does not end in one needs first).
+    pub fn end_marker(&self) -> &'static [u8] {
+        if !self.message.is_empty() && !self.message.ends_with(b"\r\n") {
+            b"\r\n.\r\n"
+        } else {
+            b".\r\n"
+        }
+    }
+
+    /// Like [`fill`](Self::fill), but the end marker is left for the caller to write
+    /// ([`end_marker`](Self::end_marker)); true once the message is all out.
+    pub fn fill_body(&mut self, out: &mut Vec<u8>, limit: usize) -> bool {
+        self.stuff(out, limit);
+        self.pos >= self.message.len()
+    }
+
     /// Appends to `out` until it holds about `limit` octets (a line is cut where needed) or the
     /// message and its end marker are all out; true once they are.
     pub fn fill(&mut self, out: &mut Vec<u8>, limit: usize) -> bool {
+        self.stuff(out, limit);
+        if self.pos < self.message.len() || self.done {
+            return self.done;
+        }
+        out.extend_from_slice(self.end_marker());
+        self.done = true;
+        true
+    }
+
+    fn stuff(&mut self, out: &mut Vec<u8>, limit: usize) {
         let message = self.message;
         while self.pos < message.len() && out.len() < limit {
             if self.line_start && message[self.pos] == b'.' {
@@ -242,15 +274,6 @@ impl<'a> DotStuffer<'a> {
             self.pos += take;
             self.line_start = take == line_end && rest[take - 1] == b'\n';
         }
-        if self.pos < message.len() || self.done {
-            return self.done;
-        }
-        if !message.is_empty() && !message.ends_with(b"\r\n") {
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b".\r\n");
-        self.done = true;
-        true
     }
 }
 

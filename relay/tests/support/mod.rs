@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -43,7 +43,7 @@ impl Capture {
 }
 
 impl Deliver for Capture {
-    fn deliver(&self, t: Transaction) -> BoxFuture<'_, Reply> {
+    fn deliver(self: Arc<Self>, t: Transaction, _deadline: Instant) -> BoxFuture<'static, Reply> {
         Box::pin(async move {
             tokio::time::sleep(self.delay).await;
             let reply = Reply::message_accepted(&t.id);
@@ -524,6 +524,9 @@ pub fn builder(stores: Stores, metrics: Arc<Metrics>) -> mailroute_relay::genera
         store_failure_open: stores.store_failure_open,
         dns_server: stores.dns_server,
         mx_port: stores.mx_port,
+        loop_key: Some(Arc::new(mailroute_relay::delivery::LoopKey::new(
+            b"test installation loop key",
+        ))),
         metrics,
         budget: mailroute_relay::budget::Budget::unlimited(),
     }

@@ -1,0 +1,249 @@
+//! One host-by-host attempt over pooled connections, shared by delivery and recipient
+//! verification, and how a route is dialled (its TLS plan, EHLO name, credentials, timeouts).
+
+use super::hosts::Candidate;
+use super::pool::{self, Checkout, PoolKey, Pooled};
+use super::upstream::{Answers, Dial, Envelope, Timing, TlsPlan, Upstream, UpstreamError};
+use super::{Forwarder, RouteRuntime};
+use crate::reply::Reply;
+use mailroute_config::resources::TlsMode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// What to do on a connection.
+pub(crate) enum Job<'a> {
+    /// One transaction (SPEC 6.4); a copy's `hold` says when its final `.` may go.
+    Deliver {
+        envelope: Envelope<'a>,
+        prefix: &'a [u8],
+        message: &'a [u8],
+        timing: Timing,
+        hold: Option<Hold>,
+    },
+    /// MAIL, RCPT and RSET: would the upstream take the recipient.
+    Verify { sender: &'a str, recipient: &'a str },
+}
+
+/// What a [`Job`] got.
+pub(crate) enum Done {
+    Delivered(Answers),
+    Verified(Option<Reply>),
+}
+
+/// The copies' hold: `None` until the primary legs decided, then whether copies may complete.
+pub(crate) type Hold = watch::Receiver<Option<bool>>;
+
+/// Resolves once the primary legs decided: whether the copy may complete.
+async fn wait_for(mut hold: Hold) -> bool {
+    loop {
+        if let Some(open) = *hold.borrow_and_update() {
+            return open;
+        }
+        if hold.changed().await.is_err() {
+            return false;
+        }
+    }
+}
+
+/// Why no host of a route did what was asked.
+#[derive(Debug)]
+pub enum Failed {
+    /// Every connection of the route is in use (the next host would not help).
+    Busy(pool::Busy),
+    /// No host could be reached, greeted or secured, or took the transaction before its
+    /// content: the last host's failure (`None`: there was no host to try).
+    Hosts(Option<UpstreamError>),
+    /// A failure once the content was on its way, or the bound spent: no other host is tried.
+    Final(UpstreamError),
+}
+
+/// The TLS a connection for this route must have (SPEC 3.1 `tls`, and a rule's
+/// `requireTLS`): the one place a route's TLS policy is decided.
+pub fn tls_plan(
+    mode: TlsMode,
+    leg_requires_tls: bool,
+    connector: &Result<tokio_rustls::TlsConnector, String>,
+    route: &str,
+) -> Result<TlsPlan, UpstreamError> {
+    let connector = || {
+        connector
+            .clone()
+            .map_err(|e| UpstreamError::Tls(format!("TLS settings of route {route}: {e}")))
+    };
+    Ok(match (mode, leg_requires_tls) {
+        (TlsMode::Implicit, _) => TlsPlan::Implicit(connector()?),
+        (TlsMode::Required, _) | (_, true) => TlsPlan::Required(connector()?),
+        (TlsMode::Opportunistic, false) => match connector() {
+            Ok(c) => TlsPlan::Opportunistic(c),
+            Err(_) => TlsPlan::Off,
+        },
+        (TlsMode::Disabled, false) => TlsPlan::Off,
+    })
+}
+
+impl Forwarder {
+    /// Runs `op` on a connection to the first of `candidates` that takes it: a pooled
+    /// connection first, once more on a fresh one when a reused connection turns out closed,
+    /// then the next host while nothing can have been delivered. Connecting ends at
+    /// `deadline`. A connection `op` left clean goes back to the pool; any other is closed.
+    pub(crate) async fn on_hosts(
+        &self,
+        runtime: &RouteRuntime,
+        candidates: &[Candidate],
+        leg_requires_tls: bool,
+        deadline: Instant,
+        job: Job<'_>,
+    ) -> Result<Done, Failed> {
+        let tls_required = leg_requires_tls || runtime.route.tls.mode == TlsMode::Required;
+        let limits = runtime.limits();
+        let mut last = None;
+        'hosts: for candidate in candidates {
+            let key = PoolKey {
+                route: Arc::clone(&runtime.name),
+                addr: candidate.addr,
+                tls_required,
+            };
+            for attempt in 0..2 {
+                let connection = tokio::time::timeout_at(
+                    deadline.into(),
+                    self.connection(runtime, candidate, &key, leg_requires_tls, attempt == 0),
+                )
+                .await;
+                let mut conn = match connection {
+                    Err(_) => return Err(Failed::Final(UpstreamError::Bound { stage: "connect" })),
+                    Ok(Ok(conn)) => conn,
+                    Ok(Err(Unavailable::Busy(busy))) => return Err(Failed::Busy(busy)),
+                    Ok(Err(Unavailable::Host(e))) => {
+                        tracing::debug!(route = %runtime.name, host = %candidate.addr, error = %e, "upstream unavailable");
+                        last = Some(e);
+                        continue 'hosts;
+                    }
+                };
+                let done = match &job {
+                    Job::Deliver {
+                        envelope,
+                        prefix,
+                        message,
+                        timing,
+                        hold,
+                    } => {
+                        let hold = hold.clone().map(wait_for);
+                        conn.upstream
+                            .send(envelope, prefix, message, *timing, hold)
+                            .await
+                            .map(Done::Delivered)
+                    }
+                    Job::Verify { sender, recipient } => conn
+                        .upstream
+                        .verify(sender, recipient)
+                        .await
+                        .map(Done::Verified),
+                };
+                match done {
+                    Ok(answer) => {
+                        self.pool.put(key, conn, limits);
+                        return Ok(answer);
+                    }
+                    Err(e) if e.is_before_data() => {
+                        // NB: nothing was delivered: a reused connection the upstream closed
+                        // meanwhile is retried fresh, anything else moves to the next host.
+                        let reused = conn.reused;
+                        last = Some(e);
+                        if reused {
+                            continue;
+                        }
+                        continue 'hosts;
+                    }
+                    Err(e) => return Err(Failed::Final(e)),
+                }
+            }
+        }
+        Err(Failed::Hosts(last))
+    }
+
+    /// A connection to `candidate` for `key`: a pooled one when `reuse`, else a new one as soon
+    /// as the route has a free slot (waiting up to its connect timeout).
+    async fn connection(
+        &self,
+        runtime: &RouteRuntime,
+        candidate: &Candidate,
+        key: &PoolKey,
+        leg_requires_tls: bool,
+        reuse: bool,
+    ) -> Result<Pooled, Unavailable> {
+        let checkout = self
+            .pool
+            .checkout(
+                key,
+                runtime.limits(),
+                &runtime.permits,
+                runtime.route.pool.max_connections,
+                Duration::from_millis(runtime.route.timeouts.connect_ms),
+                reuse,
+            )
+            .await
+            .map_err(Unavailable::Busy)?;
+        match checkout {
+            Checkout::Reused(conn) => Ok(conn),
+            Checkout::Fresh(permit) => self
+                .open(runtime, candidate, leg_requires_tls)
+                .await
+                .map(|up| pool::Pool::wrap(up, permit))
+                .map_err(Unavailable::Host),
+        }
+    }
+
+    /// Opens a connection to one host with the route's policy; opportunistic TLS falls back to
+    /// plaintext when the handshake fails (RFC 7435), never when TLS is required.
+    async fn open(
+        &self,
+        runtime: &RouteRuntime,
+        candidate: &Candidate,
+        leg_requires_tls: bool,
+    ) -> Result<Upstream, UpstreamError> {
+        let mut dial = self.dial(runtime, candidate, leg_requires_tls)?;
+        match Upstream::connect(&dial).await {
+            Err(UpstreamError::Tls(e)) if matches!(dial.tls, TlsPlan::Opportunistic(_)) => {
+                tracing::info!(route = %runtime.name, host = %candidate.addr, error = %e, "opportunistic TLS failed; delivering in plaintext");
+                dial.tls = TlsPlan::Off;
+                Upstream::connect(&dial).await
+            }
+            other => other,
+        }
+    }
+
+    /// How one host of a route is dialled.
+    fn dial(
+        &self,
+        runtime: &RouteRuntime,
+        candidate: &Candidate,
+        leg_requires_tls: bool,
+    ) -> Result<Dial, UpstreamError> {
+        Ok(Dial {
+            addr: candidate.addr,
+            host: candidate.name.clone(),
+            helo: runtime
+                .route
+                .helo_name
+                .as_ref()
+                .map(|h| h.to_string())
+                .unwrap_or_else(|| self.settings.hostname.clone()),
+            tls: tls_plan(
+                runtime.route.tls.mode,
+                leg_requires_tls,
+                &runtime.connector,
+                &runtime.name,
+            )?,
+            credentials: runtime.credentials.clone(),
+            connect_timeout: Duration::from_millis(runtime.route.timeouts.connect_ms),
+            command_timeout: Duration::from_millis(runtime.route.timeouts.command_ms),
+        })
+    }
+}
+
+/// Why no connection to a host could be had.
+enum Unavailable {
+    Busy(pool::Busy),
+    Host(UpstreamError),
+}

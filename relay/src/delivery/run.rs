@@ -1,0 +1,489 @@
+//! The leg plan runner: one transaction, from its plan to the client's reply (SPEC 6.3-6.6).
+//!
+//! - Every leg starts at once. A copy leg sends its content but holds its final `.` until the
+//!   primary legs accepted the message ([`outcome::copies_may_complete`]); if they did not,
+//!   the copy is abandoned unterminated and the upstream discards it.
+//! - The reply comes when every required leg has its outcome ([`outcome::reply_ready`]), or at
+//!   the reply bound (`deadline`), whichever is first: best-effort legs never hold it, and at
+//!   the bound what has not succeeded is told `451 4.4.5`.
+//! - Legs go on after the reply (a best-effort copy, an upstream that was sent the whole
+//!   message but has not answered yet); what succeeds for a message the client was not told
+//!   `250` is recorded in the ledger as it succeeds, so the retry re-sends nothing delivered.
+
+use super::attempt::{Done, Failed, Hold, Job};
+use super::hosts::ResolveError;
+use super::ledger::{self, Key};
+use super::loop_marker::Marker;
+use super::outcome::{self, LegOutcome, RecipientOutcome};
+use super::upstream::{self, Answers, Envelope, Timing, UpstreamError};
+use super::{Forwarder, report};
+use crate::interfaces::Transaction;
+use crate::reply::Reply;
+use crate::routing::{Leg, Target};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, watch};
+
+/// Delivers `tx` and returns what to tell the client, by `deadline`. The work that goes on
+/// after the reply (best-effort legs, late answers) continues in a task of its own.
+pub(super) async fn forward(
+    forwarder: Arc<Forwarder>,
+    tx: Transaction,
+    deadline: Instant,
+) -> Reply {
+    let (reply_tx, mut reply_rx) = oneshot::channel();
+    let mut run = Box::pin(run(forwarder, Arc::new(tx), deadline, reply_tx));
+    // NB: most transactions finish with their reply; only one with legs still running needs a
+    // task of its own, so the common case costs no spawn.
+    let reply = tokio::select! {
+        biased;
+        () = &mut run => reply_rx.try_recv().ok(),
+        reply = &mut reply_rx => {
+            tokio::spawn(run);
+            reply.ok()
+        }
+    };
+    reply.unwrap_or_else(|| {
+        Reply::new(
+            451,
+            "4.3.0",
+            "Delivery failed inside the relay; try again later",
+        )
+    })
+}
+
+async fn run(
+    forwarder: Arc<Forwarder>,
+    tx: Arc<Transaction>,
+    deadline: Instant,
+    reply_to: oneshot::Sender<Reply>,
+) {
+    let fwd = &*forwarder;
+    let original = tx.content.get(tx.received_len..).unwrap_or_default();
+    let is_copy = match fwd.settings.loop_key.check(original) {
+        Marker::Valid => true,
+        Marker::Absent => false,
+        Marker::Forged => {
+            fwd.metrics.loop_markers_forged.inc();
+            tracing::info!(transaction = %tx.id, "loop marker does not verify; ignored, copies made");
+            false
+        }
+    };
+    // The routes decided at RCPT time: nothing is routed twice.
+    let plan = fwd.router.plan_routes(
+        tx.recipients.iter().map(|r| {
+            r.route.clone().ok_or_else(|| {
+                Reply::new(550, "5.7.1", "Recipient not admitted by the relay's policy")
+            })
+        }),
+        is_copy,
+    );
+    report::matches(fwd, &tx, &plan);
+
+    let fingerprint = ledger::fingerprint(original);
+    let keys: Vec<Vec<Key>> = plan
+        .legs
+        .iter()
+        .map(|leg| {
+            let target = leg.target.to_string();
+            leg.recipients
+                .iter()
+                .map(|r| ledger::key(&fingerprint, &target, &r.address))
+                .collect()
+        })
+        .collect();
+    let flat: Vec<Key> = keys.iter().flatten().copied().collect();
+    let done = match fwd.ledger.contains(&flat).await {
+        Ok(found) => found,
+        Err(e) => {
+            fwd.metrics.store_errors.inc();
+            tracing::warn!(transaction = %tx.id, error = %e, "ledger lookup failed");
+            if !fwd.settings.store_failure_open {
+                let _ = reply_to.send(Reply::new(
+                    451,
+                    "4.3.0",
+                    "Temporary failure of the relay's shared store; try again later",
+                ));
+                return;
+            }
+            vec![false; flat.len()]
+        }
+    };
+
+    // One copy header for every copy leg (its MAC covers the body: computed once).
+    let marker = plan.legs.iter().any(|l| l.copy).then(|| {
+        fwd.settings
+            .loop_key
+            .header(&fwd.settings.hostname, original)
+    });
+    let (open_copies, hold) = watch::channel(None::<bool>);
+    let started = Instant::now();
+    let mut offset = 0;
+    let mut running: FuturesUnordered<_> = plan
+        .legs
+        .iter()
+        .enumerate()
+        .map(|(i, leg)| {
+            let leg_done = &done[offset..offset + leg.recipients.len()];
+            offset += leg.recipients.len();
+            let hold = leg.copy.then(|| hold.clone());
+            let marker = marker.as_deref().filter(|_| leg.copy);
+            let tx = &*tx;
+            async move {
+                let outcome = fwd.run_leg(leg, tx, leg_done, marker, hold, deadline).await;
+                (i, outcome)
+            }
+        })
+        .collect();
+
+    // The legs' outcomes, plus one settled primary for what the configuration refused.
+    let mut outcomes: Vec<Option<LegOutcome>> = vec![None; plan.legs.len()];
+    let mut delays = vec![Duration::ZERO; plan.legs.len()];
+    let refused: Vec<LegOutcome> = plan
+        .refused
+        .iter()
+        .map(|(i, reply)| LegOutcome {
+            target: "configuration".to_owned(),
+            required: true,
+            copy: false,
+            recipients: vec![(
+                tx.recipients[*i].address.clone(),
+                RecipientOutcome::Permanent(reply.clone()),
+            )],
+        })
+        .collect();
+    let mut reply_to = Some(reply_to);
+    // Whether the client was told `250` (None: not told yet).
+    let mut told: Option<bool> = None;
+    let mut recorded = vec![false; plan.legs.len()];
+    let bound = tokio::time::sleep_until(deadline.into());
+    tokio::pin!(bound);
+    loop {
+        if open_copies.borrow().is_none() {
+            let primaries: Vec<(bool, Option<&LegOutcome>)> = plan
+                .legs
+                .iter()
+                .zip(&outcomes)
+                .filter(|(leg, _)| !leg.copy)
+                .map(|(leg, o)| (leg.required, o.as_ref()))
+                .chain(refused.iter().map(|o| (true, Some(o))))
+                .collect();
+            if let Some(open) = outcome::copies_may_complete(&primaries) {
+                open_copies.send_replace(Some(open));
+            }
+        }
+        if told.is_none() {
+            let legs: Vec<(bool, Option<&LegOutcome>)> = plan
+                .legs
+                .iter()
+                .zip(&outcomes)
+                .map(|(leg, o)| (leg.required, o.as_ref()))
+                .collect();
+            if outcome::reply_ready(&legs) {
+                let settled = settled(&plan.legs, &outcomes, &refused, false);
+                let reply = outcome::client_reply(&tx.id, &settled);
+                if !reply.is_positive() {
+                    record(fwd, &tx, &keys, &outcomes, &mut recorded).await;
+                }
+                told = Some(reply.is_positive());
+                report::transaction(fwd, &tx, &plan, &outcomes, &delays, &reply);
+                if let Some(to) = reply_to.take() {
+                    let _ = to.send(reply);
+                }
+            }
+        }
+        tokio::select! {
+            biased;
+            next = running.next() => {
+                let Some((i, outcome)) = next else { break };
+                delays[i] = started.elapsed();
+                report::leg(fwd, &plan.legs[i], &outcome, delays[i]);
+                if told == Some(false) {
+                    tracing::info!(transaction = %tx.id, target = %outcome.target, delay_ms = delays[i].as_millis() as u64, "leg finished after the reply");
+                }
+                outcomes[i] = Some(outcome);
+                if told == Some(false) {
+                    record(fwd, &tx, &keys, &outcomes, &mut recorded).await;
+                }
+            }
+            () = &mut bound, if told.is_none() => {
+                let settled = settled(&plan.legs, &outcomes, &refused, true);
+                let reply = outcome::client_reply(&tx.id, &settled);
+                if !reply.is_positive() {
+                    record(fwd, &tx, &keys, &outcomes, &mut recorded).await;
+                }
+                told = Some(reply.is_positive());
+                tracing::warn!(transaction = %tx.id, "legs still running at the reply bound");
+                report::transaction(fwd, &tx, &plan, &outcomes, &delays, &reply);
+                if let Some(to) = reply_to.take() {
+                    let _ = to.send(reply);
+                }
+            }
+        }
+    }
+}
+
+/// The outcomes the reply is made from: those of the legs that finished, the configuration's
+/// refusals, and (`at_bound`) for each leg still running, `451 4.4.5` for what it has not
+/// delivered.
+fn settled(
+    legs: &[Leg],
+    outcomes: &[Option<LegOutcome>],
+    refused: &[LegOutcome],
+    at_bound: bool,
+) -> Vec<LegOutcome> {
+    let mut settled: Vec<LegOutcome> = legs
+        .iter()
+        .zip(outcomes)
+        .filter_map(|(leg, o)| match o {
+            Some(o) => Some(o.clone()),
+            None if at_bound => Some(LegOutcome {
+                target: leg.target.to_string(),
+                required: leg.required,
+                copy: leg.copy,
+                recipients: leg
+                    .recipients
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.address.clone(),
+                            RecipientOutcome::Unreachable(Reply::new(
+                                451,
+                                "4.4.5",
+                                "no answer within the reply bound",
+                            )),
+                        )
+                    })
+                    .collect(),
+            }),
+            None => None,
+        })
+        .collect();
+    settled.extend(refused.iter().cloned());
+    settled
+}
+
+/// Records in the ledger what finished legs delivered and is not recorded yet.
+async fn record(
+    fwd: &Forwarder,
+    tx: &Transaction,
+    keys: &[Vec<Key>],
+    outcomes: &[Option<LegOutcome>],
+    recorded: &mut [bool],
+) {
+    let mut delivered = Vec::new();
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let Some(outcome) = outcome else { continue };
+        if recorded[i] {
+            continue;
+        }
+        recorded[i] = true;
+        delivered.extend(
+            outcome
+                .recipients
+                .iter()
+                .zip(&keys[i])
+                .filter(|((_, o), _)| *o == RecipientOutcome::Delivered)
+                .map(|(_, k)| *k),
+        );
+    }
+    if !delivered.is_empty()
+        && let Err(e) = fwd.ledger.record(&delivered).await
+    {
+        fwd.metrics.store_errors.inc();
+        tracing::warn!(transaction = %tx.id, error = %e, "ledger record failed; a retry may duplicate");
+    }
+}
+
+impl Forwarder {
+    /// One leg: the recipients the ledger does not already have, sent to the leg's target.
+    async fn run_leg(
+        &self,
+        leg: &Leg,
+        tx: &Transaction,
+        done: &[bool],
+        marker: Option<&str>,
+        hold: Option<Hold>,
+        deadline: Instant,
+    ) -> LegOutcome {
+        let mut result = LegOutcome {
+            target: leg.target.to_string(),
+            required: leg.required,
+            copy: leg.copy,
+            recipients: leg
+                .recipients
+                .iter()
+                .zip(done)
+                .map(|(r, d)| {
+                    let o = if *d {
+                        RecipientOutcome::AlreadyDelivered
+                    } else {
+                        RecipientOutcome::Unreachable(Reply::new(451, "4.4.0", "not attempted"))
+                    };
+                    (r.address.clone(), o)
+                })
+                .collect(),
+        };
+        let pending: Vec<usize> = (0..leg.recipients.len()).filter(|i| !done[*i]).collect();
+        if pending.is_empty() {
+            return result;
+        }
+        let outcomes = match self.runtime(&leg.target) {
+            None => Err(RecipientOutcome::Unreachable(Reply::new(
+                451,
+                "4.3.5",
+                format!("route {} is not configured", leg.target),
+            ))),
+            Some(runtime) => {
+                self.attempt(runtime, leg, tx, &pending, marker, hold, deadline)
+                    .await
+            }
+        };
+        match outcomes {
+            Ok(outcomes) => {
+                for (i, o) in pending.iter().zip(outcomes) {
+                    result.recipients[*i].1 = o;
+                }
+            }
+            Err(outcome) => {
+                if outcome != RecipientOutcome::Withheld {
+                    tracing::info!(transaction = %tx.id, target = %leg.target, outcome = ?outcome, "leg failed");
+                }
+                for i in &pending {
+                    result.recipients[*i].1 = outcome.clone();
+                }
+            }
+        }
+        result
+    }
+
+    /// Tries the leg's hosts in order until one takes the transaction. `Ok`: one outcome per
+    /// pending recipient; `Err`: one outcome for all of them.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &self,
+        runtime: &super::RouteRuntime,
+        leg: &Leg,
+        tx: &Transaction,
+        pending: &[usize],
+        marker: Option<&str>,
+        hold: Option<Hold>,
+        deadline: Instant,
+    ) -> Result<Vec<RecipientOutcome>, RecipientOutcome> {
+        let candidates = match &leg.target {
+            Target::Mx(domain) => {
+                self.resolver
+                    .mx(domain.as_str(), self.settings.mx_port)
+                    .await
+            }
+            Target::Route(_) => self.resolver.route_hosts(&runtime.route.destination).await,
+        };
+        let candidates = match candidates {
+            Ok(c) if !c.is_empty() => c,
+            Ok(_) => {
+                return Err(RecipientOutcome::Unreachable(Reply::new(
+                    451,
+                    "4.4.3",
+                    "no host to deliver to",
+                )));
+            }
+            Err(ResolveError::Permanent(e)) => {
+                return Err(RecipientOutcome::Permanent(Reply::relayed(
+                    550,
+                    Some("5.1.2"),
+                    e,
+                )));
+            }
+            Err(ResolveError::Temporary(e)) => {
+                return Err(RecipientOutcome::Unreachable(Reply::new(451, "4.4.3", e)));
+            }
+        };
+        // The header lines this leg adds, written before the message (which is never copied
+        // for a leg: it is dot-stuffed on the way out).
+        let mut prefix = Vec::new();
+        if let Some(marker) = marker {
+            prefix.extend_from_slice(marker.as_bytes());
+        }
+        for h in &leg.headers {
+            prefix.extend_from_slice(format!("{}: {}\r\n", h.name, h.value).as_bytes());
+        }
+        let recipients: Vec<upstream::Recipient<'_>> = pending
+            .iter()
+            .map(|i| upstream::Recipient {
+                address: &leg.recipients[*i].address,
+                notify_never: leg.recipients[*i].notify_never,
+            })
+            .collect();
+        let envelope = Envelope {
+            sender: &tx.mail_from,
+            recipients: &recipients,
+            eight_bit: tx.body_8bit,
+            smtputf8: tx.smtputf8,
+        };
+        let timing = Timing {
+            deadline,
+            data_timeout: Duration::from_millis(runtime.route.timeouts.data_end_ms),
+        };
+        let job = Job::Deliver {
+            envelope,
+            prefix: &prefix,
+            message: &tx.content,
+            timing,
+            hold,
+        };
+        let sent = self
+            .on_hosts(runtime, &candidates, leg.require_tls, deadline, job)
+            .await;
+        match sent {
+            Ok(Done::Delivered(answers)) => Ok(answers_to_outcomes(&answers, pending.len())),
+            Ok(Done::Verified(_)) => Err(RecipientOutcome::Unreachable(Reply::new(
+                451,
+                "4.3.0",
+                "delivery got a verification's answer",
+            ))),
+            Err(Failed::Final(UpstreamError::Withheld)) => Err(RecipientOutcome::Withheld),
+            Err(Failed::Final(e)) => Err(RecipientOutcome::Unreachable(Reply::new(
+                451,
+                e.enhanced(),
+                e.to_string(),
+            ))),
+            Err(Failed::Busy(busy)) => Err(RecipientOutcome::Unreachable(Reply::new(
+                451,
+                "4.4.5",
+                busy.to_string(),
+            ))),
+            Err(Failed::Hosts(last)) => Err(RecipientOutcome::Unreachable(match last {
+                Some(UpstreamError::Refused { stage, reply }) => {
+                    // NB: even a 5xx greeting or EHLO is a reason to try later (RFC 5321 5.1).
+                    Reply::new(
+                        451,
+                        "4.4.0",
+                        format!("{stage}: upstream said {} {}", reply.code(), reply.text()),
+                    )
+                }
+                Some(e) => Reply::new(451, e.enhanced(), e.to_string()),
+                None => Reply::new(451, "4.4.0", "not delivered"),
+            })),
+        }
+    }
+}
+
+fn answers_to_outcomes(answers: &Answers, n: usize) -> Vec<RecipientOutcome> {
+    (0..n)
+        .map(|j| match answers.recipients.get(j).cloned().flatten() {
+            Some(refusal) => RecipientOutcome::refused(refusal),
+            None => match &answers.data {
+                Some(None) => RecipientOutcome::Delivered,
+                Some(Some(refusal)) => RecipientOutcome::refused(refusal.clone()),
+                None => RecipientOutcome::refused(
+                    answers
+                        .mail
+                        .clone()
+                        .unwrap_or_else(|| Reply::new(451, "4.4.0", "upstream refused DATA")),
+                ),
+            },
+        })
+        .collect()
+}
