@@ -6,6 +6,7 @@ pub mod dns;
 pub mod haproxy;
 pub mod mta;
 pub mod redis;
+pub mod scripted;
 pub mod sink;
 
 use mailroute_relay::auth::throttle::{AuthThrottle, ThrottleConfig};
@@ -569,14 +570,33 @@ impl Configured {
     /// Starts a relay whose smtp listener is on `port`.
     pub async fn start_on(&self, port: u16) -> Relay {
         Relay::start(Options {
+            smtp_port: port,
+            ..self.options()
+        })
+        .await
+    }
+
+    /// Starts a relay that answers end of data within `reply_bound` (`--reply-bound`).
+    pub async fn start_bounded(&self, reply_bound: Duration) -> Relay {
+        let options = self.options();
+        Relay::start(Options {
+            limits: Limits {
+                end_of_data_timeout: reply_bound,
+                ..options.limits
+            },
+            ..options
+        })
+        .await
+    }
+
+    fn options(&self) -> Options {
+        Options {
             deliver: Some(self.forwarder.clone()),
             admit: Some(self.gate.clone()),
             session: self.session.clone(),
-            smtp_port: port,
             metrics: Some(Arc::clone(&self.metrics)),
             ..Options::default()
-        })
-        .await
+        }
     }
 }
 

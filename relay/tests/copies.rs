@@ -1,0 +1,439 @@
+//! All-or-nothing copies, the reply bound and extensions (SPEC 5.2, 6.3, 6.5-6.7), as a client
+//! sees them against real and scripted upstreams: a primary's refusal leaves no copy anywhere,
+//! a copy's refusal never becomes a bounce, a slow or failing copy route never makes the
+//! client's retry duplicate a message, a hanging best-effort copy never delays the `250`, a
+//! client cannot opt out of copies with a header of its own, and no message is sent to an
+//! upstream without the extension it needs.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::scripted::{Script, Scripted};
+use support::sink::{Sink, free_port};
+use support::{Client, bounded, configured, send_message};
+
+/// A primary route `mailbox` and a copy route `archive` (`delivery` as given) for every
+/// message to example.com's users.
+fn with_archive(primary: SocketAddr, archive: SocketAddr, delivery: &str) -> String {
+    format!(
+        r#"
+apiVersion: mailroute.io/v1alpha1
+kind: MailRoute
+metadata: {{name: mailbox, namespace: mail}}
+spec:
+  host: {}
+  port: {}
+  tls: {{mode: Disabled}}
+  timeouts: {{connect: 1s, command: 1s, dataEnd: 2s}}
+---
+apiVersion: mailroute.io/v1alpha1
+kind: MailRoute
+metadata: {{name: archive, namespace: mail}}
+spec:
+  host: {}
+  port: {}
+  tls: {{mode: Disabled}}
+  delivery: {delivery}
+  timeouts: {{connect: 1s, command: 1s, dataEnd: 2s}}
+---
+apiVersion: mailroute.io/v1alpha1
+kind: RelayPolicy
+metadata: {{name: example, namespace: mail}}
+spec:
+  domains: [example.com]
+  licenses: 10
+  users: [alice@example.com]
+  inboundRoute: mailbox
+---
+apiVersion: mailroute.io/v1alpha1
+kind: RoutingRule
+metadata: {{name: journal, namespace: mail}}
+spec:
+  policyRef: example
+  priority: 10
+  messages: [Inbound, InternalReceiving]
+  accountTypes: [Users]
+  actions:
+    alsoDeliverTo: [{{route: archive}}]
+"#,
+        primary.ip(),
+        primary.port(),
+        archive.ip(),
+        archive.port()
+    )
+}
+
+fn message(id: &str) -> String {
+    format!("Message-ID: <{id}@client.test>\r\nSubject: {id}\r\n\r\nbody of {id}\r\n")
+}
+
+async fn send(relay: SocketAddr, id: &str) -> String {
+    send_message(
+        relay,
+        "someone@partner.example",
+        &["alice@example.com"],
+        &message(id),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_primary_refusal_leaves_no_copy_anywhere() {
+    bounded(60, async {
+        for (what, fault) in [("5xx at end of data", "."), ("5xx to RCPT", "RCPT")] {
+            let primary = Sink::start_on(([127, 0, 0, 1], free_port()).into(), &["-f", fault]);
+            let archive = Scripted::start(Script::default()).await;
+            let config = configured(&with_archive(primary.addr, archive.addr, "Required"));
+            let relay = config.start().await;
+            let reply = send(relay.smtp, "refused").await;
+            assert!(reply.starts_with('5'), "{what}: {reply}");
+            assert!(reply.contains("route mailbox"), "{what}: {reply}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(
+                archive.accepted().len(),
+                0,
+                "{what}: the archive kept a copy"
+            );
+            let metrics = config.metrics_text();
+            assert!(
+                metrics.contains(
+                    r#"mailroute_relay_copies_total{route="archive",outcome="withheld"} 1"#
+                ),
+                "{what}: {metrics}"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_primary_temporary_failure_leaves_no_copy_and_the_retry_delivers_each_once() {
+    bounded(60, async {
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let failing = Sink::start_on(addr, &["-r", "."]);
+        let archive = Scripted::start(Script::default()).await;
+        let config = configured(&with_archive(addr, archive.addr, "Required"));
+        let relay = config.start().await;
+        let first = send(relay.smtp, "deferred").await;
+        assert!(first.starts_with("451"), "{first}");
+        assert!(first.contains("route mailbox"), "{first}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            archive.count("Subject: deferred"),
+            0,
+            "no copy of a deferred message"
+        );
+        assert_eq!(
+            archive.abandoned(),
+            1,
+            "the copy was abandoned before its final dot"
+        );
+        drop(failing);
+        let healthy = Sink::start_on(addr, &[]);
+        let retry = send(relay.smtp, "deferred").await;
+        assert!(retry.starts_with("250"), "{retry}");
+        assert_eq!(
+            healthy.wait_count("Subject: deferred", 1),
+            1,
+            "primary once"
+        );
+        assert_eq!(archive.count("Subject: deferred"), 1, "archive once");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_thousand_messages_with_a_randomly_failing_copy_route_are_each_delivered_once() {
+    bounded(240, async {
+        let primary = Scripted::start(Script::default()).await;
+        // About one end of data in three refused for a while, chosen by a fixed generator so a
+        // failure can be replayed.
+        let archive = Scripted::start(Script {
+            end_of_data: Arc::new(|n| {
+                // splitmix64 of the end-of-data count.
+                let mut x = (n as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+                x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                x ^= x >> 31;
+                if x.is_multiple_of(3) {
+                    "451 4.3.0 archive busy".to_owned()
+                } else {
+                    "250 2.0.0 archived".to_owned()
+                }
+            }),
+            ..Script::default()
+        })
+        .await;
+        let config = configured(&with_archive(primary.addr, archive.addr, "Required"));
+        let relay = config.start().await;
+        const MESSAGES: usize = 1000;
+        const CLIENTS: usize = 8;
+        let mut tasks = Vec::new();
+        for c in 0..CLIENTS {
+            let smtp = relay.smtp;
+            tasks.push(tokio::spawn(async move {
+                let mut deferred = 0;
+                for i in (c..MESSAGES).step_by(CLIENTS) {
+                    let id = format!("random-{i}");
+                    let mut attempts = 0;
+                    loop {
+                        attempts += 1;
+                        let reply = send(smtp, &id).await;
+                        if reply.starts_with("250") {
+                            break;
+                        }
+                        assert!(reply.starts_with("451"), "{id}: {reply}");
+                        assert!(attempts < 20, "{id}: never delivered: {reply}");
+                        deferred += 1;
+                    }
+                }
+                deferred
+            }));
+        }
+        let mut deferred = 0;
+        for t in tasks {
+            deferred += t.await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert!(
+            deferred > 100,
+            "the copy route failed often enough: {deferred}"
+        );
+        for (name, upstream) in [("primary", &primary), ("archive", &archive)] {
+            let mut seen = std::collections::HashMap::<String, usize>::new();
+            for m in upstream.accepted() {
+                let text = String::from_utf8_lossy(&m).into_owned();
+                if let Some(id) = text
+                    .split("Subject: ")
+                    .nth(1)
+                    .and_then(|s| s.split("\r\n").next())
+                {
+                    *seen.entry(id.to_owned()).or_default() += 1;
+                }
+            }
+            assert_eq!(seen.len(), MESSAGES, "{name}: a message is missing");
+            let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+            assert!(twice.is_empty(), "{name}: duplicates {twice:?}");
+        }
+        eprintln!("1000 messages, {deferred} deferred attempts: each once at both upstreams");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_copy_route_slow_at_every_stage_gets_451_at_the_bound_and_the_retry_duplicates_nothing() {
+    bounded(60, async {
+        let primary = Scripted::start(Script::default()).await;
+        // Every reply 400 ms late: inside the 1 s command timeout, but greeting, EHLO, MAIL,
+        // RCPT and DATA take 2 s together, beyond the 1.5 s reply bound. Only the first
+        // connection is slow.
+        let archive = Scripted::start(Script {
+            delay: Duration::from_millis(400),
+            slow_connections: 1,
+            ..Script::default()
+        })
+        .await;
+        let config = configured(&with_archive(primary.addr, archive.addr, "Required"));
+        let relay = config.start_bounded(Duration::from_millis(1500)).await;
+        let started = Instant::now();
+        let first = send(relay.smtp, "slow").await;
+        let waited = started.elapsed();
+        assert!(first.starts_with("451 4.4.5"), "{first}");
+        assert!(first.contains("route archive"), "{first}");
+        assert!(
+            waited < Duration::from_millis(2500),
+            "answered at the bound, not after the slowest leg: {waited:?}"
+        );
+        let retry = send(relay.smtp, "slow").await;
+        assert!(retry.starts_with("250"), "{retry}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(primary.count("Subject: slow"), 1, "the primary once");
+        assert_eq!(archive.count("Subject: slow"), 1, "the archive once");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_hanging_best_effort_copy_never_delays_the_250() {
+    bounded(60, async {
+        let primary = Scripted::start(Script::default()).await;
+        let hanging = Scripted::start(Script {
+            delay: Duration::from_secs(30),
+            slow_connections: usize::MAX,
+            ..Script::default()
+        })
+        .await;
+        let config = configured(&with_archive(primary.addr, hanging.addr, "BestEffort"));
+        let relay = config.start_bounded(Duration::from_secs(10)).await;
+        let started = Instant::now();
+        let reply = send(relay.smtp, "hang").await;
+        let waited = started.elapsed();
+        assert!(reply.starts_with("250"), "{reply}");
+        assert!(
+            waited < Duration::from_millis(500),
+            "the best-effort copy held the reply for {waited:?}"
+        );
+        assert_eq!(primary.count("Subject: hang"), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_client_written_loop_marker_does_not_suppress_the_copy() {
+    bounded(30, async {
+        let primary = Scripted::start(Script::default()).await;
+        let archive = Scripted::start(Script::default()).await;
+        let config = configured(&with_archive(primary.addr, archive.addr, "Required"));
+        let relay = config.start().await;
+        for (i, marker) in [
+            "X-Mailroute-Loop: relay.test",
+            "X-Mailroute-Loop: relay.test; mac=00112233445566778899aabbccddeeff",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let id = format!("opt-out-{i}");
+            let reply = send_message(
+                relay.smtp,
+                "someone@partner.example",
+                &["alice@example.com"],
+                &format!("{marker}\r\n{}", message(&id)),
+            )
+            .await;
+            assert!(reply.starts_with("250"), "{reply}");
+            assert_eq!(
+                archive.count(&format!("Subject: {id}")),
+                1,
+                "{marker}: copy made"
+            );
+        }
+        let metrics = config.metrics_text();
+        assert!(
+            metrics.contains("mailroute_relay_loop_markers_forged_total 2"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("mailroute_relay_copies_suppressed_total 0"),
+            "{metrics}"
+        );
+    })
+    .await;
+}
+
+/// Sends one message with MAIL parameters; returns the reply after DATA (or the refusal).
+async fn send_with(relay: SocketAddr, from: &str, params: &str, body: &[u8]) -> String {
+    let mut client = Client::connect(relay).await;
+    client.reply().await;
+    client.command("EHLO client.test").await;
+    let r = client.command(&format!("MAIL FROM:<{from}>{params}")).await;
+    assert!(r.starts_with("250"), "MAIL: {r}");
+    let r = client.command("RCPT TO:<alice@example.com>").await;
+    assert!(r.starts_with("250"), "RCPT: {r}");
+    let r = client.command("DATA").await;
+    assert!(r.starts_with("354"), "DATA: {r}");
+    let mut wire = Vec::new();
+    mailroute_relay::smtp::data::dot_stuff(body, &mut wire);
+    client.send(&wire).await;
+    let reply = client.reply().await;
+    let _ = client.command("QUIT").await;
+    reply
+}
+
+fn only_mailbox(upstream: SocketAddr) -> String {
+    format!(
+        "{}---\napiVersion: mailroute.io/v1alpha1\nkind: RelayPolicy\nmetadata: {{name: example, namespace: mail}}\nspec: {{domains: [example.com], licenses: 10, users: [alice@example.com], inboundRoute: mailbox}}\n",
+        support::plain_route("mailbox", upstream)
+    )
+}
+
+#[tokio::test]
+async fn extensions_the_message_needs_are_declared_upstream_or_the_leg_is_refused() {
+    bounded(60, async {
+        let eight_bit = "Subject: caf\u{e9}\r\n\r\nd\u{e9}j\u{e0} vu\r\n".as_bytes();
+        let utf8_sender = "d\u{e9}veloppeur@partner.example";
+        // Without 8BITMIME, SMTPUTF8 or SIZE.
+        let bare = Scripted::start(Script {
+            extensions: vec!["PIPELINING", "ENHANCEDSTATUSCODES"],
+            ..Script::default()
+        })
+        .await;
+        let config = configured(&only_mailbox(bare.addr));
+        let relay = config.start().await;
+        let reply = send_with(relay.smtp, "a@partner.example", " BODY=8BITMIME", eight_bit).await;
+        assert!(reply.starts_with("554 5.6.3"), "{reply}");
+        assert!(reply.contains("route mailbox"), "{reply}");
+        let reply = send_with(
+            relay.smtp,
+            utf8_sender,
+            " SMTPUTF8",
+            b"Subject: x\r\n\r\nx\r\n",
+        )
+        .await;
+        assert!(reply.starts_with("553 5.6.7"), "{reply}");
+        // Declared 8-bit but all ASCII: nothing is needed, it is delivered undeclared.
+        let reply = send_with(
+            relay.smtp,
+            "a@partner.example",
+            " BODY=8BITMIME",
+            b"Subject: ascii\r\n\r\nplain\r\n",
+        )
+        .await;
+        assert!(reply.starts_with("250"), "{reply}");
+        assert_eq!(
+            bare.accepted().len(),
+            1,
+            "only the message that needs nothing went out"
+        );
+        assert!(
+            bare.mail_lines()
+                .iter()
+                .all(|l| !l.contains("BODY=") && !l.contains("SIZE=")),
+            "{:?}",
+            bare.mail_lines()
+        );
+
+        // With them: passed on and declared, SIZE= included.
+        let full = Scripted::start(Script {
+            extensions: vec![
+                "PIPELINING",
+                "8BITMIME",
+                "SMTPUTF8",
+                "SIZE 10000000",
+                "ENHANCEDSTATUSCODES",
+            ],
+            ..Script::default()
+        })
+        .await;
+        let config = configured(&only_mailbox(full.addr));
+        let relay = config.start().await;
+        let reply = send_with(relay.smtp, "a@partner.example", " BODY=8BITMIME", eight_bit).await;
+        assert!(reply.starts_with("250"), "{reply}");
+        let reply = send_with(
+            relay.smtp,
+            utf8_sender,
+            " SMTPUTF8",
+            b"Subject: x\r\n\r\nx\r\n",
+        )
+        .await;
+        assert!(reply.starts_with("250"), "{reply}");
+        let lines = full.mail_lines();
+        assert!(lines[0].contains(" BODY=8BITMIME"), "{lines:?}");
+        assert!(
+            lines[1].contains(" SMTPUTF8") && lines[1].contains(utf8_sender),
+            "{lines:?}"
+        );
+        let size: usize = lines[0]
+            .split(" SIZE=")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no SIZE= in {lines:?}"));
+        assert_eq!(size, full.accepted()[0].len(), "SIZE= is what was sent");
+        assert!(
+            full.accepted()[0].ends_with(&eight_bit[eight_bit.len() - 10..]),
+            "body untouched"
+        );
+    })
+    .await;
+}
