@@ -10,6 +10,17 @@ use std::collections::BTreeMap;
 /// The key of a whole document.
 pub const WHOLE_KEY: &str = "config.json";
 
+// The objects the operator publishes and the relay reads: named here once, for both.
+
+/// ConfigMap holding the document (parts: `<name>-0`, `<name>-1`, ...).
+pub const CONFIG_MAP: &str = "mailroute-relay-config";
+/// Secret holding the credentials.
+pub const CREDENTIALS_SECRET: &str = "mailroute-relay-credentials";
+/// Key (and file name) of the credentials in that Secret.
+pub const CREDENTIALS_KEY: &str = "credentials.json";
+/// Annotation of the first ConfigMap: how many parts the document has.
+pub const PARTS_ANNOTATION: &str = "mailroute.io/parts";
+
 /// The key of part `i` (from 0) of `n`.
 pub fn part_key(i: usize, n: usize) -> String {
     format!("{WHOLE_KEY}.{i:03}-of-{n:03}")

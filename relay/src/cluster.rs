@@ -23,8 +23,8 @@ use std::path::Path;
 use std::time::Duration;
 
 /// The operator's credentials Secret.
-pub const CREDENTIALS_SECRET: &str = "mailroute-relay-credentials";
-const PARTS_ANNOTATION: &str = "mailroute.io/parts";
+pub const CREDENTIALS_SECRET: &str = mailroute_config::parts::CREDENTIALS_SECRET;
+const PARTS_ANNOTATION: &str = mailroute_config::parts::PARTS_ANNOTATION;
 const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 #[derive(Debug, thiserror::Error)]

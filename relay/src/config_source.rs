@@ -181,7 +181,7 @@ pub fn from_entries(
 }
 
 /// The credentials' file name in a `--config` directory (the operator's Secret key).
-pub const CREDENTIALS_FILE: &str = "credentials.json";
+pub const CREDENTIALS_FILE: &str = mailroute_config::parts::CREDENTIALS_KEY;
 
 /// A one-line description of a configuration, for logs and `--check`.
 pub fn summary(loaded: &Loaded) -> String {

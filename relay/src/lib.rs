@@ -15,7 +15,7 @@
 //!   recipient verification; what each recipient is refused with, or where it goes.
 //! - [`quota`]: sending limits per user and tenant: what counts, counters, reserve, settle,
 //!   release; the in-memory store.
-//! - [`redis_store`]: the shared store for replicas (quotas and the delivery ledger in Redis).
+//! - [`store`]: the shared store (quotas and the delivery ledger; memory or Redis).
 //! - [`routing`]: which upstreams each recipient goes to (rules, copies, legs): pure functions.
 //! - [`delivery`]: carrying a plan out: upstream connections, pooling, TLS, the ledger, the reply.
 //! - [`generation`]: a loaded configuration built into what sessions use; [`reload`]: watching
@@ -33,10 +33,10 @@ pub mod generation;
 pub mod interfaces;
 pub mod metrics;
 pub mod quota;
-pub mod redis_store;
 pub mod reload;
 pub mod reply;
 pub mod routing;
 pub mod server;
 pub mod smtp;
+pub mod store;
 pub mod tenants;

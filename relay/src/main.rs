@@ -4,16 +4,15 @@ use anyhow::Context;
 use clap::{ArgGroup, Parser};
 use mailroute_relay::auth::throttle::{AuthThrottle, ThrottleConfig};
 use mailroute_relay::config_source::{self, Loaded};
-use mailroute_relay::delivery::ledger::{Ledger, MemoryLedger};
 use mailroute_relay::generation::Builder;
 use mailroute_relay::metrics::Metrics;
-use mailroute_relay::quota::QuotaStore;
-use mailroute_relay::quota::memory::MemoryQuotaStore;
-use mailroute_relay::redis_store::RedisStore;
 use mailroute_relay::reload::{self, Build, Source};
 use mailroute_relay::server::tls::CertificateStore;
 use mailroute_relay::server::{Limits, Server, Shared};
 use mailroute_relay::smtp::session::ListenerKind;
+use mailroute_relay::store::{
+    Ledger, MemoryLedger, MemoryQuotaStore, QuotaStore, RedisStore, StoreSpec,
+};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -185,7 +184,7 @@ struct Cli {
         env = "MAILROUTE_STORE",
         default_value = "memory"
     )]
-    store: String,
+    store: StoreSpec,
     /// Longest wait for the shared store, in milliseconds, before it counts as unavailable.
     #[arg(
         long,
@@ -339,22 +338,17 @@ async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyho
         .set(i64::try_from(loaded.document.generation).unwrap_or(i64::MAX));
 
     let store_timeout = Duration::from_millis(cli.store_timeout_ms.max(1));
-    let (ledger, quota_store): (Arc<dyn Ledger>, Arc<dyn QuotaStore>) = if cli.store == "memory" {
-        (
+    let (ledger, quota_store): (Arc<dyn Ledger>, Arc<dyn QuotaStore>) = match &cli.store {
+        StoreSpec::Memory => (
             Arc::new(MemoryLedger::new(cli.ledger_max_entries)),
             Arc::new(MemoryQuotaStore::default()),
-        )
-    } else if cli.store.starts_with("redis://") || cli.store.starts_with("rediss://") {
-        let redis = Arc::new(
-            RedisStore::new(&cli.store, store_timeout)
-                .map_err(|e| anyhow::anyhow!("--store: {e}"))?,
-        );
-        (redis.clone(), redis)
-    } else {
-        anyhow::bail!(
-            "--store: expected `memory` or a redis:// or rediss:// URL, got {:?}",
-            cli.store
-        );
+        ),
+        StoreSpec::Redis(url) => {
+            let redis = Arc::new(
+                RedisStore::new(url, store_timeout).map_err(|e| anyhow::anyhow!("--store: {e}"))?,
+            );
+            (redis.clone(), redis)
+        }
     };
     let builder = Arc::new(Builder {
         hostname: hostname.clone(),

@@ -9,8 +9,8 @@
 mod support;
 
 use mailroute_relay::delivery::ledger::{Ledger, key};
-use mailroute_relay::quota::memory::MemoryQuotaStore;
-use mailroute_relay::redis_store::RedisStore;
+use mailroute_relay::store::MemoryQuotaStore;
+use mailroute_relay::store::RedisStore;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -407,7 +407,7 @@ async fn the_memory_store_settles_only_accepted_messages() {
         let config = configured_with_stores(
             &trial(sink.addr, ""),
             Stores {
-                ledger: Arc::new(mailroute_relay::delivery::ledger::MemoryLedger::new(1000)),
+                ledger: Arc::new(mailroute_relay::store::MemoryLedger::new(1000)),
                 quotas: store,
                 ..Stores::memory()
             },

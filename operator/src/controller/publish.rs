@@ -15,18 +15,18 @@ use mailroute_config::{Credentials, RelayDocument, parts};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
-pub const CONFIG_MAP: &str = "mailroute-relay-config";
-pub const SECRET: &str = "mailroute-relay-credentials";
+pub const CONFIG_MAP: &str = parts::CONFIG_MAP;
+pub const SECRET: &str = parts::CREDENTIALS_SECRET;
 /// Key of the whole document in the ConfigMap; parts use [`parts::part_key`].
 pub const DOCUMENT_KEY: &str = parts::WHOLE_KEY;
 /// Key of the credentials in the Secret.
-pub const CREDENTIALS_KEY: &str = "credentials.json";
+pub const CREDENTIALS_KEY: &str = parts::CREDENTIALS_KEY;
 /// Largest document part in one ConfigMap, leaving room for metadata under the 1 MiB limit.
 pub const PART_BYTES: usize = 900 * 1024;
 
 pub const HASH_ANNOTATION: &str = "mailroute.io/hash";
 pub const GENERATION_ANNOTATION: &str = "mailroute.io/generation";
-pub const PARTS_ANNOTATION: &str = "mailroute.io/parts";
+pub const PARTS_ANNOTATION: &str = parts::PARTS_ANNOTATION;
 pub const PART_ANNOTATION: &str = "mailroute.io/part";
 
 /// The objects for one namespace.

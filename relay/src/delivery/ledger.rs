@@ -3,32 +3,11 @@
 //!
 //! The fingerprint comes from the message, never from the session: its Message-ID and a hash
 //! of its content as the client sent it (the relay's own `Received:` header excluded, as it
-//! differs per attempt). Entries live for 5 days, longer than any client keeps retrying.
+//! differs per attempt). Entries live for 5 days, longer than any client keeps retrying, in a
+//! [`Ledger`] of the shared store (`crate::store`).
 
-use super::BoxFuture;
+pub use crate::store::{Key, Ledger, RETENTION};
 use sha2::{Digest, Sha256};
-use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
-/// How long a successful delivery is remembered.
-pub const RETENTION: Duration = Duration::from_secs(5 * 24 * 3600);
-
-/// A ledger entry: a hash of (fingerprint, target, recipient).
-pub type Key = [u8; 16];
-
-/// Why the shared store could not answer.
-#[derive(Debug, thiserror::Error)]
-#[error("shared store unavailable: {0}")]
-pub struct StoreError(pub String);
-
-/// Where successful deliveries are recorded: memory for one relay, Redis across replicas.
-pub trait Ledger: Send + Sync + 'static {
-    /// Which of `keys` are recorded.
-    fn contains<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<Vec<bool>, StoreError>>;
-    /// Records `keys` for [`RETENTION`].
-    fn record<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<(), StoreError>>;
-}
 
 /// The message fingerprint: Message-ID (case kept, as it is compared byte for byte) and the
 /// SHA-256 of the content after the relay's `Received:` header.
@@ -67,78 +46,6 @@ fn message_id(content: &[u8]) -> Option<&[u8]> {
     None
 }
 
-/// The in-process ledger of a single relay, bounded: past `capacity` entries the oldest go
-/// first (16 bytes of key plus bookkeeping, about 60 bytes each).
-#[derive(Debug)]
-pub struct MemoryLedger {
-    inner: Mutex<MemoryInner>,
-    capacity: usize,
-    retention: Duration,
-}
-
-#[derive(Debug, Default)]
-struct MemoryInner {
-    entries: HashMap<Key, Instant>,
-    order: VecDeque<(Instant, Key)>,
-}
-
-impl MemoryLedger {
-    pub fn new(capacity: usize) -> Self {
-        Self::with_retention(capacity, RETENTION)
-    }
-
-    pub fn with_retention(capacity: usize, retention: Duration) -> Self {
-        Self {
-            inner: Mutex::new(MemoryInner::default()),
-            capacity: capacity.max(1),
-            retention,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.inner.lock().map(|i| i.entries.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-impl Ledger for MemoryLedger {
-    fn contains<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<Vec<bool>, StoreError>> {
-        let now = Instant::now();
-        let found = match self.inner.lock() {
-            Ok(inner) => keys
-                .iter()
-                .map(|k| inner.entries.get(k).is_some_and(|until| *until > now))
-                .collect(),
-            Err(_) => vec![false; keys.len()],
-        };
-        Box::pin(async move { Ok(found) })
-    }
-
-    fn record<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<(), StoreError>> {
-        let now = Instant::now();
-        if let Ok(mut inner) = self.inner.lock() {
-            while let Some((until, key)) = inner.order.front().copied() {
-                if until > now && inner.entries.len() + keys.len() <= self.capacity {
-                    break;
-                }
-                inner.order.pop_front();
-                if inner.entries.get(&key) == Some(&until) {
-                    inner.entries.remove(&key);
-                }
-            }
-            let until = now + self.retention;
-            for key in keys {
-                inner.entries.insert(*key, until);
-                inner.order.push_back((until, *key));
-            }
-        }
-        Box::pin(async { Ok(()) })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,28 +66,5 @@ mod tests {
         let f = fingerprint(a);
         assert_eq!(key(&f, "mailbox", "A@x"), key(&f, "mailbox", "a@X"));
         assert_ne!(key(&f, "mailbox", "a@x"), key(&f, "archive", "a@x"));
-    }
-
-    #[tokio::test]
-    async fn memory_ledger_remembers_forgets_after_retention_and_stays_bounded() {
-        let ledger = MemoryLedger::with_retention(3, Duration::from_millis(50));
-        let keys: Vec<Key> = (0u8..5).map(|i| [i; 16]).collect();
-        ledger
-            .record(&keys[..2])
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let found = ledger.contains(&keys[..3]).await.unwrap_or_default();
-        assert_eq!(found, [true, true, false]);
-        ledger
-            .record(&keys[2..])
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(ledger.len(), 3, "bounded at its capacity, oldest dropped");
-        assert_eq!(
-            ledger.contains(&keys).await.unwrap_or_default(),
-            [false, false, true, true, true]
-        );
-        tokio::time::sleep(Duration::from_millis(60)).await;
-        assert_eq!(ledger.contains(&keys).await.unwrap_or_default(), [false; 5]);
     }
 }

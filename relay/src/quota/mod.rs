@@ -17,15 +17,12 @@
 //! does not keep them counted.
 //!
 //! Windows are rolling, in 24 buckets (1/24 of the window). The counts live in a
-//! [`QuotaStore`]: [`memory::MemoryQuotaStore`] for one relay, Redis
-//! ([`crate::redis_store::RedisStore`]) for replicas sharing the counts.
+//! [`QuotaStore`]: [`crate::store::MemoryQuotaStore`] for one relay, Redis
+//! ([`crate::store::RedisStore`]) for replicas sharing the counts.
 
-pub mod memory;
-
-use crate::delivery::ledger::StoreError;
-use crate::interfaces::BoxFuture;
 use crate::metrics::{Metrics, QuotaLabels};
 use crate::reply::Reply;
+pub use crate::store::{BUCKETS, Counter, Hold, Limit, QuotaStore, Reservation, StoreError};
 use crate::tenants::{Tenant, TenantId, Tenants};
 use mailroute_config::document::Limits;
 use mailroute_config::names::{Address, Mailbox};
@@ -33,109 +30,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// A rolling window is this many buckets (SPEC 3.4: at most 1/24 of its length).
-pub const BUCKETS: u64 = 24;
-
 const DAY: Duration = Duration::from_secs(24 * 3600);
 const TEN_MINUTES: Duration = Duration::from_secs(600);
-
-/// The limits of SPEC 3.4.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Limit {
-    UserMessagesPerDay,
-    UserUniqueRecipientsPerDay,
-    CustomerRecipientsPerDay,
-    CustomerRecipientsPer10Minutes,
-}
-
-impl Limit {
-    /// The `limit` label of `mailroute_relay_quota_rejections_total`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Limit::UserMessagesPerDay => "user_messages_per_day",
-            Limit::UserUniqueRecipientsPerDay => "user_unique_recipients_per_day",
-            Limit::CustomerRecipientsPerDay => "customer_recipients_per_day",
-            Limit::CustomerRecipientsPer10Minutes => "customer_recipients_per_10_minutes",
-        }
-    }
-
-    /// The reply when the limit is reached (the hosted suite's wording).
-    pub fn reply(self) -> Reply {
-        match self {
-            Limit::UserMessagesPerDay | Limit::UserUniqueRecipientsPerDay => {
-                Reply::new(550, "5.4.5", "Daily SMTP relay limit exceeded for user")
-            }
-            Limit::CustomerRecipientsPerDay => {
-                Reply::new(550, "5.7.1", "Daily SMTP relay limit exceeded for customer")
-            }
-            Limit::CustomerRecipientsPer10Minutes => {
-                Reply::new(450, "4.2.1", "Peak SMTP relay limit exceeded for customer")
-            }
-        }
-    }
-}
-
-/// One counter a recipient is checked against.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Counter {
-    pub limit: Limit,
-    /// The counter's name in the store; the tenant's part is in braces (a Redis hash tag, so
-    /// a tenant's counters live together).
-    pub key: String,
-    pub max: u64,
-    pub window: Duration,
-    /// For unique counting: the recipient, lowercased. A recipient already counted in the
-    /// window does not count again.
-    pub member: Option<String>,
-    /// `false`: counted but never refused (tenant limits for registered users, unless the
-    /// tenant blocks all senders on its limit).
-    pub enforce: bool,
-}
-
-impl Counter {
-    /// Length of one bucket of the rolling window.
-    pub fn bucket(&self) -> Duration {
-        self.window / BUCKETS as u32
-    }
-}
-
-/// What one recipient reserved: settled into the counts or released when its transaction ends.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Hold {
-    pub id: String,
-    pub counters: Vec<Counter>,
-    /// Per counter: whether a unit was reserved (a unique recipient already counted reserves
-    /// nothing).
-    pub reserved: Vec<bool>,
-}
-
-/// A store's answer to a reservation.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Reservation {
-    /// Per counter, whether a unit was reserved.
-    Granted(Vec<bool>),
-    /// The counter at this index is at its limit; nothing was reserved.
-    Exceeded(usize),
-}
-
-/// Where the counts live. Every call is atomic: a reservation checks and reserves on all its
-/// counters at once, or on none.
-pub trait QuotaStore: Send + Sync + 'static {
-    /// Reserves one unit on each counter unless one is at its limit (counting what is settled
-    /// in the window and what other holds reserve). The hold expires after `ttl`.
-    fn reserve<'a>(
-        &'a self,
-        hold: &'a str,
-        counters: &'a [Counter],
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<Reservation, StoreError>>;
-    /// Ends holds: settled into the counts when `accepted`, otherwise dropped.
-    fn finish<'a>(
-        &'a self,
-        holds: &'a [Hold],
-        accepted: bool,
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
-}
 
 /// Quota decisions for a configuration.
 pub struct Quotas {

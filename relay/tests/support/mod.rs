@@ -431,7 +431,7 @@ pub struct Configured {
     /// verification, as the binary sets them up.
     pub gate: Arc<mailroute_relay::admission::Gate>,
     /// The in-memory ledger (an unused one when [`configured_with_stores`] gave the stores).
-    pub ledger: Arc<mailroute_relay::delivery::ledger::MemoryLedger>,
+    pub ledger: Arc<mailroute_relay::store::MemoryLedger>,
     pub metrics: Arc<Metrics>,
     pub registry: prometheus_client::registry::Registry,
 }
@@ -452,15 +452,13 @@ pub fn compile_yaml(yaml: &str) -> mailroute_config::Compiled {
 pub fn configured(yaml: &str) -> Configured {
     configured_with_ledger(
         yaml,
-        Arc::new(mailroute_relay::delivery::ledger::MemoryLedger::new(
-            100_000,
-        )),
+        Arc::new(mailroute_relay::store::MemoryLedger::new(100_000)),
     )
 }
 
 pub fn configured_with_ledger(
     yaml: &str,
-    ledger: Arc<mailroute_relay::delivery::ledger::MemoryLedger>,
+    ledger: Arc<mailroute_relay::store::MemoryLedger>,
 ) -> Configured {
     let stores = Stores {
         ledger: ledger.clone(),
@@ -473,8 +471,8 @@ pub fn configured_with_ledger(
 
 /// The shared store a [`Configured`] relay uses.
 pub struct Stores {
-    pub ledger: Arc<dyn mailroute_relay::delivery::ledger::Ledger>,
-    pub quotas: Arc<dyn mailroute_relay::quota::QuotaStore>,
+    pub ledger: Arc<dyn mailroute_relay::store::Ledger>,
+    pub quotas: Arc<dyn mailroute_relay::store::QuotaStore>,
     pub store_failure_open: bool,
     /// Name server for MX lookups, and the port MX hosts are reached on.
     pub dns_server: Option<SocketAddr>,
@@ -485,10 +483,8 @@ impl Stores {
     /// In-memory stores, the system resolver, MX hosts on port 25.
     pub fn memory() -> Self {
         Self {
-            ledger: Arc::new(mailroute_relay::delivery::ledger::MemoryLedger::new(
-                100_000,
-            )),
-            quotas: Arc::new(mailroute_relay::quota::memory::MemoryQuotaStore::default()),
+            ledger: Arc::new(mailroute_relay::store::MemoryLedger::new(100_000)),
+            quotas: Arc::new(mailroute_relay::store::MemoryQuotaStore::default()),
             store_failure_open: false,
             dns_server: None,
             mx_port: 25,
@@ -548,7 +544,7 @@ pub fn configured_with_stores(yaml: &str, stores: Stores) -> Configured {
         session: built.session,
         forwarder: built.forwarder,
         gate: built.gate,
-        ledger: Arc::new(mailroute_relay::delivery::ledger::MemoryLedger::new(1)),
+        ledger: Arc::new(mailroute_relay::store::MemoryLedger::new(1)),
         metrics,
         registry,
     }

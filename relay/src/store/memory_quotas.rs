@@ -1,9 +1,7 @@
 //! The in-process quota store of a single relay (the default): exact counts, unique recipients
 //! kept exactly, everything behind one lock (a reservation is a few map operations).
 
-use super::{BUCKETS, Counter, Hold, QuotaStore, Reservation};
-use crate::delivery::ledger::StoreError;
-use crate::interfaces::BoxFuture;
+use super::{BUCKETS, BoxFuture, Counter, Hold, QuotaStore, Reservation, StoreError};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -16,9 +16,9 @@
 //! - The connection is made lazily and re-made after a failure, so the relay starts and
 //!   recovers without a restart while Redis is away (SPEC 5.3a).
 
-use crate::delivery::ledger::{self, Key, Ledger, StoreError};
-use crate::interfaces::BoxFuture;
-use crate::quota::{BUCKETS, Counter, Hold, QuotaStore, Reservation};
+use super::{
+    BUCKETS, BoxFuture, Counter, Hold, Key, Ledger, QuotaStore, RETENTION, Reservation, StoreError,
+};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -194,7 +194,7 @@ impl Ledger for RedisStore {
                     .arg(Self::ledger_key(k))
                     .arg(1)
                     .arg("PX")
-                    .arg(ms(ledger::RETENTION))
+                    .arg(ms(RETENTION))
                     .ignore();
             }
             let mut connection = self.connection.clone();

@@ -1,0 +1,186 @@
+//! The shared store (SPEC 5.3a, 6.6): the one stateful part of the relay. It holds the sending
+//! quotas' counts and holds ([`QuotaStore`]) and the delivery ledger ([`Ledger`]), in memory
+//! for one relay or in Redis for replicas sharing them. `--store` is parsed into a
+//! [`StoreSpec`] at the command line; everything above sees only the two traits.
+//!
+//! - [`memory_quotas`], [`memory_ledger`]: the in-process stores (the default).
+//! - [`redis`]: both in Redis, one Lua script per decision.
+
+pub mod memory_ledger;
+pub mod memory_quotas;
+pub mod redis;
+
+pub use crate::interfaces::BoxFuture;
+pub use memory_ledger::MemoryLedger;
+pub use memory_quotas::MemoryQuotaStore;
+pub use redis::RedisStore;
+
+use crate::reply::Reply;
+use std::time::Duration;
+
+/// Why the shared store could not answer.
+#[derive(Debug, thiserror::Error)]
+#[error("shared store unavailable: {0}")]
+pub struct StoreError(pub String);
+
+/// What `--store` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// `memory`: this relay only.
+    Memory,
+    /// `redis://HOST:PORT[/DB]` or `rediss://...` (TLS): one Redis server.
+    Redis(String),
+}
+
+/// Why a `--store` value is refused.
+#[derive(Debug, thiserror::Error)]
+#[error("--store {0:?}: expected memory, redis://HOST:PORT[/DB] or rediss://HOST:PORT[/DB]")]
+pub struct StoreSpecError(String);
+
+impl std::str::FromStr for StoreSpec {
+    type Err = StoreSpecError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        if value == "memory" {
+            return Ok(StoreSpec::Memory);
+        }
+        if value.starts_with("redis://") || value.starts_with("rediss://") {
+            return Ok(StoreSpec::Redis(value.to_owned()));
+        }
+        Err(StoreSpecError(value.to_owned()))
+    }
+}
+
+/// How long a successful delivery is remembered.
+pub const RETENTION: Duration = Duration::from_secs(5 * 24 * 3600);
+
+/// A ledger entry: a hash of (fingerprint, target, recipient).
+pub type Key = [u8; 16];
+
+/// Where successful deliveries are recorded: memory for one relay, Redis across replicas.
+pub trait Ledger: Send + Sync + 'static {
+    /// Which of `keys` are recorded.
+    fn contains<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<Vec<bool>, StoreError>>;
+    /// Records `keys` for [`RETENTION`].
+    fn record<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<(), StoreError>>;
+}
+
+/// A rolling window is this many buckets (SPEC 3.4: at most 1/24 of its length).
+pub const BUCKETS: u64 = 24;
+
+/// The limits of SPEC 3.4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Limit {
+    UserMessagesPerDay,
+    UserUniqueRecipientsPerDay,
+    CustomerRecipientsPerDay,
+    CustomerRecipientsPer10Minutes,
+}
+
+impl Limit {
+    /// The `limit` label of `mailroute_relay_quota_rejections_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::UserMessagesPerDay => "user_messages_per_day",
+            Limit::UserUniqueRecipientsPerDay => "user_unique_recipients_per_day",
+            Limit::CustomerRecipientsPerDay => "customer_recipients_per_day",
+            Limit::CustomerRecipientsPer10Minutes => "customer_recipients_per_10_minutes",
+        }
+    }
+
+    /// The reply when the limit is reached (the hosted suite's wording).
+    pub fn reply(self) -> Reply {
+        match self {
+            Limit::UserMessagesPerDay | Limit::UserUniqueRecipientsPerDay => {
+                Reply::new(550, "5.4.5", "Daily SMTP relay limit exceeded for user")
+            }
+            Limit::CustomerRecipientsPerDay => {
+                Reply::new(550, "5.7.1", "Daily SMTP relay limit exceeded for customer")
+            }
+            Limit::CustomerRecipientsPer10Minutes => {
+                Reply::new(450, "4.2.1", "Peak SMTP relay limit exceeded for customer")
+            }
+        }
+    }
+}
+
+/// One counter a recipient is checked against.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Counter {
+    pub limit: Limit,
+    /// The counter's name in the store; the tenant's part is in braces (a Redis hash tag, so
+    /// a tenant's counters live together).
+    pub key: String,
+    pub max: u64,
+    pub window: Duration,
+    /// For unique counting: the recipient, lowercased. A recipient already counted in the
+    /// window does not count again.
+    pub member: Option<String>,
+    /// `false`: counted but never refused (tenant limits for registered users, unless the
+    /// tenant blocks all senders on its limit).
+    pub enforce: bool,
+}
+
+impl Counter {
+    /// Length of one bucket of the rolling window.
+    pub fn bucket(&self) -> Duration {
+        self.window / BUCKETS as u32
+    }
+}
+
+/// What one recipient reserved: settled into the counts or released when its transaction ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hold {
+    pub id: String,
+    pub counters: Vec<Counter>,
+    /// Per counter: whether a unit was reserved (a unique recipient already counted reserves
+    /// nothing).
+    pub reserved: Vec<bool>,
+}
+
+/// A store's answer to a reservation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reservation {
+    /// Per counter, whether a unit was reserved.
+    Granted(Vec<bool>),
+    /// The counter at this index is at its limit; nothing was reserved.
+    Exceeded(usize),
+}
+
+/// Where the counts live. Every call is atomic: a reservation checks and reserves on all its
+/// counters at once, or on none.
+pub trait QuotaStore: Send + Sync + 'static {
+    /// Reserves one unit on each counter unless one is at its limit (counting what is settled
+    /// in the window and what other holds reserve). The hold expires after `ttl`.
+    fn reserve<'a>(
+        &'a self,
+        hold: &'a str,
+        counters: &'a [Counter],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Reservation, StoreError>>;
+    /// Ends holds: settled into the counts when `accepted`, otherwise dropped.
+    fn finish<'a>(
+        &'a self,
+        holds: &'a [Hold],
+        accepted: bool,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_specs_parse_or_name_what_is_expected() {
+        assert_eq!("memory".parse::<StoreSpec>().ok(), Some(StoreSpec::Memory));
+        assert_eq!(
+            "rediss://cache:6380/2".parse::<StoreSpec>().ok(),
+            Some(StoreSpec::Redis("rediss://cache:6380/2".into()))
+        );
+        let e = "mysql://x"
+            .parse::<StoreSpec>()
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("redis://HOST:PORT")));
+    }
+}
