@@ -1,6 +1,8 @@
 //! Latency at concurrency 1 (SPEC section 10): the client's time from MAIL to the 250 after
 //! DATA, for 1 KiB messages over one kept-open session, straight into Postfix's `smtp-sink`
-//! ("direct") and through the release `mailroute-relay` binary to the same sink, side by side.
+//! ("direct"), through the release `mailroute-relay` binary to the same sink, and through a
+//! relay that also copies every message to a second sink (an archive: the copy's final `.`
+//! waits for the primary's 250, SPEC 6.3), side by side.
 //! Run: `cargo bench -p mailroute-relay --bench latency` (figures in docs/benchmarks.md).
 //! Bounded: MESSAGES transactions per path on loopback, then everything stops.
 
@@ -123,24 +125,63 @@ fn main() {
             .unwrap_or_else(|e| panic!("smtp-sink (package postfix): {e}")),
     );
     wait_for(sink_addr);
-    let manifests = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(
-        manifests.path().join("bench.yaml"),
+    let archive_addr = free_addr();
+    let _archive = Process(
+        Command::new("smtp-sink")
+            .args(["-u", "root", &archive_addr.to_string(), "100"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("smtp-sink (package postfix): {e}")),
+    );
+    wait_for(archive_addr);
+    let route = |name: &str, addr: SocketAddr| {
         format!(
-            "apiVersion: mailroute.io/v1alpha1\nkind: MailRoute\nmetadata: {{name: sink, namespace: bench}}\n\
-             spec: {{host: 127.0.0.1, port: {}, tls: {{mode: Disabled}}}}\n---\n\
-             apiVersion: mailroute.io/v1alpha1\nkind: RelayPolicy\nmetadata: {{name: bench, namespace: bench}}\n\
-             spec: {{domains: [bench.example], licenses: 100000, inboundRoute: sink}}\n",
-            sink_addr.port()
-        ),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let relay_addr = free_addr();
+            "apiVersion: mailroute.io/v1alpha1\nkind: MailRoute\nmetadata: {{name: {name}, namespace: bench}}\n\
+             spec: {{host: 127.0.0.1, port: {}, tls: {{mode: Disabled}}}}\n---\n",
+            addr.port()
+        )
+    };
+    let policy = "apiVersion: mailroute.io/v1alpha1\nkind: RelayPolicy\nmetadata: {name: bench, namespace: bench}\n\
+                  spec: {domains: [bench.example], licenses: 100000, inboundRoute: sink}\n";
+    let copy_rule = "---\napiVersion: mailroute.io/v1alpha1\nkind: RoutingRule\nmetadata: {name: journal, namespace: bench}\n\
+                     spec: {policyRef: bench, priority: 1, messages: [Inbound], actions: {alsoDeliverTo: [{route: archive}]}}\n";
+    let plain = format!("{}{policy}", route("sink", sink_addr));
+    let copying = format!(
+        "{}{}{policy}{copy_rule}",
+        route("sink", sink_addr),
+        route("archive", archive_addr)
+    );
+    let (relay_addr, _relay, _dir) = start_relay(&plain);
+    let (copy_addr, _copy_relay, _copy_dir) = start_relay(&copying);
+    println!("MAIL -> 250 after DATA, 1 KiB, concurrency 1, {MESSAGES} messages each (ms)");
+    println!("{:<12} {:>8} {:>8} {:>8}", "path", "p50", "p99", "max");
+    for (name, addr) in [
+        ("direct", sink_addr),
+        ("relay", relay_addr),
+        ("relay+copy", copy_addr),
+    ] {
+        let lat = runtime.block_on(measure(addr));
+        println!(
+            "{:<12} {:>8.3} {:>8.3} {:>8.3}",
+            name,
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            percentile(&lat, 1.0)
+        );
+    }
+}
+
+/// The release relay on a free port, serving `manifests`.
+fn start_relay(manifests: &str) -> (SocketAddr, Process, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.path().join("bench.yaml"), manifests).unwrap_or_else(|e| panic!("{e}"));
+    let addr = free_addr();
     let binary = env!("CARGO_BIN_EXE_mailroute-relay");
-    let _relay = Process(
+    let relay = Process(
         Command::new(binary)
             .args(["--manifests"])
-            .arg(manifests.path())
+            .arg(dir.path())
             .args([
                 "--hostname",
                 "relay.bench.example",
@@ -148,23 +189,12 @@ fn main() {
                 "1000",
             ])
             .args(["--smtp"])
-            .arg(relay_addr.to_string())
+            .arg(addr.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("{e}")),
     );
-    wait_for(relay_addr);
-    println!("MAIL -> 250 after DATA, 1 KiB, concurrency 1, {MESSAGES} messages each (ms)");
-    println!("{:<8} {:>8} {:>8} {:>8}", "path", "p50", "p99", "max");
-    for (name, addr) in [("direct", sink_addr), ("relay", relay_addr)] {
-        let lat = runtime.block_on(measure(addr));
-        println!(
-            "{:<8} {:>8.3} {:>8.3} {:>8.3}",
-            name,
-            percentile(&lat, 0.5),
-            percentile(&lat, 0.99),
-            percentile(&lat, 1.0)
-        );
-    }
+    wait_for(addr);
+    (addr, relay, dir)
 }
