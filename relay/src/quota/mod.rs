@@ -34,6 +34,7 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 const TEN_MINUTES: Duration = Duration::from_secs(600);
 
 /// Quota decisions for a configuration.
+#[derive(Clone)]
 pub struct Quotas {
     store: Arc<dyn QuotaStore>,
     metrics: Arc<Metrics>,
@@ -176,6 +177,19 @@ impl Quotas {
         if holds.is_empty() {
             return;
         }
+        if accepted && let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // NB: settling is off the client's path: a hold already counts like a settled
+            // unit, so no decision changes while it is in flight, and the client's 250 does
+            // not wait a store round trip. A release (refused, deferred) is awaited: until it
+            // lands, the next transaction's reservation would still see it.
+            let quotas = self.clone();
+            runtime.spawn(async move { quotas.settle_or_release(holds, true).await });
+            return;
+        }
+        self.settle_or_release(holds, accepted).await;
+    }
+
+    async fn settle_or_release(&self, holds: Vec<Hold>, accepted: bool) {
         let result = tokio::time::timeout(self.store_timeout, self.store.finish(&holds, accepted))
             .await
             .unwrap_or_else(|_| Err(StoreError("timed out".to_owned())));
