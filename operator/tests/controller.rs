@@ -521,7 +521,7 @@ async fn a_probe_result_lands_in_the_route_status_next_to_ready() {
     let compiled = mailroute_config::compile(&inputs);
     let (client, task) = api.client();
     let resolver =
-        mailroute_relay::delivery::hosts::Resolver::new(None).unwrap_or_else(|e| panic!("{e}"));
+        mailroute_smtp_client::hosts::Resolver::new(None).unwrap_or_else(|e| panic!("{e}"));
     let outcome = controller::probe::probe_and_report(
         &client,
         NS,

@@ -6,7 +6,8 @@
 //!   in-process, or `--config FILE`, a compiled document) and the checks it passes before use.
 //! - [`smtp`]: the protocol, free of I/O: command framing and parsing, the strict
 //!   DATA/BDAT receiver and dot-stuffing writer, and the session state machine.
-//! - [`reply`]: every SMTP reply the relay sends, with its enhanced status code (bottom level).
+//! - [`reply`]: every SMTP reply the relay sends, with its enhanced status code (bottom level;
+//!   the type lives in `mailroute-smtp-client`, which the operator shares).
 //! - [`budget`]: the memory budget for message content across sessions (`--max-inflight-bytes`).
 //! - [`interfaces`]: the traits the driver calls and the values that cross them (bottom level).
 //! - [`tenants`]: one configuration's tenants, built once: by name, by domain, by client range.
@@ -14,10 +15,11 @@
 //! - [`admission`]: the RCPT decision, in one order: binding, relay policy, rules, quotas,
 //!   recipient verification; what each recipient is refused with, or where it goes.
 //! - [`quota`]: sending limits per user and tenant: what counts, counters, reserve, settle,
-//!   release; the in-memory store.
+//!   release.
 //! - [`store`]: the shared store (quotas and the delivery ledger; memory or Redis).
 //! - [`routing`]: which upstreams each recipient goes to (rules, copies, legs): pure functions.
-//! - [`delivery`]: carrying a plan out: upstream connections, pooling, TLS, the ledger, the reply.
+//! - [`delivery`]: carrying a plan out: legs, copies, the reply bound, pooling, the ledger, the
+//!   reply; the SMTP client itself is the `mailroute-smtp-client` crate.
 //! - [`generation`]: a loaded configuration built into what sessions use; [`reload`]: watching
 //!   the configuration files and swapping generations in.
 //! - [`server`]: listeners, TLS, the per-connection driver, AUTH throttling, graceful shutdown.
@@ -34,7 +36,7 @@ pub mod interfaces;
 pub mod metrics;
 pub mod quota;
 pub mod reload;
-pub mod reply;
+pub use mailroute_smtp_client::reply;
 pub mod routing;
 pub mod server;
 pub mod smtp;

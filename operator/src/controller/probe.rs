@@ -1,6 +1,6 @@
 //! The route TLS probe (SPEC 3.1): connect, EHLO, STARTTLS (or implicit TLS), verify as the
 //! route says, QUIT; never MAIL. It runs the relay's own upstream code
-//! (`mailroute_relay::delivery::{upstream, tls, hosts}`), so what it reports is exactly what a
+//! (`mailroute_smtp_client::{upstream, tls, hosts}`), so what it reports is exactly what a
 //! delivery over the route would meet: the "test TLS connection" button, made continuous.
 //!
 //! The outcome is the route's `TLSVerified` condition and `status.lastProbe` (time, host
@@ -10,9 +10,9 @@
 use mailroute_config::Credentials;
 use mailroute_config::document::Route;
 use mailroute_config::resources::{Condition, ProbeResult, TlsMode};
-use mailroute_relay::delivery::hosts::Resolver;
-use mailroute_relay::delivery::tls::{Checks, connector};
-use mailroute_relay::delivery::upstream::{Dial, TlsPlan, Upstream};
+use mailroute_smtp_client::hosts::Resolver;
+use mailroute_smtp_client::tls::{Checks, connector};
+use mailroute_smtp_client::upstream::{Dial, TlsPlan, Upstream};
 use std::time::Duration;
 
 /// What one probe found.
@@ -182,10 +182,10 @@ pub async fn probe(
         Ok(u) => u,
         Err(e) => {
             let reason = match &e {
-                mailroute_relay::delivery::upstream::UpstreamError::TlsNotOffered => {
+                mailroute_smtp_client::upstream::UpstreamError::TlsNotOffered => {
                     "STARTTLSNotOffered"
                 }
-                mailroute_relay::delivery::upstream::UpstreamError::Tls(_) => "HandshakeFailed",
+                mailroute_smtp_client::upstream::UpstreamError::Tls(_) => "HandshakeFailed",
                 _ => "Unreachable",
             };
             return failed(now, target, reason, e.to_string());

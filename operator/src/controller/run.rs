@@ -16,7 +16,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use mailroute_config::Credentials;
 use mailroute_config::document::Route;
 use mailroute_config::resources::{MailRoute, RelayPolicy, RoutingRule};
-use mailroute_relay::delivery::hosts::Resolver;
+use mailroute_smtp_client::hosts::Resolver;
 use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;

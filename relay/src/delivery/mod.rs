@@ -11,14 +11,12 @@
 //! - [`outcome`]: the reply rules and the copies' rule (pure).
 //! - [`report`]: metrics and the transaction's log line.
 //! - [`loop_marker`]: the copies' loop marker and its MAC.
-//! - [`upstream`]: one connection to an upstream server (mail-send's client, pipelining).
 //! - [`pool`]: connection reuse per route and host.
-//! - [`hosts`]: which hosts to try (host sets, MX lookups).
-//! - [`tls`]: client TLS per route policy.
-//! - [`ledger`]: the delivery ledger's keys and its in-memory store.
+//! - [`ledger`]: the delivery ledger's keys (stored in `crate::store`).
+//! - [`upstream`], [`hosts`], [`tls`]: the SMTP client (`mailroute-smtp-client`, shared with
+//!   the operator's TLS probe).
 
 pub mod attempt;
-pub mod hosts;
 pub mod ledger;
 pub mod loop_marker;
 pub mod outcome;
@@ -26,11 +24,10 @@ pub mod pool;
 pub mod recipient_check;
 mod report;
 mod run;
-pub mod tls;
-pub mod upstream;
 
 pub use crate::interfaces::BoxFuture;
 pub use loop_marker::LoopKey;
+pub use mailroute_smtp_client::{hosts, tls, upstream};
 pub use recipient_check::VERIFY_TIMEOUT;
 
 use crate::interfaces::{Deliver, Transaction};

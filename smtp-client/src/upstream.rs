@@ -6,8 +6,8 @@
 //! mail-send's own message writer is not used: it appends an extra CRLF and does not dot-stuff
 //! a leading dot; the relay's `dot_stuff` writes the content exactly as it was received.
 
+use crate::dot::DotStuffer;
 use crate::reply::Reply;
-use crate::smtp::data::DotStuffer;
 use mail_send::SmtpClient;
 use smtp_proto::{
     EXT_8BIT_MIME, EXT_DSN, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS, Response,
@@ -745,7 +745,7 @@ async fn handshake(
     tcp: TcpStream,
     timeout: Duration,
 ) -> Result<Stream, UpstreamError> {
-    let name = super::tls::server_name(host)
+    let name = crate::tls::server_name(host)
         .ok_or_else(|| UpstreamError::Tls(format!("{host:?} is not a valid TLS server name")))?;
     match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
         Ok(Ok(tls)) => Ok(Stream::Tls(Box::new(tls))),

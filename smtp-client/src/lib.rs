@@ -1,0 +1,17 @@
+//! Mailroute's SMTP client, shared by the relay's delivery and the operator's route TLS probe
+//! (so what the probe reports is what delivery does):
+//!
+//! - [`upstream`]: one connection to an upstream server (mail-send's client: greeting, EHLO,
+//!   STARTTLS or implicit TLS, AUTH, pipelined MAIL/RCPT/DATA, a held final `.`).
+//! - [`tls`]: client TLS per route policy (certificate verifiers).
+//! - [`hosts`]: which hosts to try (host sets, MX lookups).
+//! - [`dot`]: dot transparency on the way out.
+//! - [`reply`]: SMTP replies with enhanced status codes (the relay's own replies too).
+
+pub mod dot;
+pub mod hosts;
+pub mod reply;
+pub mod tls;
+pub mod upstream;
+
+pub use reply::Reply;
