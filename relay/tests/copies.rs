@@ -109,6 +109,33 @@ async fn a_primary_refusal_leaves_no_copy_anywhere() {
 }
 
 #[tokio::test]
+async fn a_primary_refusal_is_told_at_once_while_the_copy_route_is_still_greeting() {
+    bounded(30, async {
+        let primary = Sink::start_on(([127, 0, 0, 1], free_port()).into(), &["-f", "RCPT"]);
+        // The archive takes 0.8 s per reply: its greeting alone outlasts the primary's refusal.
+        let archive = Scripted::start(Script {
+            delay: Duration::from_millis(800),
+            slow_connections: usize::MAX,
+            ..Script::default()
+        })
+        .await;
+        let config = configured(&with_archive(primary.addr, archive.addr, "Required"));
+        let relay = config.start().await;
+        let started = Instant::now();
+        let reply = send(relay.smtp, "refused-fast").await;
+        let waited = started.elapsed();
+        assert!(reply.starts_with('5'), "{reply}");
+        assert!(
+            waited < Duration::from_millis(600),
+            "the refusal waited {waited:?} for a copy that will be abandoned"
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(archive.accepted().len(), 0, "the archive kept a copy");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_primary_temporary_failure_leaves_no_copy_and_the_retry_delivers_each_once() {
     bounded(60, async {
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();

@@ -175,11 +175,14 @@ async fn run(
             }
         }
         if told.is_none() {
+            // NB: once the copies are to be abandoned, a copy still connecting cannot change
+            // the reply: it no longer holds it.
+            let copies_closed = *open_copies.borrow() == Some(false);
             let legs: Vec<(bool, Option<&LegOutcome>)> = plan
                 .legs
                 .iter()
                 .zip(&outcomes)
-                .map(|(leg, o)| (leg.required, o.as_ref()))
+                .map(|(leg, o)| (leg.required && !(leg.copy && copies_closed), o.as_ref()))
                 .collect();
             if outcome::reply_ready(&legs) {
                 let settled = settled(&plan.legs, &outcomes, &refused, false);
