@@ -221,3 +221,35 @@ fn the_relay_binary_authenticates_tenant_accounts_from_the_credentials_secret() 
     assert!(!wrong.status.success());
     assert!(String::from_utf8_lossy(&wrong.stdout).contains("535 5.7.8"));
 }
+
+#[test]
+fn a_loop_key_too_short_or_a_store_not_understood_stops_the_start_with_a_clear_message() {
+    let manifests = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        manifests.path().join("relay.yaml"),
+        "apiVersion: mailroute.io/v1alpha1\nkind: RelayPolicy\nmetadata: {name: example, namespace: mail}\nspec: {domains: [example.com], licenses: 1}\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let key = manifests.path().join("loop.key");
+    std::fs::write(&key, "short\n").unwrap_or_else(|e| panic!("{e}"));
+    let smtp = format!("127.0.0.1:{}", free_port());
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mailroute-relay"))
+            .arg("--manifests")
+            .arg(manifests.path())
+            .args(["--smtp", &smtp])
+            .args(extra)
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = run(&["--loop-key-file", key.to_str().unwrap_or_default()]);
+    assert!(!ok, "started with a 5-octet loop key");
+    assert!(stderr.contains("at least 16 octets"), "{stderr}");
+    let (ok, stderr) = run(&["--store", "mysql://db"]);
+    assert!(!ok, "started with an unknown store");
+    assert!(stderr.contains("redis://HOST:PORT"), "{stderr}");
+}
