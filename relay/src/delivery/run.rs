@@ -158,6 +158,7 @@ async fn run(
     // Whether the client was told `250` (None: not told yet).
     let mut told: Option<bool> = None;
     let mut recorded = vec![false; plan.legs.len()];
+    let mut at_bound = false;
     let bound = tokio::time::sleep_until(deadline.into());
     tokio::pin!(bound);
     loop {
@@ -184,8 +185,8 @@ async fn run(
                 .zip(&outcomes)
                 .map(|(leg, o)| (leg.required && !(leg.copy && copies_closed), o.as_ref()))
                 .collect();
-            if outcome::reply_ready(&legs) {
-                let settled = settled(&plan.legs, &outcomes, &refused, false);
+            if at_bound || outcome::reply_ready(&legs) {
+                let settled = settled(&plan.legs, &outcomes, &refused, at_bound);
                 let reply = outcome::client_reply(&tx.id, &settled);
                 if !reply.is_positive() {
                     record(fwd, &tx, &keys, &outcomes, &mut recorded).await;
@@ -212,17 +213,8 @@ async fn run(
                 }
             }
             () = &mut bound, if told.is_none() => {
-                let settled = settled(&plan.legs, &outcomes, &refused, true);
-                let reply = outcome::client_reply(&tx.id, &settled);
-                if !reply.is_positive() {
-                    record(fwd, &tx, &keys, &outcomes, &mut recorded).await;
-                }
-                told = Some(reply.is_positive());
                 tracing::warn!(transaction = %tx.id, "legs still running at the reply bound");
-                report::transaction(fwd, &tx, &plan, &outcomes, &delays, &reply);
-                if let Some(to) = reply_to.take() {
-                    let _ = to.send(reply);
-                }
+                at_bound = true;
             }
         }
     }
@@ -242,30 +234,33 @@ fn settled(
         .zip(outcomes)
         .filter_map(|(leg, o)| match o {
             Some(o) => Some(o.clone()),
-            None if at_bound => Some(LegOutcome {
-                target: leg.target.to_string(),
-                required: leg.required,
-                copy: leg.copy,
-                recipients: leg
-                    .recipients
-                    .iter()
-                    .map(|r| {
-                        (
-                            r.address.clone(),
-                            RecipientOutcome::Unreachable(Reply::new(
-                                451,
-                                "4.4.5",
-                                "no answer within the reply bound",
-                            )),
-                        )
-                    })
-                    .collect(),
-            }),
+            None if at_bound => Some(leg_outcome(leg, |_| {
+                RecipientOutcome::Unreachable(Reply::new(
+                    451,
+                    "4.4.5",
+                    "no answer within the reply bound",
+                ))
+            })),
             None => None,
         })
         .collect();
     settled.extend(refused.iter().cloned());
     settled
+}
+
+/// A leg's outcome with `outcome(i)` for its i-th recipient.
+fn leg_outcome(leg: &Leg, outcome: impl Fn(usize) -> RecipientOutcome) -> LegOutcome {
+    LegOutcome {
+        target: leg.target.to_string(),
+        required: leg.required,
+        copy: leg.copy,
+        recipients: leg
+            .recipients
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.address.clone(), outcome(i)))
+            .collect(),
+    }
 }
 
 /// Records in the ledger what finished legs delivered and is not recorded yet.
@@ -311,24 +306,13 @@ impl Forwarder {
         hold: Option<Hold>,
         deadline: Instant,
     ) -> LegOutcome {
-        let mut result = LegOutcome {
-            target: leg.target.to_string(),
-            required: leg.required,
-            copy: leg.copy,
-            recipients: leg
-                .recipients
-                .iter()
-                .zip(done)
-                .map(|(r, d)| {
-                    let o = if *d {
-                        RecipientOutcome::AlreadyDelivered
-                    } else {
-                        RecipientOutcome::Unreachable(Reply::new(451, "4.4.0", "not attempted"))
-                    };
-                    (r.address.clone(), o)
-                })
-                .collect(),
-        };
+        let mut result = leg_outcome(leg, |i| {
+            if done[i] {
+                RecipientOutcome::AlreadyDelivered
+            } else {
+                RecipientOutcome::Unreachable(Reply::new(451, "4.4.0", "not attempted"))
+            }
+        });
         let pending: Vec<usize> = (0..leg.recipients.len()).filter(|i| !done[*i]).collect();
         if pending.is_empty() {
             return result;
