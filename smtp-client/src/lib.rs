@@ -5,12 +5,14 @@
 //!   STARTTLS or implicit TLS, AUTH, pipelined MAIL/RCPT/DATA, a held final `.`).
 //! - [`tls`]: client TLS per route policy (certificate verifiers).
 //! - [`hosts`]: which hosts to try (host sets, MX lookups).
+//! - [`route`]: how a compiled route is dialled (its TLS plan, EHLO name, timeouts).
 //! - [`dot`]: dot transparency on the way out.
 //! - [`reply`]: SMTP replies with enhanced status codes (the relay's own replies too).
 
 pub mod dot;
 pub mod hosts;
 pub mod reply;
+pub mod route;
 pub mod tls;
 pub mod upstream;
 

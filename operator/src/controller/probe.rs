@@ -11,9 +11,8 @@ use mailroute_config::Credentials;
 use mailroute_config::document::Route;
 use mailroute_config::resources::{Condition, ProbeResult, TlsMode};
 use mailroute_smtp_client::hosts::Resolver;
-use mailroute_smtp_client::tls::{Checks, connector};
-use mailroute_smtp_client::upstream::{Dial, TlsPlan, Upstream};
-use std::time::Duration;
+use mailroute_smtp_client::route as dialling;
+use mailroute_smtp_client::upstream::Upstream;
 
 /// What one probe found.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -151,33 +150,19 @@ pub async fn probe(
     let candidate = &candidates[0];
     let target = Some(format!("{} ({})", candidate.name, candidate.addr));
     // NB: Opportunistic routes are probed as if TLS were required: the probe's question is
-    // whether TLS works, and with which certificate.
-    let checks = Checks {
-        ca_signed: route.tls.require_ca_signed,
-        hostname: route.tls.validate_hostname,
-    };
-    let tls = match connector(checks, credentials.ca_bundles.get(name).map(String::as_str)) {
-        Ok(c) => c,
+    // whether TLS works, and with which certificate. The route is dialled as a delivery
+    // dials it, without AUTH: the probe checks the transport and never sends a credential.
+    let connector =
+        dialling::connector(route, credentials.ca_bundles.get(name).map(String::as_str))
+            .map_err(|e| e.to_string());
+    if let Err(e) = &connector {
+        return failed(now, target, "InvalidSettings", e.clone());
+    }
+    let tls = match dialling::tls_plan(route.tls.mode, true, &connector, name) {
+        Ok(tls) => tls,
         Err(e) => return failed(now, target, "InvalidSettings", e.to_string()),
     };
-    let dial = Dial {
-        addr: candidate.addr,
-        host: candidate.name.clone(),
-        helo: route
-            .helo_name
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_else(|| helo.to_owned()),
-        tls: if route.tls.mode == TlsMode::Implicit {
-            TlsPlan::Implicit(tls)
-        } else {
-            TlsPlan::Required(tls)
-        },
-        // NB: no AUTH: the probe checks the transport, and never sends a credential.
-        credentials: None,
-        connect_timeout: Duration::from_millis(route.timeouts.connect_ms),
-        command_timeout: Duration::from_millis(route.timeouts.command_ms),
-    };
+    let dial = dialling::dial(route, candidate, helo, tls, None);
     let upstream = match Upstream::connect(&dial).await {
         Ok(u) => u,
         Err(e) => {

@@ -1,12 +1,13 @@
 //! One host-by-host attempt over pooled connections, shared by delivery and recipient
-//! verification, and how a route is dialled (its TLS plan, EHLO name, credentials, timeouts).
+//! verification; a route is dialled as `mailroute_smtp_client::route` says.
 
 use super::hosts::Candidate;
 use super::pool::{self, Checkout, PoolKey, Pooled};
-use super::upstream::{Answers, Dial, Envelope, Timing, TlsPlan, Upstream, UpstreamError};
+use super::upstream::{Answers, Envelope, Timing, TlsPlan, Upstream, UpstreamError};
 use super::{Forwarder, RouteRuntime};
 use crate::reply::Reply;
 use mailroute_config::resources::TlsMode;
+use mailroute_smtp_client::route;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -56,30 +57,6 @@ pub enum Failed {
     Hosts(Option<UpstreamError>),
     /// A failure once the content was on its way, or the bound spent: no other host is tried.
     Final(UpstreamError),
-}
-
-/// The TLS a connection for this route must have (SPEC 3.1 `tls`, and a rule's
-/// `requireTLS`): the one place a route's TLS policy is decided.
-pub fn tls_plan(
-    mode: TlsMode,
-    leg_requires_tls: bool,
-    connector: &Result<tokio_rustls::TlsConnector, String>,
-    route: &str,
-) -> Result<TlsPlan, UpstreamError> {
-    let connector = || {
-        connector
-            .clone()
-            .map_err(|e| UpstreamError::Tls(format!("TLS settings of route {route}: {e}")))
-    };
-    Ok(match (mode, leg_requires_tls) {
-        (TlsMode::Implicit, _) => TlsPlan::Implicit(connector()?),
-        (TlsMode::Required, _) | (_, true) => TlsPlan::Required(connector()?),
-        (TlsMode::Opportunistic, false) => match connector() {
-            Ok(c) => TlsPlan::Opportunistic(c),
-            Err(_) => TlsPlan::Off,
-        },
-        (TlsMode::Disabled, false) => TlsPlan::Off,
-    })
 }
 
 impl Forwarder {
@@ -202,7 +179,19 @@ impl Forwarder {
         candidate: &Candidate,
         leg_requires_tls: bool,
     ) -> Result<Upstream, UpstreamError> {
-        let mut dial = self.dial(runtime, candidate, leg_requires_tls)?;
+        let tls = route::tls_plan(
+            runtime.route.tls.mode,
+            leg_requires_tls,
+            &runtime.connector,
+            &runtime.name,
+        )?;
+        let mut dial = route::dial(
+            &runtime.route,
+            candidate,
+            &self.settings.hostname,
+            tls,
+            runtime.credentials.clone(),
+        );
         match Upstream::connect(&dial).await {
             Err(UpstreamError::Tls(e)) if matches!(dial.tls, TlsPlan::Opportunistic(_)) => {
                 tracing::info!(route = %runtime.name, host = %candidate.addr, error = %e, "opportunistic TLS failed; delivering in plaintext");
@@ -211,34 +200,6 @@ impl Forwarder {
             }
             other => other,
         }
-    }
-
-    /// How one host of a route is dialled.
-    fn dial(
-        &self,
-        runtime: &RouteRuntime,
-        candidate: &Candidate,
-        leg_requires_tls: bool,
-    ) -> Result<Dial, UpstreamError> {
-        Ok(Dial {
-            addr: candidate.addr,
-            host: candidate.name.clone(),
-            helo: runtime
-                .route
-                .helo_name
-                .as_ref()
-                .map(|h| h.to_string())
-                .unwrap_or_else(|| self.settings.hostname.clone()),
-            tls: tls_plan(
-                runtime.route.tls.mode,
-                leg_requires_tls,
-                &runtime.connector,
-                &runtime.name,
-            )?,
-            credentials: runtime.credentials.clone(),
-            connect_timeout: Duration::from_millis(runtime.route.timeouts.connect_ms),
-            command_timeout: Duration::from_millis(runtime.route.timeouts.command_ms),
-        })
     }
 }
 

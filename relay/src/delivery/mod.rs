@@ -78,13 +78,11 @@ pub(crate) struct RouteRuntime {
 
 impl RouteRuntime {
     fn new(name: &str, route: Route, credentials: &Credentials) -> Self {
-        let checks = tls::Checks {
-            ca_signed: route.tls.require_ca_signed,
-            hostname: route.tls.validate_hostname,
-        };
-        let connector =
-            tls::connector(checks, credentials.ca_bundles.get(name).map(String::as_str))
-                .map_err(|e| e.to_string());
+        let connector = mailroute_smtp_client::route::connector(
+            &route,
+            credentials.ca_bundles.get(name).map(String::as_str),
+        )
+        .map_err(|e| e.to_string());
         let credentials = credentials
             .routes
             .get(name)
