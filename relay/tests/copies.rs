@@ -172,6 +172,50 @@ async fn a_primary_temporary_failure_leaves_no_copy_and_the_retry_delivers_each_
 }
 
 #[tokio::test]
+async fn with_the_ledger_in_redis_two_relays_retry_a_deferred_copy_without_duplicates() {
+    bounded(60, async {
+        let redis = support::redis::RedisServer::start();
+        let primary = Scripted::start(Script::default()).await;
+        // The archive defers the first end of data, then takes everything.
+        let archive = Scripted::start(Script {
+            end_of_data: Arc::new(|n| {
+                if n == 0 {
+                    "451 4.3.0 archive busy".to_owned()
+                } else {
+                    "250 2.0.0 archived".to_owned()
+                }
+            }),
+            ..Script::default()
+        })
+        .await;
+        let yaml = with_archive(primary.addr, archive.addr, "Required");
+        let store = || {
+            let redis = Arc::new(
+                mailroute_relay::store::RedisStore::new(&redis.url(), Duration::from_secs(1))
+                    .unwrap_or_else(|e| panic!("{e}")),
+            );
+            support::Stores {
+                ledger: redis.clone(),
+                quotas: redis,
+                ..support::Stores::memory()
+            }
+        };
+        // Two replicas sharing the store: the client's retry lands on the other one.
+        let first = support::configured_with_stores(&yaml, store());
+        let second = support::configured_with_stores(&yaml, store());
+        let (a, b) = (first.start().await, second.start().await);
+        let reply = send(a.smtp, "shared").await;
+        assert!(reply.starts_with("451"), "{reply}");
+        assert!(reply.contains("route archive"), "{reply}");
+        let retry = send(b.smtp, "shared").await;
+        assert!(retry.starts_with("250"), "{retry}");
+        assert_eq!(primary.count("Subject: shared"), 1, "the primary once");
+        assert_eq!(archive.count("Subject: shared"), 1, "the archive once");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_thousand_messages_with_a_randomly_failing_copy_route_are_each_delivered_once() {
     bounded(240, async {
         let primary = Scripted::start(Script::default()).await;
