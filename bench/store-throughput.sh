@@ -6,6 +6,7 @@
 # The client is bound to the tenant by its IP range, so every recipient goes through the quota
 # reserve and settle scripts, and every message through the delivery ledger lookup.
 # Usage: bench/store-throughput.sh [MESSAGES]   (default 5000; bounded, stops by itself)
+#        RELAY_BIN=path/to/mailroute-relay bench/store-throughput.sh   (another build)
 # Needs postfix (smtp-source, smtp-sink) and redis-server, as scripts/test installs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,8 +21,8 @@ trap cleanup EXIT
 
 source bench/lib.sh
 
-cargo build --release --locked -q -p mailroute-relay
-RELAY_BIN=target/release/mailroute-relay
+[[ -n "${RELAY_BIN:-}" ]] || cargo build --release --locked -q -p mailroute-relay
+RELAY_BIN=${RELAY_BIN:-target/release/mailroute-relay}
 
 start_sink
 

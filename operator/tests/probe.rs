@@ -4,7 +4,7 @@
 
 use mailroute_config::{Credentials, Manifests, compile};
 use mailroute_operator::controller::probe::probe;
-use mailroute_relay::delivery::hosts::Resolver;
+use mailroute_smtp_client::hosts::Resolver;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -11,7 +11,7 @@ use mailroute_relay::server::tls::CertificateStore;
 use mailroute_relay::server::{Limits, Server, Shared};
 use mailroute_relay::smtp::session::ListenerKind;
 use mailroute_relay::store::{
-    Ledger, MemoryLedger, MemoryQuotaStore, QuotaStore, RedisStore, StoreSpec,
+    Ledger, MemoryLedger, MemoryQuotaStore, QuotaStore, RedisAuth, RedisStore, StoreSpec,
 };
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -176,8 +176,12 @@ struct Cli {
         default_value_t = 25
     )]
     mx_port: u16,
-    /// Where sending quotas and the delivery ledger live: `memory` (one relay) or a Redis URL
-    /// (`redis://host:6379/0`, `rediss://` for TLS) shared by every replica.
+    /// Where sending quotas and the delivery ledger live: `memory` (one relay) or Redis shared
+    /// by every replica: one server (`redis://host:6379/0`), the master of a Sentinel
+    /// deployment (`redis-sentinel://s1:26379,s2:26379,s3:26379/mymaster[/DB]`) or a Cluster
+    /// (`redis-cluster://n1:6379,n2:6379`); `rediss...` for TLS. Passwords come from
+    /// --store-password-file or MAILROUTE_STORE_PASSWORD (and, for the sentinels,
+    /// MAILROUTE_STORE_SENTINEL_PASSWORD), never from this value in the chart.
     #[arg(
         long,
         value_name = "STORE",
@@ -185,6 +189,10 @@ struct Cli {
         default_value = "memory"
     )]
     store: StoreSpec,
+    /// A file holding the Redis password (a mounted Secret); MAILROUTE_STORE_PASSWORD is read
+    /// when it is not given.
+    #[arg(long, value_name = "FILE")]
+    store_password_file: Option<std::path::PathBuf>,
     /// Longest wait for the shared store, in milliseconds, before it counts as unavailable.
     #[arg(
         long,
@@ -343,9 +351,25 @@ async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyho
             Arc::new(MemoryLedger::new(cli.ledger_max_entries)),
             Arc::new(MemoryQuotaStore::default()),
         ),
-        StoreSpec::Redis(url) => {
+        StoreSpec::Redis(spec) => {
+            let password = match &cli.store_password_file {
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("--store-password-file {}", path.display()))?
+                        .trim_end_matches(['\r', '\n'])
+                        .to_owned(),
+                ),
+                None => std::env::var("MAILROUTE_STORE_PASSWORD").ok(),
+            };
+            let auth = RedisAuth {
+                password: password.filter(|p| !p.is_empty()),
+                sentinel_password: std::env::var("MAILROUTE_STORE_SENTINEL_PASSWORD")
+                    .ok()
+                    .filter(|p| !p.is_empty()),
+            };
             let redis = Arc::new(
-                RedisStore::new(url, store_timeout).map_err(|e| anyhow::anyhow!("--store: {e}"))?,
+                RedisStore::open(spec, &auth, store_timeout)
+                    .map_err(|e| anyhow::anyhow!("--store: {e}"))?,
             );
             (redis.clone(), redis)
         }

@@ -251,5 +251,5 @@ fn a_loop_key_too_short_or_a_store_not_understood_stops_the_start_with_a_clear_m
     assert!(stderr.contains("at least 16 octets"), "{stderr}");
     let (ok, stderr) = run(&["--store", "mysql://db"]);
     assert!(!ok, "started with an unknown store");
-    assert!(stderr.contains("redis://HOST:PORT"), "{stderr}");
+    assert!(stderr.contains("redis[s]-sentinel://HOST:PORT"), "{stderr}");
 }

@@ -508,3 +508,88 @@ async fn extensions_the_message_needs_are_declared_upstream_or_the_leg_is_refuse
     })
     .await;
 }
+
+#[tokio::test]
+async fn with_the_ledger_in_redis_a_retry_after_a_deferred_recipient_delivers_only_that_one() {
+    bounded(60, async {
+        let redis = support::redis::RedisServer::start();
+        // The mailbox defers bob's first RCPT, then takes everything.
+        let deferred = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mailbox = Scripted::start(Script {
+            rcpt: Arc::new(move |line| {
+                if line.contains("bob@") && !deferred.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    "451 4.2.1 mailbox busy".to_owned()
+                } else {
+                    "250 2.1.5 ok".to_owned()
+                }
+            }),
+            ..Script::default()
+        })
+        .await;
+        let yaml = format!(
+            "{}---\napiVersion: mailroute.io/v1alpha1\nkind: RelayPolicy\nmetadata: {{name: example, namespace: mail}}\nspec: {{domains: [example.com], licenses: 10, users: [alice@example.com, bob@example.com], inboundRoute: mailbox}}\n",
+            support::plain_route("mailbox", mailbox.addr)
+        );
+        let store = || {
+            let redis = Arc::new(
+                mailroute_relay::store::RedisStore::new(&redis.url(), Duration::from_secs(1))
+                    .unwrap_or_else(|e| panic!("{e}")),
+            );
+            support::Stores {
+                ledger: redis.clone(),
+                quotas: redis,
+                ..support::Stores::memory()
+            }
+        };
+        let first = support::configured_with_stores(&yaml, store());
+        let second = support::configured_with_stores(&yaml, store());
+        let (a, b) = (first.start().await, second.start().await);
+        let to = ["alice@example.com", "bob@example.com"];
+        let reply = send_message(a.smtp, "someone@partner.example", &to, &message("split")).await;
+        assert!(reply.starts_with("451"), "{reply}");
+        // The retry reaches the other replica while the ledger lookup is still under way: the
+        // leg goes out to both, is abandoned before its final `.`, and goes again to bob only.
+        let retry = send_message(b.smtp, "someone@partner.example", &to, &message("split")).await;
+        assert!(retry.starts_with("250"), "{retry}");
+        assert_eq!(mailbox.delivered_to("alice@"), 1, "alice once");
+        assert_eq!(mailbox.delivered_to("bob@"), 1, "bob once");
+        assert_eq!(mailbox.count("Subject: split"), 2, "two messages in all");
+        assert!(mailbox.abandoned() <= 1, "{} abandoned", mailbox.abandoned());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_ledger_that_fails_while_the_legs_are_under_way_lets_no_leg_complete() {
+    bounded(60, async {
+        let mailbox = Scripted::start(Script::default()).await;
+        let archive = Scripted::start(Script::default()).await;
+        let yaml = with_archive(mailbox.addr, archive.addr, "Required");
+        // Nothing listens there: every lookup fails, after the legs started.
+        let dead = format!("redis://127.0.0.1:{}/0", free_port());
+        let ledger = Arc::new(
+            mailroute_relay::store::RedisStore::new(&dead, Duration::from_secs(1))
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let stores = support::Stores {
+            ledger,
+            ..support::Stores::memory()
+        };
+        let relay = support::configured_with_stores(&yaml, stores).start().await;
+        let reply = send(relay.smtp, "unlooked").await;
+        assert!(reply.starts_with("451 4.3.0"), "{reply}");
+        // Give an abandoned leg time to be seen closing.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            mailbox.count("Subject: unlooked"),
+            0,
+            "the mailbox has nothing"
+        );
+        assert_eq!(
+            archive.count("Subject: unlooked"),
+            0,
+            "the archive has nothing"
+        );
+    })
+    .await;
+}

@@ -8,19 +8,20 @@ use super::{Forwarder, RouteRuntime};
 use crate::reply::Reply;
 use mailroute_config::resources::TlsMode;
 use mailroute_smtp_client::route;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// What to do on a connection.
 pub(crate) enum Job<'a> {
-    /// One transaction (SPEC 6.4); a copy's `hold` says when its final `.` may go.
+    /// One transaction (SPEC 6.4); `gate` says when its final `.` may go.
     Deliver {
         envelope: Envelope<'a>,
         prefix: &'a [u8],
         message: &'a [u8],
         timing: Timing,
-        hold: Option<Hold>,
+        gate: Option<Gate>,
     },
     /// MAIL, RCPT and RSET: would the upstream take the recipient.
     Verify { sender: &'a str, recipient: &'a str },
@@ -35,14 +36,50 @@ pub(crate) enum Done {
 /// The copies' hold: `None` until the primary legs decided, then whether copies may complete.
 pub(crate) type Hold = watch::Receiver<Option<bool>>;
 
-/// Resolves once the primary legs decided: whether the copy may complete.
-async fn wait_for(mut hold: Hold) -> bool {
-    loop {
-        if let Some(open) = *hold.borrow_and_update() {
-            return open;
+/// The ledger's answer for the transaction, while it is being looked up: `None` until it
+/// comes, then `Some(None)` when the lookup failed and nothing may be delivered, or the
+/// recipients already delivered, in plan order.
+pub(crate) type LedgerAnswer = watch::Receiver<Option<Option<Arc<[bool]>>>>;
+
+/// What a leg's final `.` (or `BDAT ... LAST`) waits for: the content is sent meanwhile.
+#[derive(Clone, Default)]
+pub(crate) struct Gate {
+    /// A lookup still under way, and the leg's range of its answer: the `.` goes only once
+    /// the ledger says none of the leg's recipients was delivered by an earlier attempt.
+    pub ledger: Option<(LedgerAnswer, Range<usize>)>,
+    /// A copy's hold (SPEC 6.3).
+    pub copies: Option<Hold>,
+}
+
+impl Gate {
+    /// `None` when nothing is waited for (the `.` follows the content in the same write).
+    pub fn needed(self) -> Option<Self> {
+        (self.ledger.is_some() || self.copies.is_some()).then_some(self)
+    }
+
+    /// Resolves once the leg may complete (`true`) or must be abandoned (`false`).
+    async fn open(self) -> bool {
+        if let Some((answer, range)) = self.ledger {
+            match wait_for(answer).await {
+                Some(Some(done)) if !done.get(range).unwrap_or_default().contains(&true) => {}
+                _ => return false,
+            }
         }
-        if hold.changed().await.is_err() {
-            return false;
+        match self.copies {
+            Some(hold) => wait_for(hold).await.unwrap_or(false),
+            None => true,
+        }
+    }
+}
+
+/// Resolves once the watched value is known (`None`: its sender is gone).
+pub(crate) async fn wait_for<T: Clone>(mut value: watch::Receiver<Option<T>>) -> Option<T> {
+    loop {
+        if let Some(known) = value.borrow_and_update().as_ref() {
+            return Some(known.clone());
+        }
+        if value.changed().await.is_err() {
+            return None;
         }
     }
 }
@@ -103,11 +140,11 @@ impl Forwarder {
                         prefix,
                         message,
                         timing,
-                        hold,
+                        gate,
                     } => {
-                        let hold = hold.clone().map(wait_for);
+                        let gate = gate.clone().map(Gate::open);
                         conn.upstream
-                            .send(envelope, prefix, message, *timing, hold)
+                            .send(envelope, prefix, message, *timing, gate)
                             .await
                             .map(Done::Delivered)
                     }

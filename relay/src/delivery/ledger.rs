@@ -6,7 +6,7 @@
 //! differs per attempt). Entries live for 5 days, longer than any client keeps retrying, in a
 //! [`Ledger`] of the shared store (`crate::store`).
 
-pub use crate::store::{Key, Ledger, RETENTION};
+pub use crate::store::{Key, Ledger, MESSAGE_TAG, RETENTION};
 use sha2::{Digest, Sha256};
 
 /// The message fingerprint: Message-ID (case kept, as it is compared byte for byte) and the
@@ -19,7 +19,9 @@ pub fn fingerprint(content: &[u8]) -> [u8; 32] {
     hash.finalize().into()
 }
 
-/// The key of one delivery.
+/// The key of one delivery: the message's first [`MESSAGE_TAG`] octets of the fingerprint,
+/// then 12 of a hash of (fingerprint, target, recipient). Every key of one message shares its
+/// first octets, so a Redis Cluster keeps them in one slot (`store::redis`).
 pub fn key(fingerprint: &[u8; 32], target: &str, recipient: &str) -> Key {
     let mut hash = Sha256::new();
     hash.update(fingerprint);
@@ -28,7 +30,8 @@ pub fn key(fingerprint: &[u8; 32], target: &str, recipient: &str) -> Key {
     hash.update(recipient.to_ascii_lowercase().as_bytes());
     let digest = hash.finalize();
     let mut key = [0u8; 16];
-    key.copy_from_slice(&digest[..16]);
+    key[..MESSAGE_TAG].copy_from_slice(&fingerprint[..MESSAGE_TAG]);
+    key[MESSAGE_TAG..].copy_from_slice(&digest[..16 - MESSAGE_TAG]);
     key
 }
 
@@ -66,5 +69,10 @@ mod tests {
         let f = fingerprint(a);
         assert_eq!(key(&f, "mailbox", "A@x"), key(&f, "mailbox", "a@X"));
         assert_ne!(key(&f, "mailbox", "a@x"), key(&f, "archive", "a@x"));
+        // One message's keys share their tag.
+        assert_eq!(
+            key(&f, "mailbox", "a@x")[..MESSAGE_TAG],
+            key(&f, "archive", "b@x")[..MESSAGE_TAG]
+        );
     }
 }

@@ -10,7 +10,7 @@
 //!   message but has not answered yet); what succeeds for a message the client was not told
 //!   `250` is recorded in the ledger as it succeeds, so the retry re-sends nothing delivered.
 
-use super::attempt::{Done, Failed, Hold, Job};
+use super::attempt::{Done, Failed, Gate, Hold, Job, LedgerAnswer, wait_for};
 use super::hosts::ResolveError;
 use super::ledger::{self, Key};
 use super::loop_marker::Marker;
@@ -22,6 +22,7 @@ use crate::reply::Reply;
 use crate::routing::{Leg, Target};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
@@ -95,23 +96,25 @@ async fn run(
         })
         .collect();
     let flat: Vec<Key> = keys.iter().flatten().copied().collect();
-    let done = match fwd.ledger.contains(&flat).await {
-        Ok(found) => found,
-        Err(e) => {
-            fwd.metrics.store_errors.inc();
-            tracing::warn!(transaction = %tx.id, error = %e, "ledger lookup failed");
-            if !fwd.settings.store_failure_open {
-                let _ = reply_to.send(Reply::new(
-                    451,
-                    "4.3.0",
-                    "Temporary failure of the relay's shared store; try again later",
-                ));
-                return;
-            }
-            vec![false; flat.len()]
+    // NB: the lookup runs beside the legs' MAIL, RCPT, DATA and content, each leg's final `.`
+    // waiting for it (a round trip off the client's path with a remote store); an answer that
+    // is there at once (the memory store) is used before the legs start, as it was.
+    let mut lookup = fwd.ledger.contains(&flat);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(lookup.as_mut().poll(cx))).await;
+    let (answer_tx, answer) = watch::channel(None::<Option<Arc<[bool]>>>);
+    let mut looking_up = match first {
+        std::task::Poll::Ready(found) => {
+            match looked_up(fwd, &tx, found, flat.len()) {
+                Some(done) => answer_tx.send_replace(Some(Some(done))),
+                None => {
+                    let _ = reply_to.send(store_failed());
+                    return;
+                }
+            };
+            false
         }
+        std::task::Poll::Pending => true,
     };
-
     // One copy header for every copy leg (its MAC covers the body: computed once).
     let marker = plan.legs.iter().any(|l| l.copy).then(|| {
         fwd.settings
@@ -126,13 +129,15 @@ async fn run(
         .iter()
         .enumerate()
         .map(|(i, leg)| {
-            let leg_done = &done[offset..offset + leg.recipients.len()];
+            let range = offset..offset + leg.recipients.len();
             offset += leg.recipients.len();
             let hold = leg.copy.then(|| hold.clone());
             let marker = marker.as_deref().filter(|_| leg.copy);
-            let tx = &*tx;
+            let (tx, answer) = (&*tx, answer.clone());
             async move {
-                let outcome = fwd.run_leg(leg, tx, leg_done, marker, hold, deadline).await;
+                let outcome = fwd
+                    .run_leg(leg, tx, (answer, range), marker, hold, deadline)
+                    .await;
                 (i, outcome)
             }
         })
@@ -212,12 +217,57 @@ async fn run(
                     record(fwd, &tx, &keys, &outcomes, &mut recorded).await;
                 }
             }
+            found = &mut lookup, if looking_up => {
+                looking_up = false;
+                match looked_up(fwd, &tx, found, flat.len()) {
+                    Some(done) => answer_tx.send_replace(Some(Some(done))),
+                    None => {
+                        // Every leg is held before its final `.`: none completes.
+                        answer_tx.send_replace(Some(None));
+                        if told.is_none() {
+                            told = Some(false);
+                            if let Some(to) = reply_to.take() {
+                                let _ = to.send(store_failed());
+                            }
+                        }
+                        None
+                    }
+                };
+            }
             () = &mut bound, if told.is_none() => {
                 tracing::warn!(transaction = %tx.id, "legs still running at the reply bound");
                 at_bound = true;
             }
         }
     }
+}
+
+/// The recipients the ledger already has, from its answer: on a failure all `false` with
+/// `--store-failure open`, else `None` (the transaction is refused).
+fn looked_up(
+    fwd: &Forwarder,
+    tx: &Transaction,
+    found: Result<Vec<bool>, crate::store::StoreError>,
+    n: usize,
+) -> Option<Arc<[bool]>> {
+    match found {
+        Ok(found) => Some(found.into()),
+        Err(e) => {
+            fwd.metrics.store_errors.inc();
+            tracing::warn!(transaction = %tx.id, error = %e, "ledger lookup failed");
+            fwd.settings
+                .store_failure_open
+                .then(|| vec![false; n].into())
+        }
+    }
+}
+
+fn store_failed() -> Reply {
+    Reply::new(
+        451,
+        "4.3.0",
+        "Temporary failure of the relay's shared store; try again later",
+    )
 }
 
 /// The outcomes the reply is made from: those of the legs that finished, the configuration's
@@ -297,23 +347,84 @@ async fn record(
 
 impl Forwarder {
     /// One leg: the recipients the ledger does not already have, sent to the leg's target.
+    /// While the ledger's answer is still to come, every recipient is sent and the final `.`
+    /// waits for it; when it says some were delivered before, the leg is abandoned and sent
+    /// again to the rest (only a retry pays for that).
     async fn run_leg(
+        &self,
+        leg: &Leg,
+        tx: &Transaction,
+        (answer, range): (LedgerAnswer, Range<usize>),
+        marker: Option<&str>,
+        hold: Option<Hold>,
+        deadline: Instant,
+    ) -> LegOutcome {
+        let known = answer.borrow().clone();
+        match known {
+            Some(Some(done)) => {
+                let done = done.get(range).unwrap_or_default();
+                let gate = Gate {
+                    ledger: None,
+                    copies: hold,
+                };
+                return self.send_leg(leg, tx, done, marker, gate, deadline).await;
+            }
+            Some(None) => return leg_outcome(leg, |_| RecipientOutcome::Withheld),
+            None => {}
+        }
+        let gate = Gate {
+            ledger: Some((answer.clone(), range.clone())),
+            copies: hold.clone(),
+        };
+        let mut result = self.send_leg(leg, tx, &[], marker, gate, deadline).await;
+        let done = match tokio::time::timeout_at(deadline.into(), wait_for(answer)).await {
+            Ok(Some(Some(done))) => done,
+            _ => return result,
+        };
+        let done = done.get(range).unwrap_or_default();
+        if !done.contains(&true) {
+            return result;
+        }
+        let withheld = result
+            .recipients
+            .iter()
+            .any(|(_, o)| *o == RecipientOutcome::Withheld);
+        let copies_closed = hold.as_ref().is_some_and(|h| *h.borrow() == Some(false));
+        if withheld && !copies_closed && done.contains(&false) {
+            let gate = Gate {
+                ledger: None,
+                copies: hold,
+            };
+            result = self.send_leg(leg, tx, done, marker, gate, deadline).await;
+        }
+        for (r, d) in result.recipients.iter_mut().zip(done) {
+            if *d {
+                r.1 = RecipientOutcome::AlreadyDelivered;
+            }
+        }
+        result
+    }
+
+    /// Sends the leg to the recipients not `done`, its final `.` waiting for `gate`.
+    async fn send_leg(
         &self,
         leg: &Leg,
         tx: &Transaction,
         done: &[bool],
         marker: Option<&str>,
-        hold: Option<Hold>,
+        gate: Gate,
         deadline: Instant,
     ) -> LegOutcome {
         let mut result = leg_outcome(leg, |i| {
-            if done[i] {
+            if done.get(i).copied().unwrap_or(false) {
                 RecipientOutcome::AlreadyDelivered
             } else {
                 RecipientOutcome::Unreachable(Reply::new(451, "4.4.0", "not attempted"))
             }
         });
-        let pending: Vec<usize> = (0..leg.recipients.len()).filter(|i| !done[*i]).collect();
+        let pending: Vec<usize> = (0..leg.recipients.len())
+            .filter(|i| !done.get(*i).copied().unwrap_or(false))
+            .collect();
         if pending.is_empty() {
             return result;
         }
@@ -324,7 +435,7 @@ impl Forwarder {
                 format!("route {} is not configured", leg.target),
             ))),
             Some(runtime) => {
-                self.attempt(runtime, leg, tx, &pending, marker, hold, deadline)
+                self.attempt(runtime, leg, tx, &pending, marker, gate.needed(), deadline)
                     .await
             }
         };
@@ -356,7 +467,7 @@ impl Forwarder {
         tx: &Transaction,
         pending: &[usize],
         marker: Option<&str>,
-        hold: Option<Hold>,
+        gate: Option<Gate>,
         deadline: Instant,
     ) -> Result<Vec<RecipientOutcome>, RecipientOutcome> {
         let candidates = match &leg.target {
@@ -418,7 +529,7 @@ impl Forwarder {
             prefix: &prefix,
             message: &tx.content,
             timing,
-            hold,
+            gate,
         };
         let sent = self
             .on_hosts(runtime, &candidates, leg.require_tls, deadline, job)

@@ -4,11 +4,13 @@
 //! [`StoreSpec`] at the command line; everything above sees only the two traits.
 //!
 //! - [`memory_quotas`], [`memory_ledger`]: the in-process stores (the default).
-//! - [`redis`]: both in Redis, one Lua script per decision.
+//! - [`redis`]: both in Redis, one Lua script per decision; [`redis_topology`]: which Redis
+//!   (one server, Sentinel, Cluster).
 
 pub mod memory_ledger;
 pub mod memory_quotas;
 pub mod redis;
+pub(crate) mod redis_topology;
 
 pub use crate::interfaces::BoxFuture;
 pub use memory_ledger::MemoryLedger;
@@ -28,34 +30,125 @@ pub struct StoreError(pub String);
 pub enum StoreSpec {
     /// `memory`: this relay only.
     Memory,
-    /// `redis://HOST:PORT[/DB]` or `rediss://...` (TLS): one Redis server.
-    Redis(String),
+    /// Redis, shared by replicas.
+    Redis(RedisSpec),
+}
+
+/// Which Redis (`redis_topology` follows it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedisSpec {
+    /// `redis://HOST:PORT[/DB]` or `rediss://...` (TLS): one server.
+    Single(String),
+    /// `redis-sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB]` (`rediss-sentinel://` for TLS):
+    /// the master the sentinels name for `master`.
+    Sentinel {
+        sentinels: Vec<(String, u16)>,
+        master: String,
+        db: i64,
+        tls: bool,
+    },
+    /// `redis-cluster://HOST:PORT[,HOST:PORT...]` (`rediss-cluster://` for TLS): a Cluster,
+    /// found from any of its nodes.
+    Cluster {
+        nodes: Vec<(String, u16)>,
+        tls: bool,
+    },
+}
+
+/// Passwords for Redis, from the environment or mounted files, never from `--store`'s value
+/// in the chart.
+#[derive(Clone, Default)]
+pub struct RedisAuth {
+    /// For the data nodes (the master, the Cluster's nodes).
+    pub password: Option<String>,
+    /// For the sentinels, when they ask for one.
+    pub sentinel_password: Option<String>,
+}
+
+impl std::fmt::Debug for RedisAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisAuth")
+            .field("password", &self.password.as_ref().map(|_| "<set>"))
+            .field(
+                "sentinel_password",
+                &self.sentinel_password.as_ref().map(|_| "<set>"),
+            )
+            .finish()
+    }
 }
 
 /// Why a `--store` value is refused.
 #[derive(Debug, thiserror::Error)]
-#[error("--store {0:?}: expected memory, redis://HOST:PORT[/DB] or rediss://HOST:PORT[/DB]")]
+#[error(
+    "--store {0:?}: expected memory, redis[s]://HOST:PORT[/DB], \
+     redis[s]-sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB] or \
+     redis[s]-cluster://HOST:PORT[,HOST:PORT...]"
+)]
 pub struct StoreSpecError(String);
+
+/// `HOST:PORT[,HOST:PORT...]`, each with a port.
+fn hosts(list: &str) -> Option<Vec<(String, u16)>> {
+    list.split(',')
+        .map(|h| {
+            let (host, port) = h.rsplit_once(':')?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            (!host.is_empty()).then_some(())?;
+            Some((host.to_owned(), port.parse().ok()?))
+        })
+        .collect()
+}
 
 impl std::str::FromStr for StoreSpec {
     type Err = StoreSpecError;
 
     fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let refused = || StoreSpecError(value.to_owned());
         if value == "memory" {
             return Ok(StoreSpec::Memory);
         }
         if value.starts_with("redis://") || value.starts_with("rediss://") {
-            return Ok(StoreSpec::Redis(value.to_owned()));
+            return Ok(StoreSpec::Redis(RedisSpec::Single(value.to_owned())));
         }
-        Err(StoreSpecError(value.to_owned()))
+        let (scheme, rest) = value.split_once("://").ok_or_else(refused)?;
+        match scheme {
+            "redis-sentinel" | "rediss-sentinel" => {
+                let mut parts = rest.split('/');
+                let sentinels = parts.next().and_then(hosts).ok_or_else(refused)?;
+                let master = parts.next().filter(|m| !m.is_empty()).ok_or_else(refused)?;
+                let db = match parts.next() {
+                    None | Some("") => 0,
+                    Some(db) => db.parse().map_err(|_| refused())?,
+                };
+                if parts.next().is_some() {
+                    return Err(refused());
+                }
+                Ok(StoreSpec::Redis(RedisSpec::Sentinel {
+                    sentinels,
+                    master: master.to_owned(),
+                    db,
+                    tls: scheme == "rediss-sentinel",
+                }))
+            }
+            "redis-cluster" | "rediss-cluster" => {
+                let nodes = hosts(rest.trim_end_matches('/')).ok_or_else(refused)?;
+                Ok(StoreSpec::Redis(RedisSpec::Cluster {
+                    nodes,
+                    tls: scheme == "rediss-cluster",
+                }))
+            }
+            _ => Err(refused()),
+        }
     }
 }
 
 /// How long a successful delivery is remembered.
 pub const RETENTION: Duration = Duration::from_secs(5 * 24 * 3600);
 
-/// A ledger entry: a hash of (fingerprint, target, recipient).
+/// A ledger entry: the message's tag, then a hash of (fingerprint, target, recipient).
 pub type Key = [u8; 16];
+
+/// How many leading octets of a [`Key`] name its message (shared by all its keys).
+pub const MESSAGE_TAG: usize = 4;
 
 /// Where successful deliveries are recorded: memory for one relay, Redis across replicas.
 pub trait Ledger: Send + Sync + 'static {
@@ -175,12 +268,42 @@ mod tests {
         assert_eq!("memory".parse::<StoreSpec>().ok(), Some(StoreSpec::Memory));
         assert_eq!(
             "rediss://cache:6380/2".parse::<StoreSpec>().ok(),
-            Some(StoreSpec::Redis("rediss://cache:6380/2".into()))
+            Some(StoreSpec::Redis(RedisSpec::Single(
+                "rediss://cache:6380/2".into()
+            )))
         );
-        let e = "mysql://x"
-            .parse::<StoreSpec>()
-            .err()
-            .map(|e| e.to_string());
-        assert!(e.is_some_and(|e| e.contains("redis://HOST:PORT")));
+        assert_eq!(
+            "redis-sentinel://s1:26379,[::1]:26380/mymaster/3"
+                .parse::<StoreSpec>()
+                .ok(),
+            Some(StoreSpec::Redis(RedisSpec::Sentinel {
+                sentinels: vec![("s1".into(), 26379), ("::1".into(), 26380)],
+                master: "mymaster".into(),
+                db: 3,
+                tls: false,
+            }))
+        );
+        assert_eq!(
+            "rediss-cluster://a:7000,b:7001".parse::<StoreSpec>().ok(),
+            Some(StoreSpec::Redis(RedisSpec::Cluster {
+                nodes: vec![("a".into(), 7000), ("b".into(), 7001)],
+                tls: true,
+            }))
+        );
+        for wrong in [
+            "mysql://x",
+            "redis-sentinel://s1:26379",
+            "redis-sentinel://s1/mymaster",
+            "redis-sentinel://s1:26379/m/notadb",
+            "redis-cluster://a:7000,b",
+            "redis-cluster://",
+        ] {
+            let e = wrong.parse::<StoreSpec>().err().map(|e| e.to_string());
+            assert!(
+                e.as_ref()
+                    .is_some_and(|e| e.contains("redis[s]-sentinel://HOST:PORT")),
+                "{wrong}: {e:?}"
+            );
+        }
     }
 }

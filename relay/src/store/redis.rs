@@ -13,13 +13,23 @@
 //! - Ledger entries are plain keys with the 5-day expiry set by the same `SET`.
 //! - Times are the relay's clock (replicas are expected to be NTP-synchronised; a skew of
 //!   seconds is small against 25-second and one-hour buckets).
-//! - The connection is made lazily and re-made after a failure, so the relay starts and
-//!   recovers without a restart while Redis is away (SPEC 5.3a).
+//! - Which Redis answers (one server, the master the sentinels name, a Cluster's node) is
+//!   [`super::redis_topology`]'s; connections are made lazily and re-made after a failure, so
+//!   the relay starts and recovers without a restart while Redis is away (SPEC 5.3a).
+//! - Every key of one decision has one hash tag, so it is one slot of a Cluster: a quota's
+//!   keys the tenant's (`{tenant}`, in the counter's name), a message's ledger entries the
+//!   message's (`ledger::MESSAGE_TAG` octets of its fingerprint). A retry can be bound to
+//!   another tenant than the first attempt (by AUTH instead of its IP range); the message is
+//!   the same, so the ledger is tagged by the message.
+//! - Behind Sentinel, a settlement and a ledger record are followed by `WAIT 1` (bounded by the
+//!   store timeout, off the client's path), so what was counted survives a failover to the
+//!   replica; reservations are not waited for (docs/quotas.md: what a failover can cost).
 
+use super::redis_topology::{Connection, Topology};
 use super::{
-    BUCKETS, BoxFuture, Counter, Hold, Key, Ledger, QuotaStore, RETENTION, Reservation, StoreError,
+    BUCKETS, BoxFuture, Counter, Hold, Key, Ledger, MESSAGE_TAG, QuotaStore, RETENTION, RedisAuth,
+    RedisSpec, Reservation, StoreError, StoreSpec,
 };
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const RESERVE: &str = include_str!("reserve.lua");
@@ -28,9 +38,10 @@ const FINISH: &str = include_str!("finish.lua");
 /// Prefix of every key the relay writes.
 const PREFIX: &str = "mailroute:";
 
-/// Quotas and ledger in one Redis server.
+/// Quotas and ledger in Redis.
 pub struct RedisStore {
-    connection: ConnectionManager,
+    topology: Topology,
+    timeout: Duration,
     reserve: redis::Script,
     finish: redis::Script,
 }
@@ -39,10 +50,6 @@ impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore").finish_non_exhaustive()
     }
-}
-
-fn unavailable(e: redis::RedisError) -> StoreError {
-    StoreError(e.to_string())
 }
 
 fn now_ms() -> u64 {
@@ -57,33 +64,60 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl RedisStore {
-    /// A store for `url` (`redis://host:port/db`, `rediss://` for TLS). Connects lazily: the
-    /// relay starts even when Redis is away, answering `451 4.3.0` (or accepting, with
+    /// A store for any `--store` form of Redis (`redis://`, `redis-sentinel://`,
+    /// `redis-cluster://`), without passwords beyond the URL's. Connects lazily: the relay
+    /// starts even when Redis is away, answering `451 4.3.0` (or accepting, with
     /// `--store-failure open`) until it is back.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let connection =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?;
+        match url.parse::<StoreSpec>() {
+            Ok(StoreSpec::Redis(spec)) => Self::open(&spec, &RedisAuth::default(), timeout),
+            Ok(StoreSpec::Memory) => Err(StoreError("not a Redis URL: memory".into())),
+            Err(e) => Err(StoreError(e.to_string())),
+        }
+    }
+
+    /// A store for `spec`, with `auth`'s passwords.
+    pub fn open(spec: &RedisSpec, auth: &RedisAuth, timeout: Duration) -> Result<Self, StoreError> {
         Ok(Self {
-            connection,
+            topology: Topology::new(spec, auth, timeout)?,
+            timeout,
             reserve: redis::Script::new(RESERVE),
             finish: redis::Script::new(FINISH),
         })
     }
 
+    /// `mailroute:ledger:{tag}:entry`, the tag being the message's.
     fn ledger_key(key: &Key) -> String {
-        let mut name = String::with_capacity(PREFIX.len() + 7 + 32);
+        use std::fmt::Write;
+        let mut name = String::with_capacity(PREFIX.len() + 10 + 32);
         name.push_str(PREFIX);
-        name.push_str("ledger:");
-        for b in key {
-            name.push_str(&format!("{b:02x}"));
+        name.push_str("ledger:{");
+        for (i, b) in key.iter().enumerate() {
+            if i == MESSAGE_TAG {
+                name.push_str("}:");
+            }
+            let _ = write!(name, "{b:02x}");
         }
         name
+    }
+
+    /// Behind Sentinel: waits (up to the store timeout) until a replica has this connection's
+    /// writes, so they survive a failover. Not knowing is logged, not an error: the write is
+    /// on the master.
+    async fn replicate(&self, connection: &mut Connection) {
+        if !self.topology.replicated() {
+            return;
+        }
+        let wait = redis::cmd("WAIT")
+            .arg(1)
+            .arg(ms(self.timeout))
+            .query_async::<i64>(connection)
+            .await;
+        match self.topology.checked(wait) {
+            Ok(n) if n >= 1 => {}
+            Ok(_) => tracing::warn!("no Redis replica acknowledged a settlement in time"),
+            Err(e) => tracing::warn!(error = %e, "WAIT for a Redis replica failed"),
+        }
     }
 }
 
@@ -119,11 +153,10 @@ impl QuotaStore for RedisStore {
                     }
                 }
             }
-            let mut connection = self.connection.clone();
-            let answer: Vec<i64> = call
-                .invoke_async(&mut connection)
-                .await
-                .map_err(unavailable)?;
+            let mut connection = self.topology.connection().await?;
+            let answer: Vec<i64> = self
+                .topology
+                .checked(call.invoke_async(&mut connection).await)?;
             match answer.split_first() {
                 Some((0, reserved)) if reserved.len() == counters.len() => Ok(
                     Reservation::Granted(reserved.iter().map(|r| *r == 1).collect()),
@@ -158,11 +191,13 @@ impl QuotaStore for RedisStore {
                         .arg(c.member.as_deref().unwrap_or_default());
                 }
             }
-            let mut connection = self.connection.clone();
-            call.invoke_async::<i64>(&mut connection)
-                .await
-                .map(|_| ())
-                .map_err(unavailable)
+            let mut connection = self.topology.connection().await?;
+            self.topology
+                .checked(call.invoke_async::<i64>(&mut connection).await)?;
+            if accepted {
+                self.replicate(&mut connection).await;
+            }
+            Ok(())
         })
     }
 }
@@ -177,8 +212,9 @@ impl Ledger for RedisStore {
             for k in keys {
                 pipe.exists(Self::ledger_key(k));
             }
-            let mut connection = self.connection.clone();
-            pipe.query_async(&mut connection).await.map_err(unavailable)
+            let mut connection = self.topology.connection().await?;
+            self.topology
+                .checked(pipe.query_async(&mut connection).await)
         })
     }
 
@@ -197,10 +233,11 @@ impl Ledger for RedisStore {
                     .arg(ms(RETENTION))
                     .ignore();
             }
-            let mut connection = self.connection.clone();
-            pipe.query_async::<()>(&mut connection)
-                .await
-                .map_err(unavailable)
+            let mut connection = self.topology.connection().await?;
+            self.topology
+                .checked(pipe.query_async::<()>(&mut connection).await)?;
+            self.replicate(&mut connection).await;
+            Ok(())
         })
     }
 }

@@ -92,3 +92,232 @@ impl Drop for RedisServer {
         self.stop();
     }
 }
+
+/// A `redis-server` process with arguments of its own, stopped on drop.
+pub struct Node {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl Node {
+    fn spawn(port: u16, args: &[&str], dir: &std::path::Path) -> Self {
+        let child = Command::new("redis-server")
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("redis-server: {e}"));
+        let node = Self {
+            child: Some(child),
+            port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cli(port, &["PING"]) != "PONG" {
+            assert!(Instant::now() < deadline, "redis on {port} never answered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        node
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `redis-cli -p port args...`, trimmed.
+pub fn cli(port: u16, args: &[&str]) -> String {
+    Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn plain(port: u16) -> Vec<String> {
+    [
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// One master, one replica and three sentinels (quorum 2, a master down after 1 s) on
+/// loopback, master name `mymaster`.
+pub struct Sentinels {
+    pub master: Node,
+    pub replica: Node,
+    pub sentinels: Vec<Node>,
+    _dir: tempfile::TempDir,
+}
+
+impl Sentinels {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (m, r) = (super::sink::free_port(), super::sink::free_port());
+        let args = plain(m);
+        let master = Node::spawn(
+            m,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            dir.path(),
+        );
+        let mut args = plain(r);
+        args.extend(["--replicaof".into(), "127.0.0.1".into(), m.to_string()]);
+        let replica = Node::spawn(
+            r,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            dir.path(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cli(r, &["INFO", "replication"]).contains("master_link_status:up") {
+            assert!(Instant::now() < deadline, "the replica never synchronised");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let sentinels = (0..3)
+            .map(|i| {
+                let port = super::sink::free_port();
+                let conf = dir.path().join(format!("sentinel-{i}.conf"));
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\nprotected-mode no\n\
+                         sentinel monitor mymaster 127.0.0.1 {m} 2\n\
+                         sentinel down-after-milliseconds mymaster 1000\n\
+                         sentinel failover-timeout mymaster 10000\n\
+                         sentinel parallel-syncs mymaster 1\n"
+                    ),
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+                let conf = conf.to_string_lossy().into_owned();
+                Node::spawn(port, &[conf.as_str(), "--sentinel"], dir.path())
+            })
+            .collect();
+        Self {
+            master,
+            replica,
+            sentinels,
+            _dir: dir,
+        }
+    }
+
+    /// `redis-sentinel://.../mymaster/0`.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        format!("redis-sentinel://{}/mymaster/0", hosts.join(","))
+    }
+
+    /// The port of the master the sentinels name now.
+    pub fn named_master(&self) -> Option<u16> {
+        let answer = cli(
+            self.sentinels[0].port,
+            &["SENTINEL", "get-master-addr-by-name", "mymaster"],
+        );
+        answer.lines().nth(1).and_then(|p| p.trim().parse().ok())
+    }
+}
+
+/// A Redis Cluster of three masters on loopback, without replicas.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let nodes: Vec<Node> = (0..3)
+            .map(|i| {
+                let port = super::sink::free_port();
+                let mut args = plain(port);
+                args.extend([
+                    "--cluster-enabled".into(),
+                    "yes".into(),
+                    "--cluster-config-file".into(),
+                    format!("nodes-{i}.conf"),
+                ]);
+                Node::spawn(
+                    port,
+                    &args.iter().map(String::as_str).collect::<Vec<_>>(),
+                    dir.path(),
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let mut create = Command::new("redis-cli");
+        create.args(["--cluster", "create"]).args(&addrs);
+        create.args(["--cluster-replicas", "0", "--cluster-yes"]);
+        let out = create
+            .output()
+            .unwrap_or_else(|e| panic!("redis-cli --cluster create: {e}"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !nodes
+            .iter()
+            .all(|n| cli(n.port, &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        {
+            assert!(Instant::now() < deadline, "the cluster never became ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { nodes, _dir: dir }
+    }
+
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis-cluster://{}", hosts.join(","))
+    }
+
+    /// Moves `slots` slots from the first node to the second while clients run (their keys
+    /// move with `MIGRATE`: clients meet `ASK` and then `MOVED`).
+    pub fn reshard(&self, slots: u32) -> std::process::Child {
+        let id = |port: u16| cli(port, &["CLUSTER", "MYID"]);
+        Command::new("redis-cli")
+            .args([
+                "--cluster",
+                "reshard",
+                &format!("127.0.0.1:{}", self.nodes[0].port),
+            ])
+            .args(["--cluster-from", &id(self.nodes[0].port)])
+            .args(["--cluster-to", &id(self.nodes[1].port)])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("redis-cli --cluster reshard: {e}"))
+    }
+}

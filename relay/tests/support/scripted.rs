@@ -18,6 +18,8 @@ pub struct Script {
     pub slow_connections: usize,
     /// The reply to the n-th end of data (0-based, over all connections).
     pub end_of_data: Arc<dyn Fn(usize) -> String + Send + Sync>,
+    /// The reply to a RCPT command, given its line.
+    pub rcpt: Arc<dyn Fn(&str) -> String + Send + Sync>,
 }
 
 impl Default for Script {
@@ -27,6 +29,7 @@ impl Default for Script {
             delay: Duration::ZERO,
             slow_connections: 0,
             end_of_data: Arc::new(|_| "250 2.0.0 queued".to_owned()),
+            rcpt: Arc::new(|_| "250 2.1.5 ok".to_owned()),
         }
     }
 }
@@ -38,6 +41,8 @@ pub struct Seen {
     pub mail: Vec<String>,
     /// Messages answered with 2xx at end of data (content before the final `.`).
     pub accepted: Vec<Vec<u8>>,
+    /// The accepted RCPT lines of each message in `accepted`.
+    pub accepted_for: Vec<Vec<String>>,
     /// Messages whose data ended without a final `.` (connection closed in DATA).
     pub abandoned: usize,
     /// End-of-data replies given, accepted or not.
@@ -98,6 +103,19 @@ impl Scripted {
         self.seen.lock().map(|s| s.mail.clone()).unwrap_or_default()
     }
 
+    /// How many accepted messages had a RCPT line containing `needle`.
+    pub fn delivered_to(&self, needle: &str) -> usize {
+        self.seen
+            .lock()
+            .map(|s| {
+                s.accepted_for
+                    .iter()
+                    .filter(|rcpts| rcpts.iter().any(|r| r.contains(needle)))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
     pub fn abandoned(&self) -> usize {
         self.seen.lock().map(|s| s.abandoned).unwrap_or(0)
     }
@@ -117,6 +135,7 @@ async fn serve(
     };
     reply("220 scripted ESMTP\r\n".to_owned()).await?;
     let mut line = String::new();
+    let mut recipients = Vec::new();
     loop {
         line.clear();
         if read.read_line(&mut line).await? == 0 {
@@ -140,12 +159,19 @@ async fn serve(
                 reply(text).await?;
             }
             "MAIL" => {
+                recipients.clear();
                 if let Ok(mut s) = seen.lock() {
                     s.mail.push(line.trim_end().to_owned());
                 }
                 reply("250 2.1.0 ok\r\n".to_owned()).await?;
             }
-            "RCPT" => reply("250 2.1.5 ok\r\n".to_owned()).await?,
+            "RCPT" => {
+                let answer = (script.rcpt)(line.trim_end());
+                if answer.starts_with('2') {
+                    recipients.push(line.trim_end().to_owned());
+                }
+                reply(format!("{answer}\r\n")).await?;
+            }
             "DATA" => {
                 reply("354 go ahead\r\n".to_owned()).await?;
                 let mut content = Vec::new();
@@ -179,6 +205,7 @@ async fn serve(
                     && let Ok(mut s) = seen.lock()
                 {
                     s.accepted.push(content);
+                    s.accepted_for.push(std::mem::take(&mut recipients));
                 }
                 reply(format!("{answer}\r\n")).await?;
             }
