@@ -65,6 +65,19 @@ spec:
     )
 }
 
+/// Quotas and ledger in the Redis at `url`, as a replica sharing it would have them.
+fn redis_stores(url: &str) -> support::Stores {
+    let redis = Arc::new(
+        mailroute_relay::store::RedisStore::new(url, Duration::from_secs(1))
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    support::Stores {
+        ledger: redis.clone(),
+        quotas: redis,
+        ..support::Stores::memory()
+    }
+}
+
 fn message(id: &str) -> String {
     format!("Message-ID: <{id}@client.test>\r\nSubject: {id}\r\n\r\nbody of {id}\r\n")
 }
@@ -189,17 +202,7 @@ async fn with_the_ledger_in_redis_two_relays_retry_a_deferred_copy_without_dupli
         })
         .await;
         let yaml = with_archive(primary.addr, archive.addr, "Required");
-        let store = || {
-            let redis = Arc::new(
-                mailroute_relay::store::RedisStore::new(&redis.url(), Duration::from_secs(1))
-                    .unwrap_or_else(|e| panic!("{e}")),
-            );
-            support::Stores {
-                ledger: redis.clone(),
-                quotas: redis,
-                ..support::Stores::memory()
-            }
-        };
+        let store = || redis_stores(&redis.url());
         // Two replicas sharing the store: the client's retry lands on the other one.
         let first = support::configured_with_stores(&yaml, store());
         let second = support::configured_with_stores(&yaml, store());
@@ -530,17 +533,7 @@ async fn with_the_ledger_in_redis_a_retry_after_a_deferred_recipient_delivers_on
             "{}---\napiVersion: mailroute.io/v1alpha1\nkind: RelayPolicy\nmetadata: {{name: example, namespace: mail}}\nspec: {{domains: [example.com], licenses: 10, users: [alice@example.com, bob@example.com], inboundRoute: mailbox}}\n",
             support::plain_route("mailbox", mailbox.addr)
         );
-        let store = || {
-            let redis = Arc::new(
-                mailroute_relay::store::RedisStore::new(&redis.url(), Duration::from_secs(1))
-                    .unwrap_or_else(|e| panic!("{e}")),
-            );
-            support::Stores {
-                ledger: redis.clone(),
-                quotas: redis,
-                ..support::Stores::memory()
-            }
-        };
+        let store = || redis_stores(&redis.url());
         let first = support::configured_with_stores(&yaml, store());
         let second = support::configured_with_stores(&yaml, store());
         let (a, b) = (first.start().await, second.start().await);
