@@ -154,11 +154,6 @@ impl Topology {
         }
     }
 
-    /// Whether writes are followed by `WAIT 1` (a master with replicas behind it).
-    pub fn replicated(&self) -> bool {
-        matches!(self, Self::Sentinel(_))
-    }
-
     /// A connection for one decision.
     pub async fn connection(&self) -> Result<Connection, StoreError> {
         match self {
