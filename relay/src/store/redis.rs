@@ -41,6 +41,9 @@ const PREFIX: &str = "mailroute:";
 /// Quotas and ledger in Redis.
 pub struct RedisStore {
     topology: Topology,
+    /// The longest a whole operation may take, lookups of the master and waits for a
+    /// connection included.
+    timeout: Duration,
     reserve: redis::Script,
     finish: redis::Script,
 }
@@ -79,9 +82,28 @@ impl RedisStore {
     pub fn open(spec: &RedisSpec, auth: &RedisAuth, timeout: Duration) -> Result<Self, StoreError> {
         Ok(Self {
             topology: Topology::new(spec, auth, timeout)?,
+            timeout,
             reserve: redis::Script::new(RESERVE),
             finish: redis::Script::new(FINISH),
         })
+    }
+
+    /// `work` within the store's timeout: a master being looked up, or a connection waited for,
+    /// never holds a decision past it.
+    async fn within<T>(
+        &self,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                self.topology.timed_out();
+                Err(StoreError(format!(
+                    "no answer from Redis within {} ms",
+                    self.timeout.as_millis()
+                )))
+            }
+        }
     }
 
     /// `mailroute:ledger:{tag}:entry`, the tag being the message's.
@@ -132,10 +154,13 @@ impl QuotaStore for RedisStore {
                     }
                 }
             }
-            let mut connection = self.topology.connection().await?;
             let answer: Vec<i64> = self
-                .topology
-                .checked(call.invoke_async(&mut connection).await)?;
+                .within(async {
+                    let mut connection = self.topology.connection().await?;
+                    self.topology
+                        .checked(call.invoke_async(&mut connection).await)
+                })
+                .await?;
             match answer.split_first() {
                 Some((0, reserved)) if reserved.len() == counters.len() => Ok(
                     Reservation::Granted(reserved.iter().map(|r| *r == 1).collect()),
@@ -170,9 +195,12 @@ impl QuotaStore for RedisStore {
                         .arg(c.member.as_deref().unwrap_or_default());
                 }
             }
-            let mut connection = self.topology.connection().await?;
-            self.topology
-                .checked(call.invoke_async::<i64>(&mut connection).await)?;
+            self.within(async {
+                let mut connection = self.topology.connection().await?;
+                self.topology
+                    .checked(call.invoke_async::<i64>(&mut connection).await)
+            })
+            .await?;
             Ok(())
         })
     }
@@ -188,9 +216,12 @@ impl Ledger for RedisStore {
             for k in keys {
                 pipe.exists(Self::ledger_key(k));
             }
-            let mut connection = self.topology.connection().await?;
-            self.topology
-                .checked(pipe.query_async(&mut connection).await)
+            self.within(async {
+                let mut connection = self.topology.connection().await?;
+                self.topology
+                    .checked(pipe.query_async(&mut connection).await)
+            })
+            .await
         })
     }
 
@@ -209,9 +240,12 @@ impl Ledger for RedisStore {
                     .arg(ms(RETENTION))
                     .ignore();
             }
-            let mut connection = self.topology.connection().await?;
-            self.topology
-                .checked(pipe.query_async::<()>(&mut connection).await)?;
+            self.within(async {
+                let mut connection = self.topology.connection().await?;
+                self.topology
+                    .checked(pipe.query_async::<()>(&mut connection).await)
+            })
+            .await?;
             Ok(())
         })
     }

@@ -139,8 +139,13 @@ impl Topology {
                 let mut builder = redis::cluster::ClusterClientBuilder::new(urls)
                     .connection_timeout(timeout)
                     .response_timeout(timeout)
-                    .retries(2)
-                    .max_retry_wait(200);
+                    // NB: the crate waits at least 1.28 s before retrying a TRYAGAIN (a slot
+                    // half moved) by default, longer than a decision may take; a move is
+                    // over in milliseconds, so retry soon and a few times.
+                    .retries(4)
+                    .min_retry_wait(5)
+                    .retry_wait_formula(5, 2)
+                    .max_retry_wait(100);
                 if let Some(password) = &auth.password {
                     builder = builder.password(password);
                 }
@@ -183,6 +188,16 @@ impl Topology {
             }
             unavailable(e)
         })
+    }
+}
+
+impl Topology {
+    /// An operation ran out of time: behind Sentinel the master may be gone without a word
+    /// (a host down, a partition), so the next decision looks it up again.
+    pub fn timed_out(&self) {
+        if let Self::Sentinel(sentinel) = self {
+            sentinel.current.store(None);
+        }
     }
 }
 

@@ -8,6 +8,7 @@ pub mod mta;
 pub mod redis;
 pub mod scripted;
 pub mod sink;
+pub mod trial;
 
 use mailroute_relay::auth::throttle::{AuthThrottle, ThrottleConfig};
 use mailroute_relay::interfaces::{AuthCheck, Authenticator, BoxFuture, Deliver, Transaction};

@@ -101,13 +101,18 @@ pub struct Node {
 
 impl Node {
     fn spawn(port: u16, args: &[&str], dir: &std::path::Path) -> Self {
-        let child = Command::new("redis-server")
+        Self::spawn_program("redis-server", port, args, dir)
+    }
+
+    /// `program` (`redis-server`, or `redis-sentinel` from Debian's package of that name).
+    fn spawn_program(program: &str, port: u16, args: &[&str], dir: &std::path::Path) -> Self {
+        let child = Command::new(program)
             .args(args)
             .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("redis-server: {e}"));
+            .unwrap_or_else(|e| panic!("{program} (scripts/test installs it): {e}"));
         let node = Self {
             child: Some(child),
             port,
@@ -210,7 +215,7 @@ impl Sentinels {
                 )
                 .unwrap_or_else(|e| panic!("{e}"));
                 let conf = conf.to_string_lossy().into_owned();
-                Node::spawn(port, &[conf.as_str(), "--sentinel"], dir.path())
+                Node::spawn_program("redis-sentinel", port, &[conf.as_str()], dir.path())
             })
             .collect();
         Self {
@@ -302,22 +307,74 @@ impl Cluster {
         format!("redis-cluster://{}", hosts.join(","))
     }
 
-    /// Moves `slots` slots from the first node to the second while clients run (their keys
-    /// move with `MIGRATE`: clients meet `ASK` and then `MOVED`).
-    pub fn reshard(&self, slots: u32) -> std::process::Child {
+    /// The port of the node that serves `slot` now, by each node's own view.
+    pub fn owner(&self, slot: u16) -> u16 {
+        let serves = |port: u16| {
+            let nodes = cli(port, &["CLUSTER", "NODES"]);
+            let myself = nodes
+                .lines()
+                .find(|l| l.contains("myself"))
+                .map(str::to_owned);
+            // Fields 9 onwards are the node's slot ranges (`0-5460`, `42`).
+            myself.is_some_and(|line| {
+                line.split_whitespace().skip(8).any(|range| {
+                    let (a, b) = range.split_once('-').unwrap_or((range, range));
+                    matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if (a..=b).contains(&slot))
+                })
+            })
+        };
+        self.nodes
+            .iter()
+            .map(|n| n.port)
+            .find(|p| serves(*p))
+            .unwrap_or_else(|| panic!("no node serves slot {slot}"))
+    }
+
+    /// Moves `slot` from the node that serves it to another one, as `redis-cli --cluster
+    /// reshard` does, with pauses so that clients meet `ASK` while its keys are half moved
+    /// and `MOVED` afterwards. Returns the port of the new owner.
+    pub async fn move_slot(&self, slot: u16, pause: Duration) -> u16 {
+        let from = self.owner(slot);
+        let to = self
+            .nodes
+            .iter()
+            .map(|n| n.port)
+            .find(|p| *p != from)
+            .unwrap_or(from);
         let id = |port: u16| cli(port, &["CLUSTER", "MYID"]);
-        Command::new("redis-cli")
-            .args([
-                "--cluster",
-                "reshard",
-                &format!("127.0.0.1:{}", self.nodes[0].port),
-            ])
-            .args(["--cluster-from", &id(self.nodes[0].port)])
-            .args(["--cluster-to", &id(self.nodes[1].port)])
-            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("redis-cli --cluster reshard: {e}"))
+        let (from_id, to_id, slot) = (id(from), id(to), slot.to_string());
+        assert_eq!(
+            cli(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]),
+            "OK"
+        );
+        assert_eq!(
+            cli(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]),
+            "OK"
+        );
+        tokio::time::sleep(pause).await;
+        loop {
+            let keys = cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+            if keys.is_empty() {
+                break;
+            }
+            let mut migrate = vec!["MIGRATE", "127.0.0.1"];
+            let port = to.to_string();
+            migrate.extend([port.as_str(), "", "0", "5000", "KEYS"]);
+            migrate.extend(keys.lines());
+            let answer = cli(from, &migrate);
+            assert!(answer == "OK" || answer == "NOKEY", "MIGRATE: {answer}");
+            tokio::time::sleep(pause).await;
+        }
+        for node in &self.nodes {
+            cli(node.port, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+        }
+        to
+    }
+
+    /// `CLUSTER KEYSLOT key`.
+    pub fn slot(&self, key: &str) -> u16 {
+        cli(self.nodes[0].port, &["CLUSTER", "KEYSLOT", key])
+            .parse()
+            .unwrap_or_else(|e| panic!("CLUSTER KEYSLOT {key}: {e}"))
     }
 }
