@@ -1,3 +1,23 @@
+{{/* The --store value built from relay.store's sentinel or cluster hosts, or its redisUrl;
+empty when existingSecret holds it or the store is memory. */}}
+{{- define "mailroute.storeUrl" -}}
+{{- $s := .Values.relay.store -}}
+{{- $tls := ternary "s" "" $s.tls -}}
+{{- if and $s.sentinel.hosts $s.cluster.hosts -}}
+{{- fail "relay.store: set sentinel.hosts or cluster.hosts, not both" -}}
+{{- end -}}
+{{- if and (or $s.sentinel.hosts $s.cluster.hosts) (or $s.redisUrl $s.existingSecret.name) -}}
+{{- fail "relay.store: sentinel.hosts or cluster.hosts replace redisUrl and existingSecret; set one" -}}
+{{- end -}}
+{{- if $s.sentinel.hosts -}}
+redis{{ $tls }}-sentinel://{{ join "," $s.sentinel.hosts }}/{{ $s.sentinel.masterName }}/{{ $s.sentinel.db }}
+{{- else if $s.cluster.hosts -}}
+redis{{ $tls }}-cluster://{{ join "," $s.cluster.hosts }}
+{{- else -}}
+{{ $s.redisUrl }}
+{{- end -}}
+{{- end -}}
+
 {{- define "mailroute.fullname" -}}
 {{- if contains .Chart.Name .Release.Name -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}
