@@ -1,6 +1,16 @@
 # Shared by the bench/ scripts (source it): loopback ports, CPU ticks, the smtp-sink upstream
 # and the bench tenant's manifests.
 
+# Sets WORK (a private directory, removed at exit), PIDS (killed at exit) and RELAY_BIN (the
+# release build unless RELAY_BIN names another).
+bench_start() {
+  WORK=$(mktemp -d)
+  PIDS=()
+  trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
+  [[ -n "${RELAY_BIN:-}" ]] || cargo build --release --locked -q -p mailroute-relay
+  RELAY_BIN=${RELAY_BIN:-target/release/mailroute-relay}
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
 clock_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }

@@ -19,18 +19,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MESSAGES=${1:-5000}
 STORES=${STORES:-memory redis sentinel cluster}
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
 source bench/lib.sh
-
-[[ -n "${RELAY_BIN:-}" ]] || cargo build --release --locked -q -p mailroute-relay
-RELAY_BIN=${RELAY_BIN:-target/release/mailroute-relay}
+bench_start
 
 start_sink
 
@@ -66,7 +56,8 @@ if [[ " $STORES " == *" cluster "* ]]; then
   nodes=(); ports=()
   for i in 1 2 3; do
     p=$(free_port)
-    redis_node "$p" --cluster-enabled yes --cluster-config-file "nodes-$p.conf"
+    # The bus port is named: the default (port + 10000) is past 65535 for some free ports.
+    redis_node "$p" --cluster-enabled yes --cluster-config-file "nodes-$p.conf" --cluster-port "$(free_port)"
     nodes+=("127.0.0.1:$p"); ports+=("$p")
   done
   redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >"$WORK/cluster.log"

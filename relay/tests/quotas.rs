@@ -175,20 +175,12 @@ async fn a_registered_users_unique_recipients_are_counted_once_in_redis() {
     bounded(60, async {
         let redis = RedisServer::start();
         let sink = Sink::start();
-        let store = Arc::new(
-            RedisStore::new(&redis.url(), Duration::from_secs(1)).unwrap_or_else(|e| panic!("{e}")),
-        );
-        let yaml = trial(
-            sink.addr,
-            "  limits: {perUser: {uniqueRecipientsPerDay: 3}}",
-        );
-        let config = configured_with_stores(
-            &yaml,
-            Stores {
-                ledger: store.clone(),
-                quotas: store,
-                ..Stores::memory()
-            },
+        let config = on_redis(
+            &redis,
+            &trial(
+                sink.addr,
+                "  limits: {perUser: {uniqueRecipientsPerDay: 3}}",
+            ),
         );
         let relay = config.start().await;
         let mut fates = Vec::new();
@@ -274,6 +266,79 @@ async fn the_memory_store_settles_only_accepted_messages() {
             PEAK + 10,
             "never refused at RCPT"
         );
+    })
+    .await;
+}
+
+/// An in-process relay for `yaml` with its quotas and ledger in `redis`.
+fn on_redis(redis: &RedisServer, yaml: &str) -> support::Configured {
+    let store = Arc::new(
+        RedisStore::new(&redis.url(), Duration::from_secs(1)).unwrap_or_else(|e| panic!("{e}")),
+    );
+    configured_with_stores(
+        yaml,
+        Stores {
+            ledger: store.clone(),
+            quotas: store,
+            ..Stores::memory()
+        },
+    )
+}
+
+/// Scripts the Redis server ran (`EVALSHA` calls that did not fail).
+fn scripts_run(redis: &RedisServer) -> i64 {
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    let field = |name: &str| -> i64 {
+        stats
+            .lines()
+            .find(|l| l.starts_with("cmdstat_evalsha:"))
+            .and_then(|l| l.split([':', ',']).find_map(|kv| kv.strip_prefix(name)))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    field("calls=") - field("failed_calls=")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_messages_settle_in_a_few_scripts_and_count_exactly() {
+    bounded(60, async {
+        let redis = RedisServer::start();
+        let sink = Sink::start();
+        let config = on_redis(&redis, &trial(sink.addr, ""));
+        let relay = config.start().await;
+        // 40 clients at once: 40 reservations, and settlements gathered per window.
+        let fates = burst(&[relay.smtp], 40).await;
+        assert!(fates.iter().all(|f| *f == Fate::Accepted), "{fates:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let scripts = scripts_run(&redis);
+        println!("40 accepted messages: {scripts} scripts");
+        assert!(
+            scripts <= 40 + 20,
+            "{scripts} scripts for 40 reservations: settlements were not gathered"
+        );
+        // Every hold was settled into the count: none is left held ...
+        let held = redis.cli(&["ZCARD", "mailroute:{example}:customer:10m:h"]);
+        assert_eq!(held.trim(), "0");
+        let units: i64 = redis
+            .cli(&["HVALS", "mailroute:{example}:customer:10m:n"])
+            .split_whitespace()
+            .filter_map(|v| v.parse::<i64>().ok())
+            .sum();
+        assert_eq!(units, 40);
+        // ... and the settled count is what the next decisions see: 10 more, then the limit.
+        let mut later = Vec::new();
+        for i in 0..12 {
+            later.push(
+                one_message(
+                    relay.smtp,
+                    "app@example.com",
+                    &format!("l{i}@partner.example"),
+                )
+                .await,
+            );
+        }
+        let accepted = later.iter().filter(|f| **f == Fate::Accepted).count();
+        assert_eq!(accepted, PEAK - 40, "{later:?}");
     })
     .await;
 }

@@ -26,8 +26,8 @@ pub use crate::store::{BUCKETS, Counter, Hold, Limit, QuotaStore, Reservation, S
 use crate::tenants::{Tenant, TenantId, Tenants};
 use mailroute_config::document::Limits;
 use mailroute_config::names::{Address, Mailbox};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -44,6 +44,8 @@ pub struct Quotas {
     pub store_timeout: Duration,
     /// `--store-failure open`: accept when the store cannot answer.
     pub store_failure_open: bool,
+    /// Settlements waiting for the current window to close ([`QuotaStore::settle_window`]).
+    settling: Arc<Mutex<Vec<Hold>>>,
 }
 
 impl std::fmt::Debug for Quotas {
@@ -117,6 +119,7 @@ impl Quotas {
             hold_ttl: Duration::from_secs(900),
             store_timeout: Duration::from_secs(2),
             store_failure_open: false,
+            settling: Arc::default(),
         }
     }
 
@@ -173,20 +176,57 @@ impl Quotas {
     /// Settles or releases holds. A failure here is logged: a release that fails expires with
     /// its hold; a settlement that fails under-counts (it cannot be retried without risking a
     /// double count).
+    ///
+    /// NB: settling is off the client's path: a hold already counts like a settled unit, so
+    /// no decision changes while it is in flight, and the client's 250 does not wait a store
+    /// round trip. A remote store's settlements are gathered for its
+    /// [`QuotaStore::settle_window`] and sent together (one task and one round trip per
+    /// window, not per message); a hold on a unique-recipient counter is settled at once. A
+    /// release (refused, deferred) is awaited: until it lands, the next transaction's
+    /// reservation would still see it.
     pub async fn finish(&self, holds: Vec<Hold>, accepted: bool) {
         if holds.is_empty() {
             return;
         }
-        if accepted && let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            // NB: settling is off the client's path: a hold already counts like a settled
-            // unit, so no decision changes while it is in flight, and the client's 250 does
-            // not wait a store round trip. A release (refused, deferred) is awaited: until it
-            // lands, the next transaction's reservation would still see it.
+        let window = self.store.settle_window();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return self.settle_or_release(holds, accepted).await;
+        };
+        if !accepted || window.is_zero() {
+            return self.settle_or_release(holds, accepted).await;
+        }
+        // NB: a unique-recipient counter tells a repeated recipient by the members settled
+        // into it; a held one is not among them, so such holds settle at once, the others
+        // wait for the window.
+        let (now, later): (Vec<Hold>, Vec<Hold>) = holds
+            .into_iter()
+            .partition(|h| h.counters.iter().any(|c| c.member.is_some()));
+        if !now.is_empty() {
             let quotas = self.clone();
-            runtime.spawn(async move { quotas.settle_or_release(holds, true).await });
+            runtime.spawn(async move { quotas.settle_or_release(now, true).await });
+        }
+        if later.is_empty() {
             return;
         }
-        self.settle_or_release(holds, accepted).await;
+        let opens = {
+            let mut settling = self.settling.lock().unwrap_or_else(PoisonError::into_inner);
+            let opens = settling.is_empty();
+            settling.extend(later);
+            opens
+        };
+        if opens {
+            let quotas = self.clone();
+            runtime.spawn(async move {
+                tokio::time::sleep(window).await;
+                let holds = std::mem::take(
+                    &mut *quotas
+                        .settling
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner),
+                );
+                quotas.settle_or_release(holds, true).await;
+            });
+        }
     }
 
     async fn settle_or_release(&self, holds: Vec<Hold>, accepted: bool) {

@@ -2,8 +2,19 @@
 -- ARGV: now_ms, accepted (1/0), then per (hold, counter): hold, window_ms, bucket_ms,
 --       reserved (1/0), member ('' unless unique counting).
 -- KEYS per (hold, counter): counts, held, the current bucket's HyperLogLog.
+-- A batch of settlements (several holds on the same keys) costs one command per key: the
+-- holds leave each sorted set in one ZREM, the units of a bucket are added in one HINCRBY,
+-- the members of a HyperLogLog in one PFADD, and each key's expiry is set once.
 local now = tonumber(ARGV[1])
 local accepted = ARGV[2] == '1'
+local leaving, units, members, expiry = {}, {}, {}, {}
+local order = {}
+local function seen(key)
+  if expiry[key] == nil then
+    expiry[key] = 0
+    order[#order + 1] = key
+  end
+end
 local a, k = 3, 1
 while a <= #ARGV do
   local hold, window, bucket = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
@@ -11,15 +22,37 @@ while a <= #ARGV do
   a = a + 5
   local counts, held, hll = KEYS[k], KEYS[k + 1], KEYS[k + 2]
   k = k + 3
-  redis.call('ZREM', held, hold)
+  leaving[held] = leaving[held] or {}
+  table.insert(leaving[held], hold)
   if accepted then
+    local target
     if member ~= '' then
-      redis.call('PFADD', hll, member)
-      redis.call('PEXPIRE', hll, window + bucket)
+      target = hll
+      members[hll] = members[hll] or {}
+      table.insert(members[hll], member)
     elseif reserved then
-      redis.call('HINCRBY', counts, math.floor(now / bucket), 1)
-      redis.call('PEXPIRE', counts, window + bucket)
+      target = counts
+      units[counts] = units[counts] or {}
+      local b = math.floor(now / bucket)
+      units[counts][b] = (units[counts][b] or 0) + 1
+    end
+    if target then
+      seen(target)
+      expiry[target] = math.max(expiry[target], window + bucket)
     end
   end
+end
+for held, holds in pairs(leaving) do
+  redis.call('ZREM', held, unpack(holds))
+end
+for _, key in ipairs(order) do
+  if members[key] then
+    redis.call('PFADD', key, unpack(members[key]))
+  else
+    for b, n in pairs(units[key]) do
+      redis.call('HINCRBY', key, b, n)
+    end
+  end
+  redis.call('PEXPIRE', key, expiry[key])
 end
 return 0

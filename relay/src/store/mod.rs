@@ -257,6 +257,11 @@ pub trait QuotaStore: Send + Sync + 'static {
         holds: &'a [Hold],
         accepted: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// How long settlements may be gathered before they are sent in one [`Self::finish`]:
+    /// zero for a store in this process; a remote store's round trip is worth sharing.
+    fn settle_window(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 #[cfg(test)]

@@ -21,9 +21,13 @@
 //!   message's (`ledger::MESSAGE_TAG` octets of its fingerprint). A retry can be bound to
 //!   another tenant than the first attempt (by AUTH instead of its IP range); the message is
 //!   the same, so the ledger is tagged by the message.
+//! - Settlements arrive gathered ([`QuotaStore::settle_window`], `crate::quota`): each batch
+//!   is one script per tenant slot, which adds each bucket's units in one `HINCRBY` and sets
+//!   each key's expiry once.
 //! - Nothing waits for replicas: `WAIT` would block the one multiplexed connection every
 //!   decision shares. Behind Sentinel, a failover can lose what the old master had not yet
-//!   replicated (issue 19: to be bounded and documented in docs/quotas.md).
+//!   replicated: what that bound is, and how `min-replicas-max-lag` tightens it, is in
+//!   docs/quotas.md ("What a failover costs").
 
 use super::redis_topology::Topology;
 use super::{
@@ -37,6 +41,13 @@ const FINISH: &str = include_str!("finish.lua");
 
 /// Prefix of every key the relay writes.
 const PREFIX: &str = "mailroute:";
+
+/// How long settlements are gathered before they are sent together: long enough to gather
+/// a few at any rate above some hundred messages a second, far below a hold's life.
+pub const SETTLE_WINDOW: Duration = Duration::from_millis(5);
+
+/// The most holds one settlement script carries (each a few keys and arguments per counter).
+const SETTLE_CHUNK: usize = 128;
 
 /// Quotas and ledger in Redis.
 pub struct RedisStore {
@@ -179,31 +190,63 @@ impl QuotaStore for RedisStore {
         accepted: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            let now = now_ms();
-            let mut call = self.finish.prepare_invoke();
-            call.arg(now).arg(u8::from(accepted));
+            // One script per tenant slot (a Cluster refuses keys of several slots in one
+            // script), at most SETTLE_CHUNK holds each, all sent at once.
+            let mut slots: std::collections::BTreeMap<&str, Vec<&Hold>> = Default::default();
             for hold in holds {
-                for (c, reserved) in hold.counters.iter().zip(&hold.reserved) {
-                    let current = now / ms(c.bucket());
-                    call.key(format!("{PREFIX}{}:n", c.key))
-                        .key(format!("{PREFIX}{}:h", c.key))
-                        .key(format!("{PREFIX}{}:u:{current}", c.key));
-                    call.arg(&hold.id)
-                        .arg(ms(c.window))
-                        .arg(ms(c.bucket()))
-                        .arg(u8::from(*reserved))
-                        .arg(c.member.as_deref().unwrap_or_default());
-                }
+                let tag = hold.counters.first().map_or("", |c| hash_tag(&c.key));
+                slots.entry(tag).or_default().push(hold);
             }
-            self.within(async {
-                let mut connection = self.topology.connection().await?;
-                self.topology
-                    .checked(call.invoke_async::<i64>(&mut connection).await)
-            })
-            .await?;
-            Ok(())
+            let sends = slots
+                .values()
+                .flat_map(|holds| holds.chunks(SETTLE_CHUNK))
+                .map(|chunk| self.end(chunk, accepted));
+            futures_util::future::join_all(sends)
+                .await
+                .into_iter()
+                .collect()
         })
     }
+
+    fn settle_window(&self) -> Duration {
+        SETTLE_WINDOW
+    }
+}
+
+impl RedisStore {
+    /// Settles (`accepted`) or releases `holds` in one script.
+    async fn end(&self, holds: &[&Hold], accepted: bool) -> Result<(), StoreError> {
+        let now = now_ms();
+        let mut call = self.finish.prepare_invoke();
+        call.arg(now).arg(u8::from(accepted));
+        for hold in holds {
+            for (c, reserved) in hold.counters.iter().zip(&hold.reserved) {
+                let current = now / ms(c.bucket());
+                call.key(format!("{PREFIX}{}:n", c.key))
+                    .key(format!("{PREFIX}{}:h", c.key))
+                    .key(format!("{PREFIX}{}:u:{current}", c.key));
+                call.arg(&hold.id)
+                    .arg(ms(c.window))
+                    .arg(ms(c.bucket()))
+                    .arg(u8::from(*reserved))
+                    .arg(c.member.as_deref().unwrap_or_default());
+            }
+        }
+        self.within(async {
+            let mut connection = self.topology.connection().await?;
+            self.topology
+                .checked(call.invoke_async::<i64>(&mut connection).await)
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+/// A key's Redis hash tag: what is between its first `{` and the next `}`.
+fn hash_tag(key: &str) -> &str {
+    key.split_once('{')
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .map_or(key, |(tag, _)| tag)
 }
 
 impl Ledger for RedisStore {

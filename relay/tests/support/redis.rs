@@ -259,11 +259,15 @@ impl Cluster {
             .map(|i| {
                 let port = super::sink::free_port();
                 let mut args = plain(port);
+                // The bus port is named: Redis's default (the port + 10000) is past 65535
+                // for a fifth of the ports the kernel hands out.
                 args.extend([
                     "--cluster-enabled".into(),
                     "yes".into(),
                     "--cluster-config-file".into(),
                     format!("nodes-{i}.conf"),
+                    "--cluster-port".into(),
+                    super::sink::free_port().to_string(),
                 ]);
                 Node::spawn(
                     port,
