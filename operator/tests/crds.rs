@@ -21,6 +21,37 @@ fn committed_crds_are_up_to_date() {
     }
 }
 
+/// `kubectl get <category> <name>` must mean one thing: a category that is also some kind's
+/// singular, plural, short name or kind makes `kubectl get mailroute X` ambiguous ("you must
+/// specify only one resource").
+#[test]
+fn no_category_is_also_a_resource_name() {
+    let crds = crdgen::crds();
+    let mut names = Vec::new();
+    for crd in &crds {
+        let n = &crd.spec.names;
+        names.push(n.plural.to_lowercase());
+        names.push(n.kind.to_lowercase());
+        names.extend(n.singular.iter().map(|s| s.to_lowercase()));
+        names.extend(n.short_names.iter().flatten().map(|s| s.to_lowercase()));
+    }
+    for crd in &crds {
+        let categories = crd.spec.names.categories.clone().unwrap_or_default();
+        assert!(
+            !categories.is_empty(),
+            "{} has no category",
+            crd.spec.names.kind
+        );
+        for category in categories {
+            assert!(
+                !names.contains(&category.to_lowercase()),
+                "category {category} of {} is also a resource name: {names:?}",
+                crd.spec.names.kind
+            );
+        }
+    }
+}
+
 /// The openAPIV3Schema of the CRD for `kind`.
 fn schema(kind: &str) -> Value {
     let crd = crdgen::crds()

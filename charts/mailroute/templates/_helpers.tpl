@@ -53,3 +53,56 @@ app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end -}}
+
+{{/*
+A pod's own annotations and extra labels (operator.* or relay.* values as the argument),
+under its template's metadata, after the selector labels.
+*/}}
+{{- define "mailroute.podLabels" -}}
+{{- with .podLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "mailroute.podAnnotations" -}}
+{{- with .podAnnotations }}
+annotations: {{ toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Where a pod runs (operator.* or relay.* values as the argument): priority, spread, node
+selection, tolerations and affinity.
+*/}}
+{{- define "mailroute.podPlacement" -}}
+{{- with .priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .topologySpreadConstraints }}
+topologySpreadConstraints: {{ toYaml . | nindent 2 }}
+{{- end }}
+{{- with .nodeSelector }}
+nodeSelector: {{ toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations: {{ toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity: {{ toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Whether the relays share a store (one Redis, Sentinel, Cluster, or a URL from a Secret):
+"true" or "".
+*/}}
+{{- define "mailroute.sharedStore" -}}
+{{- if or (include "mailroute.storeUrl" .) .Values.relay.store.existingSecret.name }}true{{ end }}
+{{- end }}
+
+{{/*
+Whether more than one relay may run: "true" or "".
+*/}}
+{{- define "mailroute.manyRelays" -}}
+{{- if or .Values.relay.autoscaling.enabled (gt (int .Values.relay.replicas) 1) }}true{{ end }}
+{{- end }}

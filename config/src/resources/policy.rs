@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
         namespaced,
         status = "RelayPolicyStatus",
         shortname = "mpolicy",
-        category = "mailroute",
+        category = "mailrouting",
         doc = "A tenant of the relay: its domains, users, who may relay, allowed senders, quotas and default routes.",
         printcolumn = r#"{"name":"Licenses","type":"integer","jsonPath":".spec.licenses"}"#,
         printcolumn = r#"{"name":"Tier","type":"string","jsonPath":".spec.tier"}"#,

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
         namespaced,
         status = "MailRouteStatus",
         shortname = "mroute",
-        category = "mailroute",
+        category = "mailrouting",
         doc = "A named SMTP destination (mail server, smarthost, archive, or MX lookup) that Mailroute can deliver to.",
         printcolumn = r#"{"name":"Host","type":"string","jsonPath":".spec.host","description":"Destination host or MX domain"}"#,
         printcolumn = r#"{"name":"Port","type":"integer","jsonPath":".spec.port"}"#,

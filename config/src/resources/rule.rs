@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
         namespaced,
         status = "RoutingRuleStatus",
         shortname = "mrule",
-        category = "mailroute",
+        category = "mailrouting",
         doc = "A routing rule: which messages of a tenant go where, and what extra copies are delivered.",
         printcolumn = r#"{"name":"Policy","type":"string","jsonPath":".spec.policyRef"}"#,
         printcolumn = r#"{"name":"Priority","type":"integer","jsonPath":".spec.priority"}"#,
