@@ -118,12 +118,30 @@ fn classic(openmetrics: &str) -> String {
         .filter_map(|l| l.strip_suffix(" counter"))
         .map(str::to_owned)
         .collect();
+    let infos: BTreeSet<String> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" info"))
+        .map(str::to_owned)
+        .collect();
     let mut out = String::new();
     for line in openmetrics.lines() {
         if line == "# EOF" {
             continue;
         }
         let mut line = line.to_owned();
+        // An OpenMetrics info family is a gauge named `<name>_info` in the classic format.
+        if let Some(name) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|l| l.strip_suffix(" info"))
+        {
+            line = format!("# TYPE {name}_info gauge");
+        } else if let Some(rest) = line.strip_prefix("# HELP ")
+            && let Some((name, help)) = rest.split_once(' ')
+            && infos.contains(name)
+        {
+            line = format!("# HELP {name}_info {help}");
+        }
         for c in &counters {
             for prefix in ["# HELP ", "# TYPE "] {
                 let head = format!("{prefix}{c} ");
@@ -152,6 +170,9 @@ fn series(text: &str) -> BTreeSet<String> {
         match kind {
             "counter" => {
                 out.insert(format!("{name}_total"));
+            }
+            "info" => {
+                out.insert(format!("{name}_info"));
             }
             "histogram" => {
                 for suffix in ["_bucket", "_sum", "_count"] {
@@ -252,6 +273,7 @@ fn the_metric_names_of_spec_section_8_are_exported() {
         "mailroute_operator_reconciles_total",
         "mailroute_operator_reconcile_duration_seconds_bucket",
         "mailroute_route_tls_probe_success",
+        "mailroute_build_info",
     ] {
         assert!(known.contains(name), "{name} missing");
     }

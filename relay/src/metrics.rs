@@ -176,6 +176,14 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self::default();
         registry.register(
+            "mailroute_build",
+            "The program and its version (always 1)",
+            prometheus_client::metrics::info::Info::new(vec![
+                ("program", "relay"),
+                ("version", env!("CARGO_PKG_VERSION")),
+            ]),
+        );
+        registry.register(
             "mailroute_relay_sessions_active",
             "SMTP sessions open now",
             metrics.sessions_active.clone(),
