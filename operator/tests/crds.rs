@@ -52,6 +52,58 @@ fn no_category_is_also_a_resource_name() {
     }
 }
 
+/// `kubectl get` shows what users look for: the hosts of a `hosts:` route, a policy's domains,
+/// and with `-o wide` why a resource is not Ready; conditions merge by type (a list-map, as
+/// Kubernetes' own conditions).
+#[test]
+fn printer_columns_and_conditions_are_what_kubectl_users_expect() {
+    for crd in crdgen::crds() {
+        let kind = crd.spec.names.kind.clone();
+        let version = &crd.spec.versions[0];
+        let columns = version
+            .additional_printer_columns
+            .clone()
+            .unwrap_or_default();
+        let column = |name: &str| columns.iter().find(|c| c.name == name).cloned();
+        for wide in ["Reason", "Message"] {
+            let c = column(wide).unwrap_or_else(|| panic!("{kind}: no {wide} column"));
+            assert_eq!(c.priority, Some(1), "{kind}: {wide} belongs to -o wide");
+            assert!(
+                c.json_path.contains(r#"@.type=="Ready""#),
+                "{kind}: {}",
+                c.json_path
+            );
+        }
+        match kind.as_str() {
+            "MailRoute" => {
+                assert!(column("Host").is_some());
+                let hosts = column("Hosts").unwrap_or_else(|| panic!("no Hosts column"));
+                assert_eq!(hosts.json_path, ".spec.hosts.primary[*].host");
+            }
+            "RelayPolicy" => {
+                let domains = column("Domains").unwrap_or_else(|| panic!("no Domains column"));
+                assert_eq!(domains.json_path, ".spec.domains");
+            }
+            _ => {}
+        }
+        let conditions = &schema(&kind)["properties"]["status"]["properties"]["conditions"];
+        assert_eq!(conditions["x-kubernetes-list-type"], "map", "{kind}");
+        assert_eq!(
+            conditions["x-kubernetes-list-map-keys"],
+            json!(["type"]),
+            "{kind}"
+        );
+        let required = conditions["items"]["required"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            required.contains(&json!("type")),
+            "{kind}: a list-map key must be required"
+        );
+    }
+}
+
 /// The openAPIV3Schema of the CRD for `kind`.
 fn schema(kind: &str) -> Value {
     let crd = crdgen::crds()

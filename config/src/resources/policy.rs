@@ -19,10 +19,13 @@ use serde::{Deserialize, Serialize};
         shortname = "mpolicy",
         category = "mailrouting",
         doc = "A tenant of the relay: its domains, users, who may relay, allowed senders, quotas and default routes.",
+        printcolumn = r#"{"name":"Domains","type":"string","jsonPath":".spec.domains"}"#,
         printcolumn = r#"{"name":"Licenses","type":"integer","jsonPath":".spec.licenses"}"#,
         printcolumn = r#"{"name":"Tier","type":"string","jsonPath":".spec.tier"}"#,
         printcolumn = r#"{"name":"Users","type":"integer","jsonPath":".status.users"}"#,
         printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+        printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+        printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#,
         printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
     )
 )]
@@ -226,6 +229,7 @@ pub struct RelayPolicyStatus {
     /// `Ready`: the policy is valid and part of the relay configuration; when false, the message
     /// names the offending field.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Registered users (inline and from `usersFrom`), after removing duplicates.
     #[serde(default, skip_serializing_if = "Option::is_none")]

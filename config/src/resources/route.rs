@@ -21,10 +21,13 @@ use serde::{Deserialize, Serialize};
         category = "mailrouting",
         doc = "A named SMTP destination (mail server, smarthost, archive, or MX lookup) that Mailroute can deliver to.",
         printcolumn = r#"{"name":"Host","type":"string","jsonPath":".spec.host","description":"Destination host or MX domain"}"#,
+        printcolumn = r#"{"name":"Hosts","type":"string","jsonPath":".spec.hosts.primary[*].host","description":"Primary hosts of a route with hosts: instead of host"}"#,
         printcolumn = r#"{"name":"Port","type":"integer","jsonPath":".spec.port"}"#,
         printcolumn = r#"{"name":"TLS","type":"string","jsonPath":".spec.tls.mode"}"#,
         printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
         printcolumn = r#"{"name":"TLS Verified","type":"string","jsonPath":".status.conditions[?(@.type==\"TLSVerified\")].status"}"#,
+        printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+        printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#,
         printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
     )
 )]
@@ -275,6 +278,7 @@ pub struct MailRouteStatus {
     /// `Ready` (the route is valid and part of the relay configuration) and `TLSVerified` (the
     /// last TLS probe succeeded).
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The result of the last TLS probe.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
         printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
         printcolumn = r#"{"name":"Matches","type":"integer","jsonPath":".status.matches"}"#,
         printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+        printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+        printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#,
         printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
     )
 )]
@@ -239,6 +241,7 @@ pub struct RoutingRuleStatus {
     /// `Ready`: the rule is valid and part of the relay configuration; when false, the message
     /// names the offending field.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Recipients this rule matched (enforced or audited), as last reported by the relays.
     #[serde(default, skip_serializing_if = "Option::is_none")]
