@@ -276,7 +276,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let loaded = match runtime.block_on(source.load(1)) {
+    let first = if cli.check {
+        runtime.block_on(source.load(1))
+    } else {
+        runtime.block_on(waiting(&cli, &source))
+    };
+    let loaded = match first {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("mailroute-relay: configuration not loaded: {e}");
@@ -294,6 +299,42 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The first configuration ([`reload::first_load`]). While a cluster source has none yet, the
+/// admin listener already answers: `/healthz` 200 (the kubelet must not restart a relay that
+/// waits on purpose), `/readyz` 503 (no traffic until it serves).
+async fn waiting(
+    cli: &Cli,
+    source: &Source,
+) -> Result<Loaded, mailroute_relay::config_source::LoadError> {
+    if !matches!(source, Source::Cluster(_)) {
+        return source.load(1).await;
+    }
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin = match cli.admin {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => Some(tokio::spawn(mailroute_admin::serve(
+                listener,
+                Arc::new(prometheus_client::registry::Registry::default()),
+                Arc::new(AtomicBool::new(false)),
+                async {
+                    let _ = stopped.await;
+                },
+            ))),
+            Err(e) => {
+                tracing::warn!(error = %e, %addr, "admin listener not bound while waiting");
+                None
+            }
+        },
+        None => None,
+    };
+    let loaded = reload::first_load(source, reload::FIRST_LOAD_RETRY).await;
+    let _ = stop.send(());
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
+    loaded
 }
 
 /// Where the configuration comes from, per the command line.

@@ -99,6 +99,38 @@ fn stamp_file(path: &Path, hasher: &mut DefaultHasher) -> Option<()> {
 /// Builds a generation from a loaded configuration.
 pub type Build = dyn Fn(&Loaded) -> Result<Generation, String> + Send + Sync;
 
+/// How often a relay that has no configuration yet asks again.
+pub const FIRST_LOAD_RETRY: Duration = Duration::from_secs(2);
+
+/// How often a first load that keeps failing is logged.
+const FIRST_LOAD_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// The first configuration. From files it is there or it is an error (a mistake to fix before
+/// starting). From the cluster it may not exist yet: at first install the relay starts before
+/// the operator has published anything, so it waits (asking every `retry`, logging the reason at
+/// once and then at most once a minute) instead of exiting into a crash loop.
+pub async fn first_load(source: &Source, retry: Duration) -> Result<Loaded, LoadError> {
+    let mut logged: Option<tokio::time::Instant> = None;
+    loop {
+        match source.load(1).await {
+            Ok(loaded) => {
+                if logged.is_some() {
+                    tracing::info!("configuration found; starting");
+                }
+                return Ok(loaded);
+            }
+            Err(e) if matches!(source, Source::Cluster(_)) => {
+                if logged.is_none_or(|at| at.elapsed() >= FIRST_LOAD_LOG_EVERY) {
+                    tracing::warn!(error = %e, "no configuration yet; waiting for the operator to publish it");
+                    logged = Some(tokio::time::Instant::now());
+                }
+                tokio::time::sleep(retry).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Watches `source` every `interval` and installs each valid change into `shared`. Runs until
 /// the task is dropped.
 pub async fn watch(source: Source, interval: Duration, shared: Arc<Shared>, build: Arc<Build>) {

@@ -1,7 +1,8 @@
 //! `--configmap`: reading the operator's ConfigMap(s) and Secret from the Kubernetes API,
 //! against a fake API server over real TLS (an rcgen certificate as the cluster CA): the
 //! bearer token is sent, whole and split documents load with their credentials, an
-//! incomplete split is refused, and a missing ConfigMap is a clear error.
+//! incomplete split is refused, a missing ConfigMap is a clear error, and at first install the
+//! relay waits for it rather than exiting.
 
 mod support;
 
@@ -258,4 +259,39 @@ async fn a_password_rotated_in_the_secret_is_in_force_within_a_second() {
         watch.abort();
     })
     .await;
+}
+
+#[tokio::test]
+async fn at_first_install_a_relay_waits_for_its_config_map_instead_of_exiting() {
+    support::bounded(30, async {
+        // The relay starts before the operator has published anything.
+        let (source, api, _certs) = source(FakeApi::default()).await;
+        let waiting = tokio::spawn(async move {
+            mailroute_relay::reload::first_load(&source, std::time::Duration::from_millis(100))
+                .await
+                .map(|loaded| loaded.document.generation)
+                .map_err(|e| e.to_string())
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        assert!(!waiting.is_finished(), "gave up while the ConfigMap does not exist");
+        // The operator publishes: the relay starts on it.
+        api.put(
+            &format!("{CM}/mailroute-relay-config"),
+            json!({"metadata": {"annotations": {"mailroute.io/parts": "1"}}, "data": {"config.json": document_json()}}),
+        );
+        api.put(SECRET, secret());
+        let published = std::time::Instant::now();
+        let generation = waiting.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(generation, Ok(7));
+        assert!(published.elapsed() < std::time::Duration::from_secs(1));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_configuration_file_that_is_missing_is_still_an_error_at_once() {
+    let source = Source::Document("/nonexistent/mailroute/config.json".into());
+    let result =
+        mailroute_relay::reload::first_load(&source, std::time::Duration::from_secs(60)).await;
+    assert!(result.is_err());
 }
