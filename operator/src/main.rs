@@ -114,7 +114,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     tokio::spawn(mailroute_admin::serve(
                         listener,
                         std::sync::Arc::new(registry),
-                        ready,
+                        std::sync::Arc::clone(&ready),
                         std::future::pending(),
                     ));
                 }
@@ -122,6 +122,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     resync: std::time::Duration::from_secs(resync.max(5)),
                     ..Default::default()
                 };
+                let readiness = mailroute_operator::controller::readiness::Readiness::new(
+                    pacing.resync,
+                    std::sync::Arc::clone(&ready),
+                );
                 let helo = probe_helo.unwrap_or_else(|| {
                     std::fs::read_to_string("/proc/sys/kernel/hostname")
                         .map(|h| h.trim().to_owned())
@@ -142,7 +146,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     mailroute_operator::controller::leader::Election::new(&ns, &identity)
                 });
                 tokio::select! {
-                    () = mailroute_operator::controller::run::run(client, namespaces, pacing, election, metrics, helo) => {}
+                    () = mailroute_operator::controller::run::run(client, namespaces, pacing, election, metrics, helo, readiness) => {}
                     _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
                 }
                 anyhow::Ok(())

@@ -12,6 +12,7 @@
 pub mod leader;
 pub mod probe;
 pub mod publish;
+pub mod readiness;
 pub mod run;
 pub mod status;
 

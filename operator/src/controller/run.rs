@@ -7,6 +7,7 @@
 
 use super::leader::Election;
 use super::probe;
+use super::readiness::Readiness;
 use super::{reconcile_namespace, recorder};
 use crate::metrics::{Metrics, NamespaceLabels, ResultLabels, RouteLabels};
 use futures_util::StreamExt;
@@ -50,6 +51,7 @@ impl Default for Pacing {
 fn watch<K>(
     api: Api<PartialObjectMeta<K>>,
     tx: mpsc::UnboundedSender<String>,
+    readiness: Readiness,
 ) -> tokio::task::JoinHandle<()>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -59,12 +61,14 @@ where
         while let Some(event) = stream.next().await {
             match event {
                 Ok(Event::Apply(o) | Event::Delete(o) | Event::InitApply(o)) => {
+                    readiness.succeeded();
                     if let Some(ns) = o.namespace() {
                         let _ = tx.send(ns);
                     }
                 }
-                Ok(Event::Init | Event::InitDone) => {}
+                Ok(Event::Init | Event::InitDone) => readiness.succeeded(),
                 Err(e) => {
+                    readiness.failed();
                     tracing::warn!(kind = %K::kind(&()), error = %e, "watch failed; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
@@ -190,6 +194,7 @@ pub async fn run(
     election: Option<Election>,
     metrics: Arc<Metrics>,
     helo: String,
+    readiness: Readiness,
 ) {
     let (leading_tx, mut leading) = watch::channel(election.is_none());
     metrics.leader.set(i64::from(*leading.borrow()));
@@ -210,9 +215,9 @@ pub async fn run(
                 }
             };
         }
-        watchers.push(watch(api!(MailRoute), tx.clone()));
-        watchers.push(watch(api!(RelayPolicy), tx.clone()));
-        watchers.push(watch(api!(RoutingRule), tx.clone()));
+        watchers.push(watch(api!(MailRoute), tx.clone(), readiness.clone()));
+        watchers.push(watch(api!(RelayPolicy), tx.clone(), readiness.clone()));
+        watchers.push(watch(api!(RoutingRule), tx.clone(), readiness.clone()));
     }
     let recorder = recorder(client.clone());
     let targets: Targets = Arc::default();
@@ -236,6 +241,7 @@ pub async fn run(
                 due.entry(ns).and_modify(|(t, _)| *t = (*t).min(at).max(Instant::now())).or_insert((at, 0));
             }
             _ = resync.tick() => {
+                readiness.check();
                 for ns in &known {
                     due.entry(ns.clone()).or_insert((Instant::now(), 0));
                 }
@@ -267,6 +273,7 @@ pub async fn run(
                     let started = std::time::Instant::now();
                     let outcome = reconcile_namespace(&client, &recorder, &ns, &stamp).await;
                     metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+                    if outcome.is_ok() { readiness.succeeded() } else { readiness.failed() }
                     let result = if outcome.is_ok() { "success" } else { "error" };
                     metrics
                         .reconciles
