@@ -89,9 +89,7 @@ fn exposition() -> (String, String) {
     };
     operator.generation.get_or_create(&ns).set(3);
     operator.invalid_resources.get_or_create(&ns).set(0);
-    let route = o::RouteLabels {
-        route: s("mail/mailbox"),
-    };
+    let route = o::RouteLabels::of("mail", "mailbox");
     operator
         .route_tls_probe_success
         .get_or_create(&route)
@@ -311,4 +309,23 @@ fn promtool_accepts_both_metrics_outputs() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// A route's series join across the programs: the relay labels a route by its name in the
+/// compiled document, the operator labels its probe of the same MailRoute with the same value
+/// (and the namespace apart).
+#[test]
+fn both_programs_label_a_route_with_the_same_value() {
+    let yaml = "apiVersion: mailroute.io/v1alpha1\nkind: MailRoute\nmetadata: {name: mailbox, namespace: mail}\nspec: {host: mx.example.com, port: 25}\n";
+    let mut manifests = mailroute_config::Manifests::default();
+    manifests
+        .add_yaml(std::path::Path::new("route.yaml"), yaml)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let inputs = manifests.namespaces.remove("mail").unwrap_or_default();
+    let compiled = mailroute_config::compile(&inputs);
+    let document = compiled.document(1);
+    let relay_label: Vec<&String> = document.config.routes.keys().collect();
+    let operator_label = mailroute_operator::metrics::RouteLabels::of("mail", "mailbox");
+    assert_eq!(relay_label, [&operator_label.route]);
+    assert_eq!(operator_label.namespace, "mail");
 }

@@ -18,8 +18,21 @@ pub struct ResultLabels {
 /// Labels of `mailroute_route_tls_probe_success`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    /// `namespace/name` of the MailRoute.
+    /// The MailRoute's namespace.
+    pub namespace: String,
+    /// The MailRoute's name: the relay's `route` label for the same route, so panels and
+    /// alerts join the two programs' series on it.
     pub route: String,
+}
+
+impl RouteLabels {
+    /// The labels of MailRoute `namespace/name`.
+    pub fn of(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            route: name.to_owned(),
+        }
+    }
 }
 
 /// Labels of the per-namespace gauges.

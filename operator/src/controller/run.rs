@@ -134,9 +134,7 @@ fn probe_loop(
                     .await;
                     match verified {
                         Ok(outcome) => {
-                            let labels = RouteLabels {
-                                route: format!("{ns}/{name}"),
-                            };
+                            let labels = RouteLabels::of(ns, name);
                             metrics
                                 .route_tls_probe_success
                                 .get_or_create(&labels)
