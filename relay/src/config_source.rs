@@ -11,7 +11,7 @@ use mailroute_config::{Credentials, Manifests, Problem, RelayDocument, compile};
 use std::path::{Path, PathBuf};
 
 /// A configuration ready for use.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Loaded {
     pub document: RelayDocument,
     pub credentials: Credentials,

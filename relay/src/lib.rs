@@ -31,6 +31,7 @@ pub mod budget;
 pub mod cluster;
 pub mod config_source;
 pub mod delivery;
+pub mod dev_sink;
 pub mod generation;
 pub mod interfaces;
 pub mod metrics;

@@ -246,6 +246,11 @@ struct Cli {
         default_value_t = 300
     )]
     reply_bound: u64,
+    /// Development only: deliver every route's mail to a built-in sink that writes each message
+    /// to DIR/<route>-<n>.eml and prints where (every destination, TLS and AUTH replaced), so
+    /// dual and split delivery can be seen without an MTA.
+    #[arg(long, value_name = "DIR", env = "MAILROUTE_DEV_SINK")]
+    dev_sink: Option<PathBuf>,
 }
 
 fn system_hostname() -> Option<String> {
@@ -452,6 +457,19 @@ async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyho
             mailroute_relay::budget::Budget::observed(limit, metrics.inflight_bytes.clone())
         },
     });
+    let dev_sink = match &cli.dev_sink {
+        Some(dir) => {
+            let sink = mailroute_relay::dev_sink::DevSink::new(dir)
+                .with_context(|| format!("--dev-sink {}", dir.display()))?;
+            tracing::warn!(dir = %dir.display(), "--dev-sink: every route delivers to files, nothing leaves the machine");
+            Some(Arc::new(sink))
+        }
+        None => None,
+    };
+    let mut loaded = loaded;
+    if let Some(sink) = &dev_sink {
+        sink.redirect(&mut loaded).context("--dev-sink")?;
+    }
     let first = builder.generation(&loaded).context("setting up delivery")?;
     let limits = Limits {
         idle_timeout: Duration::from_secs(cli.idle_timeout),
@@ -487,8 +505,14 @@ async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyho
     };
     let watcher = (cli.watch_interval_ms > 0).then(|| {
         let builder = Arc::clone(&builder);
-        let build: Arc<Build> =
-            Arc::new(move |loaded: &Loaded| builder.generation(loaded).map_err(|e| e.to_string()));
+        let build: Arc<Build> = Arc::new(move |loaded: &Loaded| match &dev_sink {
+            Some(sink) => {
+                let mut loaded = loaded.clone();
+                sink.redirect(&mut loaded).map_err(|e| e.to_string())?;
+                builder.generation(&loaded).map_err(|e| e.to_string())
+            }
+            None => builder.generation(loaded).map_err(|e| e.to_string()),
+        });
         tokio::spawn(reload::watch(
             source,
             Duration::from_millis(cli.watch_interval_ms),
