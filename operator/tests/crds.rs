@@ -197,9 +197,9 @@ fn resource(kind: &str, spec: Value) -> Value {
     json!({"apiVersion": "mailroute.io/v1alpha1", "kind": kind, "metadata": {"name": "x"}, "spec": spec})
 }
 
-#[test]
-fn cel_rules_refuse_cross_field_mistakes() {
-    let cases = [
+/// One object per CEL rule that the rule must refuse, with the message it must give.
+fn refused_samples() -> Vec<(Value, &'static str)> {
+    vec![
         (
             resource(
                 "MailRoute",
@@ -271,8 +271,51 @@ fn cel_rules_refuse_cross_field_mistakes() {
             ),
             "enhancedCode must have the same class as code",
         ),
-    ];
-    for (object, expected) in cases {
+    ]
+}
+
+/// Every `x-kubernetes-validations` message in `schema`, wherever the rule sits.
+fn rule_messages(schema: &Value, out: &mut Vec<String>) {
+    match schema {
+        Value::Object(map) => {
+            if let Some(rules) = map
+                .get("x-kubernetes-validations")
+                .and_then(Value::as_array)
+            {
+                for rule in rules {
+                    out.push(rule["message"].as_str().unwrap_or_default().to_owned());
+                }
+            }
+            map.values().for_each(|v| rule_messages(v, out));
+        }
+        Value::Array(items) => items.iter().for_each(|v| rule_messages(v, out)),
+        _ => {}
+    }
+}
+
+/// A rule no sample trips could be one that never fires (or one the API server would not
+/// compile, which the evaluation would show): each must refuse at least one sample.
+#[test]
+fn every_cel_rule_refuses_a_sample_of_its_own() {
+    let samples = refused_samples();
+    for kind in ["MailRoute", "RoutingRule", "RelayPolicy"] {
+        let mut messages = Vec::new();
+        rule_messages(&schema(kind), &mut messages);
+        assert!(!messages.is_empty(), "{kind} has no CEL rule");
+        for message in messages {
+            assert!(
+                samples.iter().any(|(o, expected)| o["kind"] == kind
+                    && message.contains(expected)
+                    && cel_errors(o).iter().any(|e| e.contains(expected))),
+                "{kind}: no sample is refused by the rule {message:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn cel_rules_refuse_cross_field_mistakes() {
+    for (object, expected) in refused_samples() {
         let errors = cel_errors(&object);
         assert!(
             errors.iter().any(|e| e.contains(expected)),
