@@ -33,6 +33,19 @@ struct AdminState {
     ready: Arc<AtomicBool>,
 }
 
+/// Registers `mailroute_build_info{program, version}` (always 1): which build of which program
+/// answers, the same family in both programs.
+pub fn register_build_info(registry: &mut Registry, program: &'static str, version: &'static str) {
+    registry.register(
+        "mailroute_build",
+        "The program and its version (always 1)",
+        prometheus_client::metrics::info::Info::new(vec![
+            ("program", program),
+            ("version", version),
+        ]),
+    );
+}
+
 /// Serves the admin endpoints on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,

@@ -110,18 +110,16 @@ fn exposition() -> (String, String) {
 /// metrics` lints): a counter's `# HELP`/`# TYPE` carry the `_total` name, no `_created`
 /// series, no `# EOF`. Prometheus itself scrapes the OpenMetrics text as served.
 fn classic(openmetrics: &str) -> String {
-    let counters: BTreeSet<String> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.strip_suffix(" counter"))
-        .map(str::to_owned)
-        .collect();
-    let infos: BTreeSet<String> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.strip_suffix(" info"))
-        .map(str::to_owned)
-        .collect();
+    let families = |kind: &str| -> BTreeSet<String> {
+        let suffix = format!(" {kind}");
+        openmetrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.strip_suffix(suffix.as_str()))
+            .map(str::to_owned)
+            .collect()
+    };
+    let (counters, infos) = (families("counter"), families("info"));
     let mut out = String::new();
     for line in openmetrics.lines() {
         if line == "# EOF" {

@@ -70,14 +70,7 @@ impl Metrics {
             route_tls_probe_success: Family::default(),
             route_tls_certificate_expiry: Family::default(),
         };
-        registry.register(
-            "mailroute_build",
-            "The program and its version (always 1)",
-            prometheus_client::metrics::info::Info::new(vec![
-                ("program", "operator"),
-                ("version", env!("CARGO_PKG_VERSION")),
-            ]),
-        );
+        mailroute_admin::register_build_info(registry, "operator", env!("CARGO_PKG_VERSION"));
         registry.register(
             "mailroute_operator_reconciles",
             "Namespace reconcile passes, by result",

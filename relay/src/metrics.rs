@@ -175,14 +175,7 @@ impl Metrics {
     /// Creates the metrics and registers them.
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self::default();
-        registry.register(
-            "mailroute_build",
-            "The program and its version (always 1)",
-            prometheus_client::metrics::info::Info::new(vec![
-                ("program", "relay"),
-                ("version", env!("CARGO_PKG_VERSION")),
-            ]),
-        );
+        mailroute_admin::register_build_info(registry, "relay", env!("CARGO_PKG_VERSION"));
         registry.register(
             "mailroute_relay_sessions_active",
             "SMTP sessions open now",
