@@ -26,6 +26,17 @@ enum Command {
             value_delimiter = ','
         )]
         namespaces: Vec<String>,
+        /// Namespaces to publish a relay document for from the start, even before they hold any
+        /// resource (repeatable): the relays' configuration namespace, so a first install's
+        /// relays get an empty, valid document at once instead of waiting for the first
+        /// resource. The chart passes `relay.configNamespace`.
+        #[arg(
+            long = "publish-namespace",
+            value_name = "NS",
+            env = "MAILROUTE_PUBLISH_NAMESPACES",
+            value_delimiter = ','
+        )]
+        publish: Vec<String>,
         /// Seconds between full passes over every known namespace (picks up changed Secrets
         /// and ConfigMaps the resources reference).
         #[arg(
@@ -88,6 +99,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run {
             namespaces,
+            publish,
             resync,
             lease_namespace,
             identity,
@@ -146,7 +158,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     mailroute_operator::controller::leader::Election::new(&ns, &identity)
                 });
                 tokio::select! {
-                    () = mailroute_operator::controller::run::run(client, namespaces, pacing, election, metrics, helo, readiness) => {}
+                    () = mailroute_operator::controller::run::run(client, mailroute_operator::controller::run::Scope { namespaces, publish }, pacing, election, metrics, helo, readiness) => {}
                     _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
                 }
                 anyhow::Ok(())

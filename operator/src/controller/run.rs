@@ -185,9 +185,31 @@ fn elect(
 
 /// Runs until the process is stopped. With an `election`, only while this replica holds the
 /// Lease does it write; a replica that loses it stops writing at its next pass.
+/// Which namespaces the operator manages.
+#[derive(Clone, Debug, Default)]
+pub struct Scope {
+    /// Watched and compiled; empty: every namespace.
+    pub namespaces: Vec<String>,
+    /// Published from the start, before any resource appears in them (`--publish-namespace`).
+    pub publish: Vec<String>,
+}
+
+impl Scope {
+    /// The namespaces reconciled before any event: the watched ones and those to publish, in
+    /// the watched scope (a namespace outside `namespaces`, when it is set, is never published).
+    pub fn initial(&self) -> BTreeSet<String> {
+        let watched = |ns: &String| self.namespaces.is_empty() || self.namespaces.contains(ns);
+        self.namespaces
+            .iter()
+            .chain(self.publish.iter().filter(|ns| watched(ns)))
+            .cloned()
+            .collect()
+    }
+}
+
 pub async fn run(
     client: Client,
-    namespaces: Vec<String>,
+    scope: Scope,
     pacing: Pacing,
     election: Option<Election>,
     metrics: Arc<Metrics>,
@@ -199,10 +221,10 @@ pub async fn run(
     let _elector = election.map(|e| elect(client.clone(), e, leading_tx));
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     let mut watchers = Vec::new();
-    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+    let scopes: Vec<Option<String>> = if scope.namespaces.is_empty() {
         vec![None]
     } else {
-        namespaces.iter().cloned().map(Some).collect()
+        scope.namespaces.iter().cloned().map(Some).collect()
     };
     for scope in &scopes {
         macro_rules! api {
@@ -226,7 +248,7 @@ pub async fn run(
         Arc::clone(&metrics),
         helo,
     );
-    let mut known: BTreeSet<String> = namespaces.iter().cloned().collect();
+    let mut known: BTreeSet<String> = scope.initial();
     // Namespace -> (when it may run next, failures so far).
     let mut due: BTreeMap<String, (Instant, u32)> = BTreeMap::new();
     let mut resync = tokio::time::interval(pacing.resync);
@@ -304,5 +326,27 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod scope_tests {
+    use super::Scope;
+
+    #[test]
+    fn the_relays_namespace_is_published_from_the_start_within_the_watched_scope() {
+        let all = Scope {
+            namespaces: vec![],
+            publish: vec!["mail".into()],
+        };
+        assert_eq!(all.initial().into_iter().collect::<Vec<_>>(), ["mail"]);
+        let some = Scope {
+            namespaces: vec!["mail".into(), "eu".into()],
+            publish: vec!["mail".into(), "elsewhere".into()],
+        };
+        assert_eq!(
+            some.initial().into_iter().collect::<Vec<_>>(),
+            ["eu", "mail"]
+        );
     }
 }
