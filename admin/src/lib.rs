@@ -10,6 +10,8 @@ pub fn init_logging(default_level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // NB: colour only on a terminal: a file or a log collector gets plain text (SPEC 8).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if std::env::var("MAILROUTE_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();

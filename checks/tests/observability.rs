@@ -266,6 +266,7 @@ fn the_metric_names_of_spec_section_8_are_exported() {
         "mailroute_relay_bytes_received_total",
         "mailroute_relay_config_generation",
         "mailroute_relay_config_reloads_total",
+        "mailroute_relay_config_source_up",
         "mailroute_operator_reconciles_total",
         "mailroute_operator_reconcile_duration_seconds_bucket",
         "mailroute_route_tls_probe_success",

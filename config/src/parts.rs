@@ -21,6 +21,11 @@ pub const CREDENTIALS_KEY: &str = "credentials.json";
 /// Annotation of the first ConfigMap: how many parts the document has.
 pub const PARTS_ANNOTATION: &str = "mailroute.io/parts";
 
+/// The name of part `i` (from 0) of the document published as ConfigMap `index`.
+pub fn part_name(index: &str, i: usize) -> String {
+    format!("{index}-{i}")
+}
+
 /// The key of part `i` (from 0) of `n`.
 pub fn part_key(i: usize, n: usize) -> String {
     format!("{WHOLE_KEY}.{i:03}-of-{n:03}")

@@ -36,8 +36,9 @@ struct Cli {
     #[arg(long, value_name = "PATH", env = "MAILROUTE_CONFIG")]
     config: Option<PathBuf>,
     /// Run from the operator's ConfigMap NAMESPACE/NAME (usually
-    /// `<namespace>/mailroute-relay-config`) and Secret `mailroute-relay-credentials`, read from
-    /// the Kubernetes API with the pod's service account (needs `get` on both).
+    /// `<namespace>/mailroute-relay-config`) and Secret `mailroute-relay-credentials`, watched
+    /// through the Kubernetes API: with the pod's service account in a cluster, with
+    /// `KUBECONFIG` (or ~/.kube/config) outside one. Needs get, list and watch on both.
     #[arg(long, value_name = "NAMESPACE/NAME", env = "MAILROUTE_CONFIGMAP")]
     configmap: Option<String>,
     /// Load and check the configuration, print a summary, and exit: 0 when it is valid.
@@ -262,15 +263,10 @@ fn system_hostname() -> Option<String> {
 }
 
 fn main() -> ExitCode {
-    mailroute_admin::init_logging("info");
+    // NB: kube's own request and watcher logs are off by default: the cluster source logs an API
+    // failure itself, once a minute while it lasts, where kube would log every retry.
+    mailroute_admin::init_logging("info,kube_client=off,kube_runtime=off");
     let cli = Cli::parse();
-    let source = match source(&cli) {
-        Ok(source) => source,
-        Err(e) => {
-            eprintln!("mailroute-relay: {e}");
-            return ExitCode::from(2);
-        }
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -281,8 +277,15 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let source = match runtime.block_on(source(&cli)) {
+        Ok(source) => source,
+        Err(e) => {
+            eprintln!("mailroute-relay: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let first = if cli.check {
-        runtime.block_on(source.load(1))
+        runtime.block_on(reload::load_listed(&source, CHECK_LISTING_BOUND))
     } else {
         runtime.block_on(waiting(&cli, &source))
     };
@@ -342,17 +345,23 @@ async fn waiting(
     loaded
 }
 
+/// How long `--check` waits for a cluster source's first lists.
+const CHECK_LISTING_BOUND: Duration = Duration::from_secs(30);
+
 /// Where the configuration comes from, per the command line.
-fn source(cli: &Cli) -> Result<Source, String> {
+async fn source(cli: &Cli) -> Result<Source, String> {
     match (&cli.manifests, &cli.config, &cli.configmap) {
         (Some(dir), _, _) => Ok(Source::Manifests(dir.clone())),
         (None, Some(path), _) => Ok(Source::Document(path.clone())),
         (None, None, Some(name)) => {
             let (namespace, name) =
                 mailroute_relay::cluster::parse_name(name).map_err(|e| e.to_string())?;
-            let api = mailroute_relay::cluster::ApiSource::in_cluster(&namespace, &name)
+            let client = mailroute_relay::cluster::connect(None)
+                .await
                 .map_err(|e| format!("--configmap: {e}"))?;
-            Ok(Source::Cluster(Arc::new(api)))
+            Ok(Source::Cluster(Arc::new(
+                mailroute_relay::cluster::ClusterSource::start(client, &namespace, &name),
+            )))
         }
         (None, None, None) => {
             Err("give --manifests DIR, --config PATH or --configmap NAMESPACE/NAME".to_owned())
@@ -390,6 +399,7 @@ async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyho
     metrics
         .config_generation
         .set(i64::try_from(loaded.document.generation).unwrap_or(i64::MAX));
+    metrics.config_source_up.set(1);
 
     let store_timeout = Duration::from_millis(cli.store_timeout_ms.max(1));
     let (ledger, quota_store): (Arc<dyn Ledger>, Arc<dyn QuotaStore>) = match &cli.store {

@@ -117,6 +117,8 @@ pub struct Metrics {
     pub bytes_received: Counter,
     pub config_generation: Gauge,
     pub config_reloads: Family<ReloadLabels, Counter>,
+    /// 1 while the configuration's source can be read (files there; every API watch answering).
+    pub config_source_up: Gauge,
     pub messages: Family<TrafficLabels, Counter>,
     pub recipients: Family<TrafficLabels, Counter>,
     pub delivery_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
@@ -150,6 +152,7 @@ impl Default for Metrics {
             bytes_received: Counter::default(),
             config_generation: Gauge::default(),
             config_reloads: Family::default(),
+            config_source_up: Gauge::default(),
             messages: Family::default(),
             recipients: Family::default(),
             delivery_duration: Family::new_with_constructor(duration_histogram),
@@ -200,6 +203,11 @@ impl Metrics {
             "mailroute_relay_config_reloads",
             "Configuration changes seen, by result (success, or error: refused, previous kept)",
             metrics.config_reloads.clone(),
+        );
+        registry.register(
+            "mailroute_relay_config_source_up",
+            "1 while the configuration's source can be read: its files exist, or every watch of the Kubernetes API answers",
+            metrics.config_source_up.clone(),
         );
         registry.register(
             "mailroute_relay_messages",

@@ -4,7 +4,8 @@
 //! fails to load or to build is refused, counted in
 //! `mailroute_relay_config_reloads_total{result="error"}`, and the previous one stays in force.
 //!
-//! `--configmap` polls the Kubernetes API the same way (three small GETs per interval).
+//! `--configmap` is not polled: the cluster source follows its objects with watches and wakes
+//! the reload as soon as one of them changes ([`crate::cluster`]).
 //!
 //! Every source covers the credentials as well: a change is what changes
 //! [`Loaded::fingerprint`], the document's hash *and* a digest of the credentials. A new
@@ -16,7 +17,7 @@
 //! which inotify watchers notoriously miss, and a stat of a few files per interval costs
 //! nothing.
 
-use crate::cluster::ApiSource;
+use crate::cluster::{ClusterError, ClusterSource};
 use crate::config_source::{self, LoadError, Loaded};
 use crate::metrics::ReloadLabels;
 use crate::server::{Generation, Shared};
@@ -25,6 +26,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch::Receiver;
 
 /// Where the configuration comes from.
 #[derive(Clone, Debug)]
@@ -34,8 +36,8 @@ pub enum Source {
     /// A compiled document (`mailroute-operator render` output), or a directory holding the
     /// operator's ConfigMap(s) and Secret.
     Document(PathBuf),
-    /// The operator's ConfigMap(s) and Secret, read from the Kubernetes API.
-    Cluster(Arc<ApiSource>),
+    /// The operator's ConfigMap(s) and Secret, followed through the Kubernetes API.
+    Cluster(Arc<ClusterSource>),
 }
 
 impl Source {
@@ -43,9 +45,8 @@ impl Source {
     /// document carries its own).
     pub async fn load(&self, generation: u64) -> Result<Loaded, LoadError> {
         match self {
-            Source::Cluster(api) => {
-                let entries = api.fetch().await?;
-                config_source::from_entries(&api.origin(), &entries)
+            Source::Cluster(cluster) => {
+                config_source::from_entries(&cluster.origin(), &cluster.complete_entries()?)
             }
             Source::Manifests(_) | Source::Document(_) => {
                 let source = self.clone();
@@ -60,17 +61,21 @@ impl Source {
         match self {
             Source::Manifests(dir) => config_source::from_manifests(dir, generation),
             Source::Document(file) => config_source::from_document_file(file),
-            Source::Cluster(api) => Err(LoadError::Task(format!("{api:?} is not a file"))),
+            Source::Cluster(cluster) => Err(LoadError::Task(format!(
+                "{} is not a file",
+                cluster.origin().display()
+            ))),
         }
     }
 
     /// A fingerprint of what the source holds now: for files, as the file system describes
     /// them (it changes when a file is written, added, removed or replaced); for the cluster,
-    /// of the objects' contents. `None` when nothing can be read.
-    pub async fn stamp(&self) -> Option<u64> {
+    /// of the objects' contents. `None` when nothing can be read (for the cluster: not yet, or
+    /// the ConfigMap does not exist).
+    pub fn stamp(&self) -> Option<u64> {
         let mut hasher = DefaultHasher::new();
         match self {
-            Source::Cluster(api) => api.fetch().await.ok()?.hash(&mut hasher),
+            Source::Cluster(cluster) => cluster.entries().ok()??.hash(&mut hasher),
             Source::Document(file) if !file.is_dir() => stamp_file(file, &mut hasher)?,
             Source::Document(dir) | Source::Manifests(dir) => {
                 let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -99,17 +104,59 @@ fn stamp_file(path: &Path, hasher: &mut DefaultHasher) -> Option<()> {
 /// Builds a generation from a loaded configuration.
 pub type Build = dyn Fn(&Loaded) -> Result<Generation, String> + Send + Sync;
 
-/// How often a relay that has no configuration yet asks again.
+/// How often a relay that has no configuration yet tries again (a cluster source also tries
+/// as soon as one of its objects changes).
 pub const FIRST_LOAD_RETRY: Duration = Duration::from_secs(2);
 
 /// How often a first load that keeps failing is logged.
 const FIRST_LOAD_LOG_EVERY: Duration = Duration::from_secs(60);
 
+impl Source {
+    /// For the cluster, a receiver that wakes on each change of its objects or of the API's
+    /// health; files have none (they are looked at every interval).
+    fn changes(&self) -> Option<Receiver<crate::cluster::Snapshot>> {
+        match self {
+            Source::Cluster(cluster) => Some(cluster.changes()),
+            Source::Manifests(_) | Source::Document(_) => None,
+        }
+    }
+
+    /// Whether the source can be read now: `mailroute_relay_config_source_up`.
+    pub fn up(&self) -> bool {
+        match self {
+            Source::Cluster(cluster) => cluster.snapshot().up(),
+            Source::Manifests(_) | Source::Document(_) => self.stamp().is_some(),
+        }
+    }
+
+    /// A cluster source whose watches are still listing (a new part appeared): nothing to judge.
+    fn listing(&self) -> bool {
+        matches!(self, Source::Cluster(cluster) if matches!(cluster.entries(), Ok(None)))
+    }
+}
+
+/// Waits for the next change: the cluster's next snapshot, or the files' next tick. `false`
+/// when the source is gone.
+async fn next_change(
+    changes: &mut Option<Receiver<crate::cluster::Snapshot>>,
+    tick: &mut tokio::time::Interval,
+) -> bool {
+    match changes {
+        Some(changes) => changes.changed().await.is_ok(),
+        None => {
+            tick.tick().await;
+            true
+        }
+    }
+}
+
 /// The first configuration. From files it is there or it is an error (a mistake to fix before
 /// starting). From the cluster it may not exist yet: at first install the relay starts before
-/// the operator has published anything, so it waits (asking every `retry`, logging the reason at
-/// once and then at most once a minute) instead of exiting into a crash loop.
+/// the operator has published anything, so it waits (trying again on each change of its
+/// objects and every `retry`, logging the reason at once and then at most once a minute)
+/// instead of exiting into a crash loop.
 pub async fn first_load(source: &Source, retry: Duration) -> Result<Loaded, LoadError> {
+    let mut changes = source.changes();
     let mut logged: Option<tokio::time::Instant> = None;
     loop {
         match source.load(1).await {
@@ -119,29 +166,57 @@ pub async fn first_load(source: &Source, retry: Duration) -> Result<Loaded, Load
                 }
                 return Ok(loaded);
             }
-            Err(e) if matches!(source, Source::Cluster(_)) => {
-                if logged.is_none_or(|at| at.elapsed() >= FIRST_LOAD_LOG_EVERY) {
+            Err(e) => {
+                let Some(changes) = &mut changes else {
+                    return Err(e);
+                };
+                let listing = matches!(e, LoadError::Cluster(ClusterError::Listing { .. }));
+                if !listing && logged.is_none_or(|at| at.elapsed() >= FIRST_LOAD_LOG_EVERY) {
                     tracing::warn!(error = %e, "no configuration yet; waiting for the operator to publish it");
                     logged = Some(tokio::time::Instant::now());
                 }
-                tokio::time::sleep(retry).await;
+                let _ = tokio::time::timeout(retry, changes.changed()).await;
             }
-            Err(e) => return Err(e),
         }
     }
 }
 
-/// Watches `source` every `interval` and installs each valid change into `shared`. Runs until
+/// Loads now; a cluster source first waits (`bound` at most) for its first lists to complete.
+pub async fn load_listed(source: &Source, bound: Duration) -> Result<Loaded, LoadError> {
+    let mut changes = source.changes();
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        let result = source.load(1).await;
+        let listing = matches!(
+            result,
+            Err(LoadError::Cluster(ClusterError::Listing { .. }))
+        );
+        match &mut changes {
+            Some(changes) if listing && tokio::time::Instant::now() < deadline => {
+                let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
+            }
+            _ => return result,
+        }
+    }
+}
+
+/// Installs each valid change of `source` into `shared`: on each change of a cluster source's
+/// objects, or each `interval` for files. Keeps `mailroute_relay_config_source_up`. Runs until
 /// the task is dropped.
 pub async fn watch(source: Source, interval: Duration, shared: Arc<Shared>, build: Arc<Build>) {
-    let mut stamp = source.stamp().await;
+    let mut stamp = source.stamp();
     let mut hash = shared.generation.load().hash.clone();
     let mut next = shared.generation.load().number + 1;
+    let mut changes = source.changes();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let now = source.stamp().await;
+    shared.metrics.config_source_up.set(1);
+    while next_change(&mut changes, &mut tick).await {
+        shared.metrics.config_source_up.set(i64::from(source.up()));
+        if source.listing() {
+            continue;
+        }
+        let now = source.stamp();
         if now == stamp {
             continue;
         }

@@ -1,126 +1,61 @@
-//! `--configmap`: reading the operator's ConfigMap(s) and Secret from the Kubernetes API,
-//! against a fake API server over real TLS (an rcgen certificate as the cluster CA): the
-//! bearer token is sent, whole and split documents load with their credentials, an
-//! incomplete split is refused, a missing ConfigMap is a clear error, and at first install the
-//! relay waits for it rather than exiting.
+//! `--configmap`: the operator's ConfigMap(s) and Secret followed through the Kubernetes API
+//! with watches, against a fake API server that lists and streams watch events over real TLS
+//! (`support::kube_api`), reached through a kubeconfig whose user has a `tokenFile`, as a pod's
+//! service account is. In-process: whole and split documents load with their credentials, an
+//! incomplete split is refused, a missing ConfigMap is a clear error, a relay waits for its
+//! ConfigMap at first install, a change is in force within a second, also after `410 Gone`, and
+//! a token file that changes is used on the next request. The real binary: in steady state it
+//! makes no request but its watches, and an API down for 30 s leaves it serving on the
+//! generation in force, `mailroute_relay_config_source_up` 0 and one log line, until the API is
+//! back (1 again, without a restart).
 
 mod support;
 
 use base64::Engine;
-use mailroute_relay::cluster::{ApiSource, ClusterError, parse_name};
-use mailroute_relay::reload::Source;
+use mailroute_relay::cluster::{ClusterSource, connect};
+use mailroute_relay::reload::{self, Source};
+use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::kube_api::FakeApi;
 
-/// Path -> JSON object; every request's Authorization header is recorded.
-#[derive(Clone, Default)]
-struct FakeApi {
-    objects: Arc<Mutex<BTreeMap<String, Value>>>,
-    tokens: Arc<Mutex<Vec<String>>>,
-}
+const INDEX: &str = "mailroute-relay-config";
+const SECRET: &str = "mailroute-relay-credentials";
 
-impl FakeApi {
-    fn put(&self, path: &str, object: Value) {
-        self.objects
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(path.to_owned(), object);
-    }
-
-    async fn serve(self, certs: &support::CertFiles) -> std::net::SocketAddr {
-        let store = mailroute_relay::server::tls::CertificateStore::load(&certs.cert, &certs.key)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let acceptor = tokio_rustls::TlsAcceptor::from(
-            store.server_config().unwrap_or_else(|e| panic!("{e}")),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, api) = (acceptor.clone(), self.clone());
-                tokio::spawn(async move {
-                    let Ok(mut tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match tls.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let head = String::from_utf8_lossy(&head).into_owned();
-                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
-                    for line in head.lines() {
-                        if let Some(v) = line.strip_prefix("authorization: ") {
-                            api.tokens
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .push(v.to_owned());
-                        }
-                    }
-                    let found = api
-                        .objects
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get(&path)
-                        .cloned();
-                    let (status, body) = match found {
-                        Some(o) => ("200 OK", o.to_string()),
-                        None => (
-                            "404 Not Found",
-                            json!({"kind": "Status", "code": 404}).to_string(),
-                        ),
-                    };
-                    let response = format!(
-                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = tls.write_all(response.as_bytes()).await;
-                    let _ = tls.shutdown().await;
-                });
-            }
-        });
-        addr
-    }
-}
-
-const CM: &str = "/api/v1/namespaces/mail/configmaps";
-const SECRET: &str = "/api/v1/namespaces/mail/secrets/mailroute-relay-credentials";
-
-fn document_json() -> String {
-    let compiled = support::compile_yaml(
+/// The compiled document of one tenant; `licenses` makes documents differ.
+fn document_json(generation: u64, licenses: u32) -> String {
+    let compiled = support::compile_yaml(&format!(
         r#"
 apiVersion: mailroute.io/v1alpha1
 kind: MailRoute
-metadata: {name: mailbox, namespace: mail}
-spec: {host: 127.0.0.1, port: 2525, tls: {mode: Disabled}}
+metadata: {{name: mailbox, namespace: mail}}
+spec: {{host: 127.0.0.1, port: 2525, tls: {{mode: Disabled}}}}
 ---
 apiVersion: mailroute.io/v1alpha1
 kind: RelayPolicy
-metadata: {name: example, namespace: mail}
+metadata: {{name: example, namespace: mail}}
 spec:
   domains: [example.com]
-  licenses: 5
+  licenses: {licenses}
   inboundRoute: mailbox
-  authentication: {requireSMTPAuth: true, credentialsSecretRef: {name: accounts}}
+  authentication: {{requireSMTPAuth: true, credentialsSecretRef: {{name: accounts}}}}
 ---
 apiVersion: v1
 kind: Secret
-metadata: {name: accounts, namespace: mail}
-stringData: {app: s3cret}
-"#,
-    );
-    serde_json::to_string(&compiled.document(7)).unwrap_or_default()
+metadata: {{name: accounts, namespace: mail}}
+stringData: {{app: s3cret}}
+"#
+    ));
+    serde_json::to_string(&compiled.document(generation)).unwrap_or_default()
 }
 
-fn secret() -> Value {
-    secret_with("s3cret")
+fn index(generation: u64, licenses: u32) -> Value {
+    json!({"metadata": {"annotations": {"mailroute.io/parts": "1"}},
+        "data": {"config.json": document_json(generation, licenses)}})
 }
 
 fn secret_with(password: &str) -> Value {
@@ -128,84 +63,152 @@ fn secret_with(password: &str) -> Value {
     json!({"data": {"credentials.json": base64::engine::general_purpose::STANDARD.encode(credentials)}})
 }
 
-async fn source(api: FakeApi) -> (Source, FakeApi, support::CertFiles) {
-    let certs = support::cert_files(&["localhost"]);
-    let addr = api.clone().serve(&certs).await;
-    let (ns, name) = parse_name("mail/mailroute-relay-config").unwrap_or_else(|e| panic!("{e}"));
-    let source = ApiSource::new(
-        &format!("https://localhost:{}", addr.port()),
-        Some("pod-token".into()),
-        certs.cert_pem.as_bytes(),
-        &ns,
-        &name,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    (Source::Cluster(Arc::new(source)), api, certs)
+/// A fake API server and a kubeconfig for it, with the token in a file.
+struct Cluster {
+    api: FakeApi,
+    token: PathBuf,
+    kubeconfig: PathBuf,
+    _certs: support::CertFiles,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let certs = support::cert_files(&["localhost"]);
+        let api = FakeApi::start(&certs).await;
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let token = dir.path().join("token");
+        std::fs::write(&token, "pod-token\n").unwrap_or_else(|e| panic!("{e}"));
+        let kubeconfig = api.kubeconfig(dir.path(), &certs.cert, &token);
+        Self {
+            api,
+            token,
+            kubeconfig,
+            _certs: certs,
+            _dir: dir,
+        }
+    }
+
+    /// The operator's objects for generation `generation`.
+    fn publish(&self, generation: u64, licenses: u32) {
+        self.api
+            .put("configmaps", INDEX, index(generation, licenses));
+    }
+
+    async fn source(&self) -> Source {
+        let client = connect(Some(&self.kubeconfig))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        Source::Cluster(Arc::new(ClusterSource::start(client, "mail", INDEX)))
+    }
+}
+
+async fn loaded(source: &Source) -> Result<mailroute_relay::config_source::Loaded, String> {
+    reload::load_listed(source, Duration::from_secs(10))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Polls `check` every 10 ms until it holds; panics naming `what` after `within`.
+async fn within(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
-async fn a_whole_document_and_its_credentials_load_with_the_pods_token() {
-    let api = FakeApi::default();
-    api.put(
-        &format!("{CM}/mailroute-relay-config"),
-        json!({"metadata": {"annotations": {"mailroute.io/parts": "1"}}, "data": {"config.json": document_json()}}),
-    );
-    api.put(SECRET, secret());
-    let (source, api, _certs) = source(api).await;
-    let loaded = source.load(1).await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(loaded.document.generation, 7);
-    assert_eq!(loaded.credentials.tenants["example"]["app"], "s3cret");
-    let tokens = api.tokens.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    assert!(
-        !tokens.is_empty() && tokens.iter().all(|t| t == "Bearer pod-token"),
-        "{tokens:?}"
-    );
+async fn a_whole_document_and_its_credentials_load_through_watches_with_the_token_file() {
+    support::bounded(30, async {
+        let cluster = Cluster::start().await;
+        cluster.publish(7, 5);
+        cluster.api.put("secrets", SECRET, secret_with("s3cret"));
+        let source = cluster.source().await;
+        let loaded = loaded(&source).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(loaded.document.generation, 7);
+        assert_eq!(loaded.credentials.tenants["example"]["app"], "s3cret");
+        let seen = cluster.api.requests();
+        assert!(
+            !seen.is_empty()
+                && seen
+                    .iter()
+                    .all(|s| s.token.as_deref() == Some("Bearer pod-token")),
+            "{seen:?}"
+        );
+        // Each object is listed by name, which a Role's resourceNames can allow.
+        for (resource, name) in [("configmaps", INDEX), ("secrets", SECRET)] {
+            assert!(
+                seen.iter().any(|s| s.path.ends_with(resource)
+                    && !s.is_watch()
+                    && s.query
+                        .contains(&format!("fieldSelector=metadata.name%3D{name}"))),
+                "no list of {resource} {name}: {seen:?}"
+            );
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_split_document_loads_only_when_every_part_is_there() {
     use mailroute_config::parts::{part_key, split};
-    let json = document_json();
-    let parts = split(&json, json.len() / 3 + 1);
-    assert_eq!(parts.len(), 3);
-    let api = FakeApi::default();
-    api.put(
-        &format!("{CM}/mailroute-relay-config"),
-        json!({"metadata": {"annotations": {"mailroute.io/parts": "3"}}, "data": {}}),
-    );
-    api.put(SECRET, secret());
-    for i in [0, 2] {
-        api.put(
-            &format!("{CM}/mailroute-relay-config-{i}"),
-            json!({"data": {part_key(i, 3): parts[i]}}),
+    support::bounded(30, async {
+        let json = document_json(7, 5);
+        let parts = split(&json, json.len() / 3 + 1);
+        assert_eq!(parts.len(), 3);
+        let cluster = Cluster::start().await;
+        cluster.api.put(
+            "configmaps",
+            INDEX,
+            json!({"metadata": {"annotations": {"mailroute.io/parts": "3"}}, "data": {}}),
         );
-    }
-    let (source, api, _certs) = source(api).await;
-    let refused = source.load(1).await.map(|_| ()).map_err(|e| e.to_string());
-    assert!(
-        refused
-            .as_ref()
-            .is_err_and(|e| e.contains("part 1 of 3 is missing")),
-        "{refused:?}"
-    );
-    api.put(
-        &format!("{CM}/mailroute-relay-config-1"),
-        json!({"data": {part_key(1, 3): parts[1]}}),
-    );
-    let loaded = source.load(1).await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(loaded.document.generation, 7);
+        cluster.api.put("secrets", SECRET, secret_with("s3cret"));
+        for i in [0, 2] {
+            cluster.api.put(
+                "configmaps",
+                &format!("{INDEX}-{i}"),
+                json!({"data": {part_key(i, 3): parts[i]}}),
+            );
+        }
+        let source = cluster.source().await;
+        let refused = loaded(&source).await.map(|_| ());
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.contains("part 1 of 3 is missing")),
+            "{refused:?}"
+        );
+        cluster.api.put(
+            "configmaps",
+            &format!("{INDEX}-1"),
+            json!({"data": {part_key(1, 3): parts[1]}}),
+        );
+        let added = Instant::now();
+        while let Err(e) = loaded(&source).await {
+            assert!(
+                added.elapsed() < Duration::from_secs(1),
+                "not complete within 1 s: {e}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_missing_config_map_is_a_clear_error() {
-    let (source, _api, _certs) = source(FakeApi::default()).await;
-    let e = source.load(1).await.map(|_| ()).map_err(|e| e.to_string());
-    assert!(
-        e.as_ref()
-            .is_err_and(|e| e.contains("configmaps/mailroute-relay-config: HTTP 404")),
-        "{e:?}"
-    );
-    assert!(matches!(parse_name("no-slash"), Err(ClusterError::Name(_))));
+    support::bounded(30, async {
+        let cluster = Cluster::start().await;
+        let source = cluster.source().await;
+        let e = loaded(&source).await.map(|_| ());
+        assert!(
+            e.as_ref()
+                .is_err_and(|e| e.contains("configmap mail/mailroute-relay-config does not exist")),
+            "{e:?}"
+        );
+    })
+    .await;
 }
 
 /// `AUTH PLAIN` as `app` over implicit TLS; the reply.
@@ -217,46 +220,147 @@ async fn auth(relay: &support::Relay, password: &str) -> String {
     c.command(&format!("AUTH PLAIN {token}")).await
 }
 
+/// An in-process relay serving `source`'s first configuration, with the reload watch running.
+async fn serving(source: Source) -> (support::Relay, tokio::task::JoinHandle<()>, Registry) {
+    let mut registry = Registry::default();
+    let metrics = Arc::new(mailroute_relay::metrics::Metrics::register(&mut registry));
+    let builder = Arc::new(support::builder(
+        support::Stores::memory(),
+        Arc::clone(&metrics),
+    ));
+    let relay = support::Relay::start(support::Options {
+        metrics: Some(metrics),
+        ..support::Options::default()
+    })
+    .await;
+    let first = loaded(&source).await.unwrap_or_else(|e| panic!("{e}"));
+    relay
+        .shared
+        .install(builder.generation(&first).unwrap_or_else(|e| panic!("{e}")));
+    let build: Arc<reload::Build> =
+        Arc::new(move |l| builder.generation(l).map_err(|e| e.to_string()));
+    let watch = tokio::spawn(reload::watch(
+        source,
+        Duration::from_secs(3600),
+        Arc::clone(&relay.shared),
+        build,
+    ));
+    (relay, watch, registry)
+}
+
+fn text(registry: &Registry) -> String {
+    let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
 #[tokio::test]
 async fn a_password_rotated_in_the_secret_is_in_force_within_a_second() {
     support::bounded(60, async {
-        let api = FakeApi::default();
-        api.put(
-            &format!("{CM}/mailroute-relay-config"),
-            json!({"metadata": {"annotations": {"mailroute.io/parts": "1"}}, "data": {"config.json": document_json()}}),
-        );
-        api.put(SECRET, secret());
-        let (source, api, _certs) = source(api).await;
-        let mut registry = prometheus_client::registry::Registry::default();
-        let metrics = Arc::new(mailroute_relay::metrics::Metrics::register(&mut registry));
-        let builder = Arc::new(support::builder(support::Stores::memory(), metrics));
-        let relay = support::Relay::start(support::Options::default()).await;
-        let loaded = source.load(1).await.unwrap_or_else(|e| panic!("{e}"));
-        relay
-            .shared
-            .install(builder.generation(&loaded).unwrap_or_else(|e| panic!("{e}")));
-        let build: Arc<mailroute_relay::reload::Build> =
-            Arc::new(move |l| builder.generation(l).map_err(|e| e.to_string()));
-        let watch = tokio::spawn(mailroute_relay::reload::watch(
-            source,
-            std::time::Duration::from_millis(100),
-            Arc::clone(&relay.shared),
-            build,
-        ));
-        // NB: let the watch read the source once before it changes.
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let cluster = Cluster::start().await;
+        cluster.publish(7, 5);
+        cluster.api.put("secrets", SECRET, secret_with("s3cret"));
+        let (relay, watch, _registry) = serving(cluster.source().await).await;
         assert!(auth(&relay, "s3cret").await.starts_with("235"));
         // Only the Secret changes; the ConfigMap (and the document's hash) stay as they were.
         let before = relay.shared.generation.load().hash.clone();
-        api.put(SECRET, secret_with("rotated"));
-        let changed = std::time::Instant::now();
-        while relay.shared.generation.load().hash == before {
-            assert!(changed.elapsed() < std::time::Duration::from_secs(1), "not in force within a second");
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        cluster.api.put("secrets", SECRET, secret_with("rotated"));
+        within("the rotated password", Duration::from_secs(1), || {
+            relay.shared.generation.load().hash != before
+        })
+        .await;
         assert!(auth(&relay, "rotated").await.starts_with("235"));
-        assert!(auth(&relay, "s3cret").await.starts_with("535"), "the old password still works");
+        assert!(
+            auth(&relay, "s3cret").await.starts_with("535"),
+            "the old password still works"
+        );
         watch.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_change_is_in_force_within_a_second_also_after_the_watch_expired_with_410_gone() {
+    support::bounded(60, async {
+        let cluster = Cluster::start().await;
+        cluster.publish(7, 5);
+        cluster.api.put("secrets", SECRET, secret_with("s3cret"));
+        let (relay, watch, registry) = serving(cluster.source().await).await;
+        let generation = || relay.shared.generation.load().number;
+        assert_eq!(generation(), 7);
+        cluster.publish(8, 6);
+        within("generation 8", Duration::from_secs(1), || generation() == 8).await;
+
+        // The history is compacted: each watch gets 410 Gone and must list again.
+        let lists = || {
+            cluster
+                .api
+                .requests()
+                .iter()
+                .filter(|s| !s.is_watch())
+                .count()
+        };
+        let before = lists();
+        cluster.api.expire();
+        within("a new list after 410 Gone", Duration::from_secs(10), || {
+            lists() >= before + 2 && cluster.api.open_watches() >= 2
+        })
+        .await;
+        cluster.publish(9, 7);
+        within(
+            "generation 9 after the re-list",
+            Duration::from_secs(1),
+            || generation() == 9,
+        )
+        .await;
+        let errors = support::metric_value(
+            &text(&registry),
+            "mailroute_relay_config_reloads_total{result=\"error\"}",
+        );
+        assert_eq!(errors, 0.0, "a 410 is not a refused configuration");
+        watch.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_token_file_that_changes_is_used_on_the_next_request() {
+    support::bounded(60, async {
+        let cluster = Cluster::start().await;
+        cluster.publish(7, 5);
+        cluster.api.put("secrets", SECRET, secret_with("s3cret"));
+        let source = cluster.source().await;
+        loaded(&source).await.unwrap_or_else(|e| panic!("{e}"));
+        within("two watches", Duration::from_secs(5), || {
+            cluster.api.open_watches() >= 2
+        })
+        .await;
+        // The kubelet (or an administrator) replaces the token; the server then ends the watches.
+        std::fs::write(&cluster.token, "rotated-token\n").unwrap_or_else(|e| panic!("{e}"));
+        let rotated = Instant::now();
+        cluster.api.close_watches();
+        within("new watches", Duration::from_secs(10), || {
+            cluster
+                .api
+                .requests()
+                .iter()
+                .filter(|s| s.at > rotated)
+                .count()
+                >= 2
+        })
+        .await;
+        let after: Vec<_> = cluster
+            .api
+            .requests()
+            .into_iter()
+            .filter(|s| s.at > rotated)
+            .collect();
+        assert!(
+            after
+                .iter()
+                .all(|s| s.token.as_deref() == Some("Bearer rotated-token")),
+            "{after:?}"
+        );
     })
     .await;
 }
@@ -265,25 +369,26 @@ async fn a_password_rotated_in_the_secret_is_in_force_within_a_second() {
 async fn at_first_install_a_relay_waits_for_its_config_map_instead_of_exiting() {
     support::bounded(30, async {
         // The relay starts before the operator has published anything.
-        let (source, api, _certs) = source(FakeApi::default()).await;
+        let cluster = Cluster::start().await;
+        let source = cluster.source().await;
         let waiting = tokio::spawn(async move {
-            mailroute_relay::reload::first_load(&source, std::time::Duration::from_millis(100))
+            reload::first_load(&source, Duration::from_secs(60))
                 .await
                 .map(|loaded| loaded.document.generation)
                 .map_err(|e| e.to_string())
         });
-        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
-        assert!(!waiting.is_finished(), "gave up while the ConfigMap does not exist");
-        // The operator publishes: the relay starts on it.
-        api.put(
-            &format!("{CM}/mailroute-relay-config"),
-            json!({"metadata": {"annotations": {"mailroute.io/parts": "1"}}, "data": {"config.json": document_json()}}),
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(
+            !waiting.is_finished(),
+            "gave up while the ConfigMap does not exist"
         );
-        api.put(SECRET, secret());
-        let published = std::time::Instant::now();
+        // The operator publishes: the relay starts on it, woken by the watch (not the minute-long retry).
+        cluster.publish(7, 5);
+        cluster.api.put("secrets", SECRET, secret_with("s3cret"));
+        let published = Instant::now();
         let generation = waiting.await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(generation, Ok(7));
-        assert!(published.elapsed() < std::time::Duration::from_secs(1));
+        assert!(published.elapsed() < Duration::from_secs(1));
     })
     .await;
 }
@@ -291,7 +396,222 @@ async fn at_first_install_a_relay_waits_for_its_config_map_instead_of_exiting() 
 #[tokio::test]
 async fn a_configuration_file_that_is_missing_is_still_an_error_at_once() {
     let source = Source::Document("/nonexistent/mailroute/config.json".into());
-    let result =
-        mailroute_relay::reload::first_load(&source, std::time::Duration::from_secs(60)).await;
+    let result = reload::first_load(&source, Duration::from_secs(60)).await;
     assert!(result.is_err());
+}
+
+// The real binary.
+
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: relay\r\n\r\n");
+    let mut response = String::new();
+    let _ = s.read_to_string(&mut response);
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The relay binary on `--configmap mail/mailroute-relay-config` through `cluster`'s kubeconfig,
+/// its log in a file.
+struct Binary {
+    smtp: SocketAddr,
+    admin: SocketAddr,
+    log: PathBuf,
+    _process: support::Process,
+}
+
+impl Binary {
+    fn start(cluster: &Cluster) -> Self {
+        let port = support::sink::free_port;
+        let smtp: SocketAddr = format!("127.0.0.1:{}", port())
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let admin: SocketAddr = format!("127.0.0.1:{}", port())
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let log = cluster._dir.path().join("relay.log");
+        let file = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailroute-relay"))
+            .args([
+                "--configmap",
+                &format!("mail/{INDEX}"),
+                "--hostname",
+                "relay.test",
+            ])
+            .args(["--smtp", &smtp.to_string(), "--admin", &admin.to_string()])
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env_remove("RUST_LOG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let process = support::Process(child);
+        support::wait_port(smtp);
+        Self {
+            smtp,
+            admin,
+            log,
+            _process: process,
+        }
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        support::metric_value(&http_get(self.admin, "/metrics").1, name)
+    }
+
+    fn log_lines(&self, containing: &str) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(containing))
+            .count()
+    }
+
+    /// The greeting and the reply to EHLO.
+    fn ehlo(&self) -> String {
+        let Ok(stream) = TcpStream::connect(self.smtp) else {
+            return String::new();
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut writer = stream.try_clone().unwrap_or_else(|e| panic!("{e}"));
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = writer.write_all(b"EHLO client.test\r\n");
+        let mut reply = String::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            reply.push_str(&line);
+            if line.as_bytes().get(3) == Some(&b' ') {
+                break;
+            }
+        }
+        let _ = writer.write_all(b"QUIT\r\n");
+        reply
+    }
+}
+
+/// Polls `check` every 50 ms (blocking) until it holds; panics naming `what` after `within`.
+fn until(what: &str, within: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_steady_state_the_relay_makes_no_request_but_its_watches() {
+    support::bounded(120, async {
+        let cluster = Cluster::start().await;
+        // The server ends each watch after 20 s, as a real one does after its timeout: the relay
+        // watches again from where it was, without listing.
+        cluster.api.end_watches_after(Duration::from_secs(20));
+        cluster.publish(7, 5);
+        cluster.api.put("secrets", SECRET, secret_with("s3cret"));
+        let relay = tokio::task::block_in_place(|| {
+            let relay = Binary::start(&cluster);
+            until("ready", Duration::from_secs(10), || {
+                http_get(relay.admin, "/readyz").0 == 200
+            });
+            relay
+        });
+        let steady = Instant::now();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let during: Vec<_> = cluster
+            .api
+            .requests()
+            .into_iter()
+            .filter(|s| s.at > steady)
+            .collect();
+        assert!(
+            during.iter().all(support::kube_api::Seen::is_watch),
+            "requests other than watches in steady state: {during:?}"
+        );
+        assert!(
+            during.len() >= 4,
+            "the watches were not renewed: {during:?}"
+        );
+        assert!(
+            during.len() <= 8,
+            "{} watches in 60 s for two objects",
+            during.len()
+        );
+        tokio::task::block_in_place(|| {
+            assert_eq!(relay.metric("mailroute_relay_config_source_up"), 1.0);
+            // A change is in force within a second.
+            cluster.publish(8, 6);
+            until("generation 8", Duration::from_secs(1), || {
+                relay.metric("mailroute_relay_config_generation") == 8.0
+            });
+        });
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_down_for_30_seconds_leaves_the_relay_serving_and_it_recovers_without_a_restart() {
+    support::bounded(150, async {
+        let cluster = Cluster::start().await;
+        cluster.publish(7, 5);
+        cluster.api.put("secrets", SECRET, secret_with("s3cret"));
+        let relay = tokio::task::block_in_place(|| {
+            let relay = Binary::start(&cluster);
+            until("ready", Duration::from_secs(10), || {
+                http_get(relay.admin, "/readyz").0 == 200
+            });
+            relay
+        });
+        cluster.api.set_down(true);
+        tokio::task::block_in_place(|| {
+            until("config_source_up 0", Duration::from_secs(15), || {
+                relay.metric("mailroute_relay_config_source_up") == 0.0
+            });
+        });
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        tokio::task::block_in_place(|| {
+            // Serving on the generation in force all along.
+            assert_eq!(http_get(relay.admin, "/readyz").0, 200);
+            assert_eq!(relay.metric("mailroute_relay_config_generation"), 7.0);
+            assert_eq!(relay.metric("mailroute_relay_config_source_up"), 0.0);
+            assert!(
+                relay.ehlo().starts_with("250"),
+                "not serving while the API is down"
+            );
+            // Logged once while it lasts (at most once a minute), not once per retry.
+            assert_eq!(relay.log_lines("cannot be watched"), 1);
+        });
+        cluster.api.set_down(false);
+        tokio::task::block_in_place(|| {
+            // The watches retry every 5 s (and a fifth) at most.
+            let back = until("config_source_up 1 again", Duration::from_secs(10), || {
+                relay.metric("mailroute_relay_config_source_up") == 1.0
+            });
+            eprintln!("the API was watched again {back:?} after it came back");
+            assert_eq!(relay.log_lines("watched again"), 1);
+            cluster.publish(8, 6);
+            until(
+                "generation 8 after the outage",
+                Duration::from_secs(1),
+                || relay.metric("mailroute_relay_config_generation") == 8.0,
+            );
+        });
+    })
+    .await;
 }

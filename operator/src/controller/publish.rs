@@ -134,7 +134,7 @@ pub fn publish(
 
 /// Name of part `i` of a split document.
 pub fn part_name(i: usize) -> String {
-    format!("{CONFIG_MAP}-{i}")
+    parts::part_name(CONFIG_MAP, i)
 }
 
 #[cfg(test)]

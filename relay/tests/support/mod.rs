@@ -4,6 +4,7 @@
 
 pub mod dns;
 pub mod haproxy;
+pub mod kube_api;
 pub mod mta;
 pub mod redis;
 pub mod scripted;
@@ -632,6 +633,18 @@ pub fn plain_route(name: &str, upstream: SocketAddr) -> String {
         upstream.ip(),
         upstream.port()
     )
+}
+
+/// The value of `sample` (its name and labels as printed, e.g. `x_total{result="error"}`) in a
+/// Prometheus text exposition; 0 when it is absent.
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            (key == sample).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
 }
 
 /// A child process killed and reaped when dropped.
