@@ -2,7 +2,8 @@
 # End-to-end against a real Kubernetes cluster (KUBECONFIG or the in-cluster account):
 # applies the CRDs and the dual-delivery example into a fresh namespace, runs the operator
 # against it, checks the published ConfigMap and every resource's Ready condition, then runs
-# a relay on that ConfigMap's document and sends a message through it to smtp-sink.
+# a relay on that ConfigMap's document and sends a message through it to smtp-sink, and a
+# relay watching the ConfigMap (--configmap) that picks up a change.
 # Without a reachable cluster it says so and exits 0 (scripts/test calls it on every run).
 # Usage: e2e/run.sh
 set -euo pipefail
@@ -75,3 +76,26 @@ swaks --server 127.0.0.1:"$RELAY" --from someone@partner.example --to alice@exam
   || fail "the relay refused the message (relay log: $(tail -5 "$WORK/relay.log"))"
 ls "$WORK" | grep -q '^[0-9A-F]' || fail "nothing reached smtp-sink"
 echo "e2e: a message went through a relay running the cluster's configuration"
+
+# A relay on the ConfigMap itself (--configmap, through KUBECONFIG as kubectl reaches the
+# cluster): it lists and watches the operator's objects, becomes ready, and a change reaches it.
+ADMIN=$(free_port); WATCHING=$(free_port)
+target/debug/mailroute-relay --configmap "$NS/mailroute-relay-config" --hostname relay.e2e.example \
+  --smtp 127.0.0.1:"$WATCHING" --admin 127.0.0.1:"$ADMIN" >"$WORK/watching.log" 2>&1 & PIDS+=($!)
+metric() { curl -fsS "http://127.0.0.1:$ADMIN/metrics" 2>/dev/null | awk -v m="$1" '$1 == m {print $2}'; }
+for _ in $(seq 30); do
+  [[ "$(metric mailroute_relay_config_source_up)" == "1" ]] && break
+  sleep 1
+done
+[[ "$(metric mailroute_relay_config_source_up)" == "1" ]] \
+  || fail "the --configmap relay is not watching (log: $(tail -5 "$WORK/watching.log"))"
+before=$(metric mailroute_relay_config_generation)
+kubectl patch relaypolicies -n "$NS" "$(kubectl get relaypolicies -n "$NS" -o jsonpath='{.items[0].metadata.name}')" \
+  --type merge -p '{"spec":{"licenses":4242}}' >/dev/null
+for _ in $(seq 30); do
+  [[ "$(metric mailroute_relay_config_generation)" != "$before" ]] && break
+  sleep 1
+done
+[[ "$(metric mailroute_relay_config_generation)" != "$before" ]] \
+  || fail "a change did not reach the --configmap relay within 30 s (log: $(tail -5 "$WORK/watching.log"))"
+echo "e2e: a relay watching the ConfigMap picked up a change (generation $before -> $(metric mailroute_relay_config_generation))"

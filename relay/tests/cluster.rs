@@ -520,9 +520,9 @@ fn until(what: &str, within: Duration, mut check: impl FnMut() -> bool) -> Durat
 async fn in_steady_state_the_relay_makes_no_request_but_its_watches() {
     support::bounded(120, async {
         let cluster = Cluster::start().await;
-        // The server ends each watch after 20 s, as a real one does after its timeout: the relay
+        // The server ends each watch after 25 s, as a real one does after its timeout: the relay
         // watches again from where it was, without listing.
-        cluster.api.end_watches_after(Duration::from_secs(20));
+        cluster.api.end_watches_after(Duration::from_secs(25));
         cluster.publish(7, 5);
         cluster.api.put("secrets", SECRET, secret_with("s3cret"));
         let relay = tokio::task::block_in_place(|| {
@@ -547,6 +547,10 @@ async fn in_steady_state_the_relay_makes_no_request_but_its_watches() {
         assert!(
             during.len() >= 4,
             "the watches were not renewed: {during:?}"
+        );
+        assert!(
+            during.iter().all(|s| s.query.contains("resourceVersion=")),
+            "a watch started over instead of resuming: {during:?}"
         );
         assert!(
             during.len() <= 8,

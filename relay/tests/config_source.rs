@@ -22,6 +22,7 @@ fn every_example_loads_from_manifests() {
         "outbound-gateway",
         "application-relay",
         "archive-copy",
+        "smarthost-clients",
     ] {
         let dir = examples().join(name);
         let out = relay(&["--manifests".as_ref(), dir.as_os_str(), "--check".as_ref()]);

@@ -306,7 +306,9 @@ impl FakeApi {
         name: Option<&str>,
         from: u64,
     ) {
-        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+        // NB: `connection: close`, as the handler serves one request per connection: a client
+        // that reused the connection after the watch ended would fail its next request.
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
         if tls.write_all(head.as_bytes()).await.is_err() {
             return;
         }

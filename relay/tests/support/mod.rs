@@ -130,6 +130,8 @@ pub struct Options {
     pub admit: Option<Arc<dyn mailroute_relay::interfaces::Admit>>,
     /// The server's metrics (default: a registry of its own, not readable by the test).
     pub metrics: Option<Arc<Metrics>>,
+    /// Who may AUTH (default: [`TestAccounts`]).
+    pub auth: Option<Arc<dyn Authenticator>>,
 }
 
 impl Default for Options {
@@ -150,6 +152,7 @@ impl Default for Options {
             smtp_port: 0,
             admit: None,
             metrics: None,
+            auth: None,
         }
     }
 }
@@ -174,7 +177,7 @@ impl Relay {
             hash: String::new(),
             session: Arc::new(options.session),
             deliver: options.deliver.unwrap_or_else(|| Arc::new(capture.clone())),
-            auth: Arc::new(TestAccounts),
+            auth: options.auth.unwrap_or_else(|| Arc::new(TestAccounts)),
             admit: options.admit,
         };
         let shared = Arc::new(Shared {
@@ -436,6 +439,8 @@ pub struct Configured {
     pub ledger: Arc<mailroute_relay::store::MemoryLedger>,
     pub metrics: Arc<Metrics>,
     pub registry: prometheus_client::registry::Registry,
+    /// The accounts of the configuration's credentials (what the binary authenticates with).
+    pub accounts: Arc<dyn Authenticator>,
 }
 
 /// Compiles manifests of namespace `mail`, which must have no problem.
@@ -549,6 +554,7 @@ pub fn configured_with_stores(yaml: &str, stores: Stores) -> Configured {
         ledger: Arc::new(mailroute_relay::store::MemoryLedger::new(1)),
         metrics,
         registry,
+        accounts: Arc::new(built.accounts),
     }
 }
 
@@ -569,6 +575,16 @@ impl Configured {
     pub async fn start_on(&self, port: u16) -> Relay {
         Relay::start(Options {
             smtp_port: port,
+            ..self.options()
+        })
+        .await
+    }
+
+    /// Starts a relay that authenticates with the configuration's own accounts (its
+    /// credentials' passwords) rather than [`TestAccounts`].
+    pub async fn start_with_accounts(&self) -> Relay {
+        Relay::start(Options {
+            auth: Some(Arc::clone(&self.accounts)),
             ..self.options()
         })
         .await

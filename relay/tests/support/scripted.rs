@@ -20,6 +20,9 @@ pub struct Script {
     pub end_of_data: Arc<dyn Fn(usize) -> String + Send + Sync>,
     /// The reply to a RCPT command, given its line.
     pub rcpt: Arc<dyn Fn(&str) -> String + Send + Sync>,
+    /// How long the first message's end of data waits for its answer (an upstream slow to
+    /// commit one message).
+    pub first_end_of_data_delay: Duration,
 }
 
 impl Default for Script {
@@ -30,6 +33,7 @@ impl Default for Script {
             slow_connections: 0,
             end_of_data: Arc::new(|_| "250 2.0.0 queued".to_owned()),
             rcpt: Arc::new(|_| "250 2.1.5 ok".to_owned()),
+            first_end_of_data_delay: Duration::ZERO,
         }
     }
 }
@@ -200,6 +204,9 @@ async fn serve(
                         s.ended - 1
                     })
                     .unwrap_or(0);
+                if n == 0 {
+                    tokio::time::sleep(script.first_end_of_data_delay).await;
+                }
                 let answer = (script.end_of_data)(n);
                 if answer.starts_with('2')
                     && let Ok(mut s) = seen.lock()
