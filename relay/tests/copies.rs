@@ -329,6 +329,48 @@ async fn a_copy_route_slow_at_every_stage_gets_451_at_the_bound_and_the_retry_du
 }
 
 #[tokio::test]
+async fn a_retry_while_the_first_attempt_is_still_being_delivered_sends_nothing_again() {
+    bounded(60, async {
+        // The primary takes 1.7 s to answer the first message's end of data, inside the
+        // route's 2 s dataEnd but past the relay's 1 s reply bound.
+        let primary = Scripted::start(Script {
+            first_end_of_data_delay: Duration::from_millis(1700),
+            ..Script::default()
+        })
+        .await;
+        let archive = Scripted::start(Script::default()).await;
+        let config = configured(&with_archive(primary.addr, archive.addr, "Required"));
+        let relay = config.start_bounded(Duration::from_secs(1)).await;
+        let started = Instant::now();
+        let first = send(relay.smtp, "in flight").await;
+        assert!(first.starts_with("451 4.4.5"), "{first}");
+        // A client that retries at once (Exchange's first retry is a minute; a script's can be
+        // a second) while the first attempt's legs still run: nothing is sent again.
+        let early = send(relay.smtp, "in flight").await;
+        assert!(
+            started.elapsed() < Duration::from_millis(1700),
+            "the retry came too late to test"
+        );
+        assert!(early.starts_with("451 4.4.5"), "{early}");
+        assert!(early.contains("still being delivered"), "{early}");
+        // The first attempt ends: both legs delivered, once.
+        tokio::time::sleep(
+            Duration::from_millis(1700).saturating_sub(started.elapsed())
+                + Duration::from_millis(500),
+        )
+        .await;
+        let late = send(relay.smtp, "in flight").await;
+        assert!(
+            late.starts_with("250"),
+            "the retry after the legs ended: {late}"
+        );
+        assert_eq!(primary.count("Subject: in flight"), 1, "the primary once");
+        assert_eq!(archive.count("Subject: in flight"), 1, "the archive once");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_hanging_best_effort_copy_never_delays_the_250() {
     bounded(60, async {
         let primary = Scripted::start(Script::default()).await;

@@ -203,7 +203,7 @@ async fn a_registered_users_unique_recipients_are_counted_once_in_redis() {
 }
 
 #[tokio::test]
-async fn the_redis_ledger_remembers_deliveries_for_five_days() {
+async fn the_redis_ledger_remembers_deliveries_for_five_days_and_marks_legs_in_flight() {
     bounded(30, async {
         let redis = RedisServer::start();
         let store =
@@ -211,24 +211,44 @@ async fn the_redis_ledger_remembers_deliveries_for_five_days() {
         let fp = [7u8; 32];
         let a = key(&fp, "route/a", "x@example.com");
         let b = key(&fp, "route/b", "x@example.com");
-        assert_eq!(
-            store
-                .contains(&[a, b])
-                .await
-                .unwrap_or_else(|e| panic!("{e}")),
-            [false, false]
-        );
+        use mailroute_relay::store::Recorded::{Absent, Delivered, InFlight};
+        let lookup = async |keys: &[mailroute_relay::store::Key]| {
+            store.lookup(keys).await.unwrap_or_else(|e| panic!("{e}"))
+        };
+        assert_eq!(lookup(&[a, b]).await, [Absent, Absent]);
         store.record(&[a]).await.unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            store
-                .contains(&[a, b])
-                .await
-                .unwrap_or_else(|e| panic!("{e}")),
-            [true, false]
-        );
+        assert_eq!(lookup(&[a, b]).await, [Delivered, Absent]);
         let keys = redis.cli(&["--scan", "--pattern", "mailroute:ledger:*"]);
         let ttl: i64 = redis.cli(&["PTTL", keys.trim()]).parse().unwrap_or(-9);
         assert!(ttl > 4 * 86_400_000 && ttl <= 5 * 86_400_000, "{ttl}");
+        // A leg still running past the reply bound: marked in flight, then delivered and cleared.
+        store
+            .mark_in_flight(&[a, b], Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            lookup(&[a, b]).await,
+            [Delivered, InFlight],
+            "delivered wins"
+        );
+        let marks = redis.cli(&["--scan", "--pattern", "mailroute:ledger:*:flight"]);
+        let ttl: i64 = redis
+            .cli(&["PTTL", marks.lines().next().unwrap_or_default()])
+            .parse()
+            .unwrap_or(-9);
+        assert!(ttl > 50_000 && ttl <= 60_000, "{ttl}");
+        store.record(&[b]).await.unwrap_or_else(|e| panic!("{e}"));
+        store
+            .clear_in_flight(&[a, b])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(lookup(&[a, b]).await, [Delivered, Delivered]);
+        assert!(
+            redis
+                .cli(&["--scan", "--pattern", "mailroute:ledger:*:flight"])
+                .trim()
+                .is_empty()
+        );
     })
     .await;
 }

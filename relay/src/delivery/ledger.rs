@@ -6,7 +6,7 @@
 //! differs per attempt). Entries live for 5 days, longer than any client keeps retrying, in a
 //! [`Ledger`] of the shared store (`crate::store`).
 
-pub use crate::store::{Key, Ledger, MESSAGE_TAG, RETENTION};
+pub use crate::store::{IN_FLIGHT_FOR, Key, Ledger, MESSAGE_TAG, RETENTION, Recorded};
 use sha2::{Digest, Sha256};
 
 /// The message fingerprint: Message-ID (case kept, as it is compared byte for byte) and the

@@ -12,7 +12,7 @@
 
 use super::attempt::{Done, Failed, Gate, Hold, Job, LedgerAnswer, wait_for};
 use super::hosts::ResolveError;
-use super::ledger::{self, Key};
+use super::ledger::{self, Key, Recorded};
 use super::loop_marker::Marker;
 use super::outcome::{self, LegOutcome, RecipientOutcome};
 use super::upstream::{self, Answers, Envelope, Timing, UpstreamError};
@@ -99,13 +99,19 @@ async fn run(
     // NB: the lookup runs beside the legs' MAIL, RCPT, DATA and content, each leg's final `.`
     // waiting for it (a round trip off the client's path with a remote store); an answer that
     // is there at once (the memory store) is used before the legs start, as it was.
-    let mut lookup = fwd.ledger.contains(&flat);
+    let mut lookup = fwd.ledger.lookup(&flat);
     let first = std::future::poll_fn(|cx| std::task::Poll::Ready(lookup.as_mut().poll(cx))).await;
     let (answer_tx, answer) = watch::channel(None::<Option<Arc<[bool]>>>);
+    // Which recipients an earlier attempt is still delivering (known with the lookup's answer).
+    let mut in_flight: Arc<[bool]> = Arc::from(vec![false; flat.len()]);
     let mut looking_up = match first {
         std::task::Poll::Ready(found) => {
             match looked_up(fwd, &tx, found, flat.len()) {
-                Some(done) => answer_tx.send_replace(Some(Some(done))),
+                Some(found) => {
+                    let (done, flying) = not_to_send(&found);
+                    in_flight = flying;
+                    answer_tx.send_replace(Some(Some(done)))
+                }
                 None => {
                     let _ = reply_to.send(store_failed());
                     return;
@@ -123,14 +129,21 @@ async fn run(
     });
     let (open_copies, hold) = watch::channel(None::<bool>);
     let started = Instant::now();
-    let mut offset = 0;
+    let ranges: Vec<Range<usize>> = plan
+        .legs
+        .iter()
+        .scan(0, |offset, leg| {
+            let range = *offset..*offset + leg.recipients.len();
+            *offset = range.end;
+            Some(range)
+        })
+        .collect();
     let mut running: FuturesUnordered<_> = plan
         .legs
         .iter()
         .enumerate()
         .map(|(i, leg)| {
-            let range = offset..offset + leg.recipients.len();
-            offset += leg.recipients.len();
+            let range = ranges[i].clone();
             let hold = leg.copy.then(|| hold.clone());
             let marker = marker.as_deref().filter(|_| leg.copy);
             let (tx, answer) = (&*tx, answer.clone());
@@ -163,6 +176,8 @@ async fn run(
     // Whether the client was told `250` (None: not told yet).
     let mut told: Option<bool> = None;
     let mut recorded = vec![false; plan.legs.len()];
+    // The legs marked in flight at the bound, whose marks they clear when they end.
+    let mut marked = vec![false; plan.legs.len()];
     let mut at_bound = false;
     let bound = tokio::time::sleep_until(deadline.into());
     tokio::pin!(bound);
@@ -195,6 +210,12 @@ async fn run(
                 let reply = outcome::client_reply(&tx.id, &settled);
                 if !reply.is_positive() {
                     record(fwd, &tx, &keys, &outcomes, &mut recorded).await;
+                    if at_bound {
+                        // NB: before the client hears 451, so its retry cannot overtake.
+                        let done = answer.borrow().clone().flatten();
+                        mark_in_flight(fwd, &tx, &keys, &outcomes, done.as_deref(), &mut marked)
+                            .await;
+                    }
                 }
                 told = Some(reply.is_positive());
                 report::transaction(fwd, &tx, &plan, &outcomes, &delays, &reply);
@@ -206,21 +227,33 @@ async fn run(
         tokio::select! {
             biased;
             next = running.next() => {
-                let Some((i, outcome)) = next else { break };
+                let Some((i, mut outcome)) = next else { break };
                 delays[i] = started.elapsed();
+                // NB: reported as the ledger's (nothing sent), then told as not delivered yet.
                 report::leg(fwd, &plan.legs[i], &outcome, delays[i]);
+                held_by_earlier_attempt(&mut outcome, in_flight.get(ranges[i].clone()).unwrap_or_default());
                 if told == Some(false) {
                     tracing::info!(transaction = %tx.id, target = %outcome.target, delay_ms = delays[i].as_millis() as u64, "leg finished after the reply");
                 }
                 outcomes[i] = Some(outcome);
                 if told == Some(false) {
                     record(fwd, &tx, &keys, &outcomes, &mut recorded).await;
+                    if marked[i]
+                        && let Err(e) = fwd.ledger.clear_in_flight(&keys[i]).await
+                    {
+                        fwd.metrics.store_errors.inc();
+                        tracing::warn!(transaction = %tx.id, error = %e, "in-flight mark not cleared; retries wait for it to expire");
+                    }
                 }
             }
             found = &mut lookup, if looking_up => {
                 looking_up = false;
                 match looked_up(fwd, &tx, found, flat.len()) {
-                    Some(done) => answer_tx.send_replace(Some(Some(done))),
+                    Some(found) => {
+                        let (done, flying) = not_to_send(&found);
+                        in_flight = flying;
+                        answer_tx.send_replace(Some(Some(done)))
+                    }
                     None => {
                         // Every leg is held before its final `.`: none completes.
                         answer_tx.send_replace(Some(None));
@@ -247,18 +280,85 @@ async fn run(
 fn looked_up(
     fwd: &Forwarder,
     tx: &Transaction,
-    found: Result<Vec<bool>, crate::store::StoreError>,
+    found: Result<Vec<Recorded>, crate::store::StoreError>,
     n: usize,
-) -> Option<Arc<[bool]>> {
+) -> Option<Vec<Recorded>> {
     match found {
-        Ok(found) => Some(found.into()),
+        Ok(found) => Some(found),
         Err(e) => {
             fwd.metrics.store_errors.inc();
             tracing::warn!(transaction = %tx.id, error = %e, "ledger lookup failed");
             fwd.settings
                 .store_failure_open
-                .then(|| vec![false; n].into())
+                .then(|| vec![Recorded::Absent; n])
         }
+    }
+}
+
+/// From the ledger's answer: which recipients not to send (delivered or in flight), and which
+/// of them are in flight.
+fn not_to_send(found: &[Recorded]) -> (Arc<[bool]>, Arc<[bool]>) {
+    let done = found.iter().map(|r| *r != Recorded::Absent).collect();
+    let flying = found.iter().map(|r| *r == Recorded::InFlight).collect();
+    (done, flying)
+}
+
+/// A recipient not sent because an earlier attempt is still delivering it is not delivered
+/// yet: `451 4.4.5` until that attempt ends (then the ledger says delivered, or nothing).
+fn held_by_earlier_attempt(outcome: &mut LegOutcome, in_flight: &[bool]) {
+    for ((_, o), flying) in outcome.recipients.iter_mut().zip(in_flight) {
+        if *flying && *o == RecipientOutcome::AlreadyDelivered {
+            *o = RecipientOutcome::Temporary(Reply::new(
+                451,
+                "4.4.5",
+                format!(
+                    "An earlier attempt of this message is still being delivered via {}; try again later",
+                    outcome.target
+                ),
+            ));
+        }
+    }
+}
+
+/// At the reply bound, marks in flight the recipients of every leg still running (not those
+/// the ledger had already), so a retry that comes before the leg ends sends nothing again.
+async fn mark_in_flight(
+    fwd: &Forwarder,
+    tx: &Transaction,
+    keys: &[Vec<Key>],
+    outcomes: &[Option<LegOutcome>],
+    done: Option<&[bool]>,
+    marked: &mut [bool],
+) {
+    let mut flying = Vec::new();
+    let mut offset = 0;
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let n = keys[i].len();
+        if outcome.is_none() {
+            marked[i] = true;
+            flying.extend(
+                keys[i]
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| {
+                        !done
+                            .and_then(|d| d.get(offset + j))
+                            .copied()
+                            .unwrap_or(false)
+                    })
+                    .map(|(_, k)| *k),
+            );
+        }
+        offset += n;
+    }
+    if !flying.is_empty()
+        && let Err(e) = fwd
+            .ledger
+            .mark_in_flight(&flying, ledger::IN_FLIGHT_FOR)
+            .await
+    {
+        fwd.metrics.store_errors.inc();
+        tracing::warn!(transaction = %tx.id, error = %e, "in-flight mark failed; a retry before the leg ends may duplicate");
     }
 }
 

@@ -1,6 +1,6 @@
 //! The in-process delivery ledger of a single relay (the default store).
 
-use super::{BoxFuture, Key, Ledger, RETENTION, StoreError};
+use super::{BoxFuture, Key, Ledger, RETENTION, Recorded, StoreError};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -18,6 +18,8 @@ pub struct MemoryLedger {
 struct MemoryInner {
     entries: HashMap<Key, Instant>,
     order: VecDeque<(Instant, Key)>,
+    /// In-flight marks and their expiry (few: only legs running past a reply bound).
+    in_flight: HashMap<Key, Instant>,
 }
 
 impl MemoryLedger {
@@ -43,16 +45,49 @@ impl MemoryLedger {
 }
 
 impl Ledger for MemoryLedger {
-    fn contains<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<Vec<bool>, StoreError>> {
+    fn lookup<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<Vec<Recorded>, StoreError>> {
         let now = Instant::now();
+        let live = |at: Option<&Instant>| at.is_some_and(|until| *until > now);
         let found = match self.inner.lock() {
             Ok(inner) => keys
                 .iter()
-                .map(|k| inner.entries.get(k).is_some_and(|until| *until > now))
+                .map(|k| {
+                    if live(inner.entries.get(k)) {
+                        Recorded::Delivered
+                    } else if live(inner.in_flight.get(k)) {
+                        Recorded::InFlight
+                    } else {
+                        Recorded::Absent
+                    }
+                })
                 .collect(),
-            Err(_) => vec![false; keys.len()],
+            Err(_) => vec![Recorded::Absent; keys.len()],
         };
         Box::pin(async move { Ok(found) })
+    }
+
+    fn mark_in_flight<'a>(
+        &'a self,
+        keys: &'a [Key],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let now = Instant::now();
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.in_flight.retain(|_, until| *until > now);
+            for key in keys {
+                inner.in_flight.insert(*key, now + ttl);
+            }
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn clear_in_flight<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<(), StoreError>> {
+        if let Ok(mut inner) = self.inner.lock() {
+            for key in keys {
+                inner.in_flight.remove(key);
+            }
+        }
+        Box::pin(async { Ok(()) })
     }
 
     fn record<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<(), StoreError>> {
@@ -89,7 +124,7 @@ mod tests {
             .record(&keys[..2])
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        let found = ledger.contains(&keys[..3]).await.unwrap_or_default();
+        let found = delivered(&ledger, &keys[..3]).await;
         assert_eq!(found, [true, true, false]);
         ledger
             .record(&keys[2..])
@@ -97,10 +132,48 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(ledger.len(), 3, "bounded at its capacity, oldest dropped");
         assert_eq!(
-            ledger.contains(&keys).await.unwrap_or_default(),
+            delivered(&ledger, &keys).await,
             [false, false, true, true, true]
         );
         tokio::time::sleep(Duration::from_millis(60)).await;
-        assert_eq!(ledger.contains(&keys).await.unwrap_or_default(), [false; 5]);
+        assert_eq!(delivered(&ledger, &keys).await, [false; 5]);
+    }
+
+    async fn delivered(ledger: &MemoryLedger, keys: &[Key]) -> Vec<bool> {
+        let found = ledger.lookup(keys).await.unwrap_or_default();
+        found.iter().map(|r| *r == Recorded::Delivered).collect()
+    }
+
+    #[tokio::test]
+    async fn an_in_flight_mark_lasts_until_cleared_or_expired_and_a_delivery_wins_over_it() {
+        use Recorded::{Absent, Delivered, InFlight};
+        let ledger = MemoryLedger::new(10);
+        let keys: Vec<Key> = (0u8..3).map(|i| [i; 16]).collect();
+        let ttl = Duration::from_secs(60);
+        let _ = ledger.mark_in_flight(&keys, ttl).await;
+        assert_eq!(
+            ledger.lookup(&keys).await.unwrap_or_default(),
+            [InFlight; 3]
+        );
+        // The leg ends: one recipient delivered, then every mark of the leg cleared.
+        let _ = ledger.record(&keys[..1]).await;
+        assert_eq!(
+            ledger.lookup(&keys).await.unwrap_or_default(),
+            [Delivered, InFlight, InFlight]
+        );
+        let _ = ledger.clear_in_flight(&keys).await;
+        assert_eq!(
+            ledger.lookup(&keys).await.unwrap_or_default(),
+            [Delivered, Absent, Absent]
+        );
+        // A relay that stopped mid-leg: the mark expires by itself.
+        let _ = ledger
+            .mark_in_flight(&keys[2..], Duration::from_millis(20))
+            .await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(
+            ledger.lookup(&keys[2..]).await.unwrap_or_default(),
+            [Absent]
+        );
     }
 }

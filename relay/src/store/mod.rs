@@ -150,12 +150,38 @@ pub type Key = [u8; 16];
 /// How many leading octets of a [`Key`] name its message (shared by all its keys).
 pub const MESSAGE_TAG: usize = 4;
 
+/// How long a delivery still running when its client was told `451` at the reply bound is
+/// marked in flight, at most: longer than a leg can run after the bound with the default
+/// timeouts (connect 10 s, commands 60 s each, end of data 4 min). The leg clears the mark when
+/// it ends; the expiry only matters if the relay stops first.
+pub const IN_FLIGHT_FOR: Duration = Duration::from_secs(15 * 60);
+
+/// What the ledger knows of one (message, target, recipient).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    Absent,
+    /// Delivered by an earlier attempt: not sent again, and the client hears it delivered.
+    Delivered,
+    /// An earlier attempt's leg is still running (its client heard `451` at the reply bound):
+    /// not sent again, and the client hears `451` until that leg ends. Without this a client
+    /// that retries within minutes would deliver a second copy.
+    InFlight,
+}
+
 /// Where successful deliveries are recorded: memory for one relay, Redis across replicas.
 pub trait Ledger: Send + Sync + 'static {
-    /// Which of `keys` are recorded.
-    fn contains<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<Vec<bool>, StoreError>>;
-    /// Records `keys` for [`RETENTION`].
+    /// What is recorded of each of `keys` (delivered takes precedence over in flight).
+    fn lookup<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<Vec<Recorded>, StoreError>>;
+    /// Records `keys` as delivered, for [`RETENTION`].
     fn record<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Marks `keys` in flight for `ttl`.
+    fn mark_in_flight<'a>(
+        &'a self,
+        keys: &'a [Key],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Removes the in-flight marks of `keys` (what was delivered is [`Ledger::record`]ed first).
+    fn clear_in_flight<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
 /// A rolling window is this many buckets (SPEC 3.4: at most 1/24 of its length).

@@ -31,8 +31,8 @@
 
 use super::redis_topology::Topology;
 use super::{
-    BUCKETS, BoxFuture, Counter, Hold, Key, Ledger, MESSAGE_TAG, QuotaStore, RETENTION, RedisAuth,
-    RedisSpec, Reservation, StoreError, StoreSpec,
+    BUCKETS, BoxFuture, Counter, Hold, Key, Ledger, MESSAGE_TAG, QuotaStore, RETENTION, Recorded,
+    RedisAuth, RedisSpec, Reservation, StoreError, StoreSpec,
 };
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -115,6 +115,11 @@ impl RedisStore {
                 )))
             }
         }
+    }
+
+    /// The in-flight mark of ledger entry `entry`: `…:entry:flight`, in the same slot.
+    fn in_flight_key(entry: &str) -> String {
+        format!("{entry}:flight")
     }
 
     /// `mailroute:ledger:{tag}:entry`, the tag being the message's.
@@ -250,19 +255,79 @@ fn hash_tag(key: &str) -> &str {
 }
 
 impl Ledger for RedisStore {
-    fn contains<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<Vec<bool>, StoreError>> {
+    fn lookup<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<Vec<Recorded>, StoreError>> {
         Box::pin(async move {
             if keys.is_empty() {
                 return Ok(Vec::new());
             }
+            // NB: one MGET per key for its entry and its in-flight mark (one slot: the same
+            // hash tag), as many commands as the EXISTS it replaces. A relay of an earlier
+            // version only sees entries: during a rolling upgrade it may send a copy an
+            // in-flight mark would have held back (a duplicate, never a loss).
             let mut pipe = redis::pipe();
             for k in keys {
-                pipe.exists(Self::ledger_key(k));
+                let entry = Self::ledger_key(k);
+                let mark = Self::in_flight_key(&entry);
+                pipe.cmd("MGET").arg(entry).arg(mark);
+            }
+            let found: Vec<(Option<i64>, Option<i64>)> = self
+                .within(async {
+                    let mut connection = self.topology.connection().await?;
+                    self.topology
+                        .checked(pipe.query_async(&mut connection).await)
+                })
+                .await?;
+            Ok(found
+                .into_iter()
+                .map(|(entry, mark)| match (entry, mark) {
+                    (Some(_), _) => Recorded::Delivered,
+                    (None, Some(_)) => Recorded::InFlight,
+                    (None, None) => Recorded::Absent,
+                })
+                .collect())
+        })
+    }
+
+    fn mark_in_flight<'a>(
+        &'a self,
+        keys: &'a [Key],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(());
+            }
+            let mut pipe = redis::pipe();
+            for k in keys {
+                pipe.cmd("SET")
+                    .arg(Self::in_flight_key(&Self::ledger_key(k)))
+                    .arg(1)
+                    .arg("PX")
+                    .arg(ms(ttl))
+                    .ignore();
             }
             self.within(async {
                 let mut connection = self.topology.connection().await?;
                 self.topology
-                    .checked(pipe.query_async(&mut connection).await)
+                    .checked(pipe.query_async::<()>(&mut connection).await)
+            })
+            .await
+        })
+    }
+
+    fn clear_in_flight<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(());
+            }
+            let mut pipe = redis::pipe();
+            for k in keys {
+                pipe.del(Self::in_flight_key(&Self::ledger_key(k))).ignore();
+            }
+            self.within(async {
+                let mut connection = self.topology.connection().await?;
+                self.topology
+                    .checked(pipe.query_async::<()>(&mut connection).await)
             })
             .await
         })
