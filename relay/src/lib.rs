@@ -1,7 +1,8 @@
 //! The Mailroute SMTP relay.
 //!
 //! # Layout
-//! - [`cluster`]: `--configmap`: the operator's ConfigMap(s) and Secret from the Kubernetes API.
+//! - [`cluster`]: `--configmap`: the operator's ConfigMap(s) and Secret, followed through the
+//!   Kubernetes API with kube's watcher (the only module that uses kube).
 //! - [`config_source`]: where the relay's configuration comes from (`--manifests DIR`, compiled
 //!   in-process, or `--config FILE`, a compiled document) and the checks it passes before use.
 //! - [`smtp`]: the protocol, free of I/O: command framing and parsing, the strict

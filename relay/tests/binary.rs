@@ -3,32 +3,14 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::sink::free_port;
 
-fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap_or_else(|e| panic!("{e}"));
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap_or_else(|e| panic!("{e}"));
-    write!(s, "GET {path} HTTP/1.0\r\nHost: relay\r\n\r\n").unwrap_or_else(|e| panic!("{e}"));
-    let mut response = String::new();
-    let _ = s.read_to_string(&mut response);
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
+use support::http_get;
 
 fn wait_for(addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -16,7 +16,7 @@ use mailroute_relay::cluster::{ClusterSource, connect};
 use mailroute_relay::reload::{self, Source};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -89,6 +89,14 @@ impl Cluster {
         }
     }
 
+    /// A cluster where the operator has published generation 7 and its Secret.
+    async fn published() -> Self {
+        let cluster = Self::start().await;
+        cluster.publish(7, 5);
+        cluster.api.put("secrets", SECRET, secret_with("s3cret"));
+        cluster
+    }
+
     /// The operator's objects for generation `generation`.
     fn publish(&self, generation: u64, licenses: u32) {
         self.api
@@ -121,9 +129,7 @@ async fn within(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
 #[tokio::test]
 async fn a_whole_document_and_its_credentials_load_through_watches_with_the_token_file() {
     support::bounded(30, async {
-        let cluster = Cluster::start().await;
-        cluster.publish(7, 5);
-        cluster.api.put("secrets", SECRET, secret_with("s3cret"));
+        let cluster = Cluster::published().await;
         let source = cluster.source().await;
         let loaded = loaded(&source).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(loaded.document.generation, 7);
@@ -257,9 +263,7 @@ fn text(registry: &Registry) -> String {
 #[tokio::test]
 async fn a_password_rotated_in_the_secret_is_in_force_within_a_second() {
     support::bounded(60, async {
-        let cluster = Cluster::start().await;
-        cluster.publish(7, 5);
-        cluster.api.put("secrets", SECRET, secret_with("s3cret"));
+        let cluster = Cluster::published().await;
         let (relay, watch, _registry) = serving(cluster.source().await).await;
         assert!(auth(&relay, "s3cret").await.starts_with("235"));
         // Only the Secret changes; the ConfigMap (and the document's hash) stay as they were.
@@ -282,9 +286,7 @@ async fn a_password_rotated_in_the_secret_is_in_force_within_a_second() {
 #[tokio::test]
 async fn a_change_is_in_force_within_a_second_also_after_the_watch_expired_with_410_gone() {
     support::bounded(60, async {
-        let cluster = Cluster::start().await;
-        cluster.publish(7, 5);
-        cluster.api.put("secrets", SECRET, secret_with("s3cret"));
+        let cluster = Cluster::published().await;
         let (relay, watch, registry) = serving(cluster.source().await).await;
         let generation = || relay.shared.generation.load().number;
         assert_eq!(generation(), 7);
@@ -326,9 +328,7 @@ async fn a_change_is_in_force_within_a_second_also_after_the_watch_expired_with_
 #[tokio::test]
 async fn a_token_file_that_changes_is_used_on_the_next_request() {
     support::bounded(60, async {
-        let cluster = Cluster::start().await;
-        cluster.publish(7, 5);
-        cluster.api.put("secrets", SECRET, secret_with("s3cret"));
+        let cluster = Cluster::published().await;
         let source = cluster.source().await;
         loaded(&source).await.unwrap_or_else(|e| panic!("{e}"));
         within("two watches", Duration::from_secs(5), || {
@@ -402,26 +402,6 @@ async fn a_configuration_file_that_is_missing_is_still_an_error_at_once() {
 
 // The real binary.
 
-fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
-        return (0, String::new());
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: relay\r\n\r\n");
-    let mut response = String::new();
-    let _ = s.read_to_string(&mut response);
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
 /// The relay binary on `--configmap mail/mailroute-relay-config` through `cluster`'s kubeconfig,
 /// its log in a file.
 struct Binary {
@@ -468,7 +448,7 @@ impl Binary {
     }
 
     fn metric(&self, name: &str) -> f64 {
-        support::metric_value(&http_get(self.admin, "/metrics").1, name)
+        support::metric_value(&support::http_get(self.admin, "/metrics").1, name)
     }
 
     fn log_lines(&self, containing: &str) -> usize {
@@ -528,7 +508,7 @@ async fn in_steady_state_the_relay_makes_no_request_but_its_watches() {
         let relay = tokio::task::block_in_place(|| {
             let relay = Binary::start(&cluster);
             until("ready", Duration::from_secs(10), || {
-                http_get(relay.admin, "/readyz").0 == 200
+                support::http_get(relay.admin, "/readyz").0 == 200
             });
             relay
         });
@@ -572,13 +552,11 @@ async fn in_steady_state_the_relay_makes_no_request_but_its_watches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_down_for_30_seconds_leaves_the_relay_serving_and_it_recovers_without_a_restart() {
     support::bounded(150, async {
-        let cluster = Cluster::start().await;
-        cluster.publish(7, 5);
-        cluster.api.put("secrets", SECRET, secret_with("s3cret"));
+        let cluster = Cluster::published().await;
         let relay = tokio::task::block_in_place(|| {
             let relay = Binary::start(&cluster);
             until("ready", Duration::from_secs(10), || {
-                http_get(relay.admin, "/readyz").0 == 200
+                support::http_get(relay.admin, "/readyz").0 == 200
             });
             relay
         });
@@ -591,7 +569,7 @@ async fn an_api_down_for_30_seconds_leaves_the_relay_serving_and_it_recovers_wit
         tokio::time::sleep(Duration::from_secs(30)).await;
         tokio::task::block_in_place(|| {
             // Serving on the generation in force all along.
-            assert_eq!(http_get(relay.admin, "/readyz").0, 200);
+            assert_eq!(support::http_get(relay.admin, "/readyz").0, 200);
             assert_eq!(relay.metric("mailroute_relay_config_generation"), 7.0);
             assert_eq!(relay.metric("mailroute_relay_config_source_up"), 0.0);
             assert!(

@@ -8,53 +8,25 @@ mod support;
 use std::net::SocketAddr;
 use support::mta::{OpenSmtpd, Postfix, exim_send, sendmail_send};
 use support::sink::Sink;
-use support::{Client, bounded, configured};
+use support::{Client, bounded, configured, plain_route, send_message};
 
 fn mailbox(sink: SocketAddr) -> String {
-    format!(
-        r#"
-apiVersion: mailroute.io/v1alpha1
-kind: MailRoute
-metadata: {{name: mailbox, namespace: mail}}
-spec: {{host: {}, port: {}, tls: {{mode: Disabled}}}}
----
-apiVersion: mailroute.io/v1alpha1
-kind: RelayPolicy
-metadata: {{name: example, namespace: mail}}
-spec: {{domains: [example.com], licenses: 5, inboundRoute: mailbox}}
-"#,
-        sink.ip(),
-        sink.port()
-    )
+    plain_route("mailbox", sink)
+        + "apiVersion: mailroute.io/v1alpha1\nkind: RelayPolicy\n\
+           metadata: {name: example, namespace: mail}\n\
+           spec: {domains: [example.com], licenses: 5, inboundRoute: mailbox}\n"
 }
 
 /// The mailbox route and a tenant whose clients must authenticate (as `app`, password
 /// `s3cret`), as a smarthost client with AUTH is set up (docs/clients/).
 fn mailbox_with_auth(sink: SocketAddr) -> String {
-    format!(
-        r#"
-apiVersion: mailroute.io/v1alpha1
-kind: MailRoute
-metadata: {{name: mailbox, namespace: mail}}
-spec: {{host: {}, port: {}, tls: {{mode: Disabled}}}}
----
-apiVersion: mailroute.io/v1alpha1
-kind: RelayPolicy
-metadata: {{name: example, namespace: mail}}
-spec:
-  domains: [example.com]
-  licenses: 5
-  inboundRoute: mailbox
-  authentication: {{requireSMTPAuth: true, credentialsSecretRef: {{name: accounts}}}}
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: accounts, namespace: mail}}
-stringData: {{app: s3cret}}
-"#,
-        sink.ip(),
-        sink.port()
-    )
+    plain_route("mailbox", sink)
+        + "apiVersion: mailroute.io/v1alpha1\nkind: RelayPolicy\n\
+           metadata: {name: example, namespace: mail}\n\
+           spec:\n  domains: [example.com]\n  licenses: 5\n  inboundRoute: mailbox\n\
+           \x20 authentication: {requireSMTPAuth: true, credentialsSecretRef: {name: accounts}}\n\
+           ---\napiVersion: v1\nkind: Secret\n\
+           metadata: {name: accounts, namespace: mail}\nstringData: {app: s3cret}\n"
 }
 
 #[tokio::test]
@@ -189,25 +161,14 @@ async fn opensmtpd_relaying_to_the_relay_delivers_with_starttls_and_auth() {
             tokio::task::spawn_blocking(move || OpenSmtpd::start(addr, ("app", "s3cret")))
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
-        let mut c = Client::connect(opensmtpd.smtp).await;
-        c.reply().await;
-        c.command("EHLO client.test").await;
-        assert!(
-            c.command("MAIL FROM:<someone@partner.example>")
-                .await
-                .starts_with("250")
-        );
-        assert!(
-            c.command("RCPT TO:<alice@example.com>")
-                .await
-                .starts_with("250")
-        );
-        assert!(c.command("DATA").await.starts_with("354"));
-        c.send(b"Subject: via opensmtpd\r\n\r\nhello through mailroute\r\n.\r\n")
-            .await;
-        let r = c.reply().await;
+        let r = send_message(
+            opensmtpd.smtp,
+            "someone@partner.example",
+            &["alice@example.com"],
+            "Subject: via opensmtpd\r\n\r\nhello through mailroute\r\n",
+        )
+        .await;
         assert!(r.starts_with("250"), "{r}");
-        let _ = c.command("QUIT").await;
         let (n, sink) = tokio::task::spawn_blocking(move || {
             (sink.wait_count("Subject: via opensmtpd", 1), sink)
         })
@@ -256,24 +217,14 @@ async fn a_postfix_client_with_a_short_data_timeout_hears_451_at_the_reply_bound
         })
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-        let mut c = Client::connect(postfix.smtp).await;
-        c.reply().await;
-        c.command("EHLO client.test").await;
-        assert!(
-            c.command("MAIL FROM:<someone@partner.example>")
-                .await
-                .starts_with("250")
-        );
-        assert!(
-            c.command("RCPT TO:<alice@example.com>")
-                .await
-                .starts_with("250")
-        );
-        assert!(c.command("DATA").await.starts_with("354"));
-        c.send(b"Subject: slow upstream\r\n\r\nhello\r\n.\r\n")
-            .await;
-        assert!(c.reply().await.starts_with("250"));
-        let _ = c.command("QUIT").await;
+        let r = send_message(
+            postfix.smtp,
+            "someone@partner.example",
+            &["alice@example.com"],
+            "Subject: slow upstream\r\n\r\nhello\r\n",
+        )
+        .await;
+        assert!(r.starts_with("250"), "{r}");
         let handed = Instant::now();
         // Postfix hears 451 4.4.5 at the bound, not its own timeout.
         while !postfix.log().contains("status=deferred") {

@@ -651,6 +651,29 @@ pub fn plain_route(name: &str, upstream: SocketAddr) -> String {
     )
 }
 
+/// `GET path` over HTTP/1.0 (the admin listener): the status and the body; status 0 when
+/// nothing answers.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: relay\r\n\r\n");
+    let mut response = String::new();
+    let _ = s.read_to_string(&mut response);
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
 /// The value of `sample` (its name and labels as printed, e.g. `x_total{result="error"}`) in a
 /// Prometheus text exposition; 0 when it is absent.
 pub fn metric_value(text: &str, sample: &str) -> f64 {
