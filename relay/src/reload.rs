@@ -75,7 +75,7 @@ impl Source {
     pub fn stamp(&self) -> Option<u64> {
         let mut hasher = DefaultHasher::new();
         match self {
-            Source::Cluster(cluster) => cluster.entries().ok()??.hash(&mut hasher),
+            Source::Cluster(cluster) => return cluster.stamp(),
             Source::Document(file) if !file.is_dir() => stamp_file(file, &mut hasher)?,
             Source::Document(dir) | Source::Manifests(dir) => {
                 let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -121,17 +121,18 @@ impl Source {
         }
     }
 
-    /// Whether the source can be read now: `mailroute_relay_config_source_up`.
-    pub fn up(&self) -> bool {
+    /// Whether the source can be read now (`mailroute_relay_config_source_up`): every watch
+    /// answers, or (files) `stamp` found them.
+    fn up(&self, stamp: Option<u64>) -> bool {
         match self {
-            Source::Cluster(cluster) => cluster.snapshot().up(),
-            Source::Manifests(_) | Source::Document(_) => self.stamp().is_some(),
+            Source::Cluster(cluster) => cluster.up(),
+            Source::Manifests(_) | Source::Document(_) => stamp.is_some(),
         }
     }
 
     /// A cluster source whose watches are still listing (a new part appeared): nothing to judge.
     fn listing(&self) -> bool {
-        matches!(self, Source::Cluster(cluster) if matches!(cluster.entries(), Ok(None)))
+        matches!(self, Source::Cluster(cluster) if cluster.listing())
     }
 }
 
@@ -212,11 +213,14 @@ pub async fn watch(source: Source, interval: Duration, shared: Arc<Shared>, buil
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     shared.metrics.config_source_up.set(1);
     while next_change(&mut changes, &mut tick).await {
-        shared.metrics.config_source_up.set(i64::from(source.up()));
+        let now = source.stamp();
+        shared
+            .metrics
+            .config_source_up
+            .set(i64::from(source.up(now)));
         if source.listing() {
             continue;
         }
-        let now = source.stamp();
         if now == stamp {
             continue;
         }

@@ -177,6 +177,33 @@ impl Snapshot {
         changes
     }
 
+    /// Whether a watch that matters has not finished its first list: nothing to judge yet
+    /// ([`Snapshot::entries`] is `Ok(None)` exactly then).
+    pub fn listing(&self) -> bool {
+        match &self.index {
+            Watched::Listing => true,
+            Watched::Absent => false,
+            Watched::Present(_) => {
+                self.secret == Watched::Listing
+                    || self.parts.values().any(|p| *p == Watched::Listing)
+            }
+        }
+    }
+
+    /// A hash of what the entries would be, without putting them together; `None` while
+    /// listing or while the index does not exist.
+    pub fn stamp(&self) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        if self.listing() || !matches!(self.index, Watched::Present(_)) {
+            return None;
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.index.hash(&mut hasher);
+        self.parts.hash(&mut hasher);
+        self.secret.hash(&mut hasher);
+        Some(hasher.finish())
+    }
+
     /// The entries a `--config` directory would hold; `Ok(None)` while a watch has not
     /// finished its first list (nothing to judge yet).
     pub fn entries(
@@ -283,9 +310,19 @@ impl ClusterSource {
         PathBuf::from(format!("configmap {}/{}", self.namespace, self.name))
     }
 
-    /// What is known now.
-    pub fn snapshot(&self) -> Snapshot {
-        self.state.borrow().clone()
+    /// Whether every watch answers (`mailroute_relay_config_source_up`).
+    pub fn up(&self) -> bool {
+        self.state.borrow().up()
+    }
+
+    /// Whether a first list is still under way ([`Snapshot::listing`]).
+    pub fn listing(&self) -> bool {
+        self.state.borrow().listing()
+    }
+
+    /// A hash of the objects now ([`Snapshot::stamp`]).
+    pub fn stamp(&self) -> Option<u64> {
+        self.state.borrow().stamp()
     }
 
     /// The entries now; `Ok(None)` while the first lists are not complete.
@@ -402,6 +439,28 @@ mod tests {
         );
         s.apply(Key::Secret, Report::Object(None));
         assert!(matches!(s.entries("mail", "cfg"), Ok(Some(e)) if e.contains_key("config.json")));
+    }
+
+    #[test]
+    fn listing_and_the_stamp_agree_with_the_entries() {
+        let mut s = Snapshot::default();
+        assert!(s.listing() && s.stamp().is_none());
+        s.apply(Key::Index, index(1));
+        assert!(s.listing(), "the Secret is still being listed");
+        s.apply(Key::Secret, Report::Object(None));
+        assert!(!s.listing());
+        let first = s.stamp();
+        assert!(first.is_some());
+        s.apply(Key::Secret, Report::Object(Some(Published::default())));
+        assert_ne!(
+            s.stamp(),
+            first,
+            "a change of the Secret alone changes the stamp"
+        );
+        s.apply(Key::Secret, Report::Failed("timeout".into()));
+        assert!(s.stamp().is_some(), "a failing watch keeps what it knew");
+        s.apply(Key::Index, Report::Object(None));
+        assert!(!s.listing() && s.stamp().is_none() && s.entries("mail", "cfg").is_err());
     }
 
     #[test]
