@@ -13,12 +13,15 @@
 # Usage: bench/store-throughput.sh [MESSAGES]   (default 5000; bounded, stops by itself)
 #        RELAY_BIN=path/to/mailroute-relay bench/store-throughput.sh   (another build)
 #        STORES="memory redis" bench/store-throughput.sh   (a subset)
+#        ROUNDS=3 bench/store-throughput.sh   (every store again, in turn, that many times, then
+#        the median ratio to memory per store: a neighbour's load moves single runs a lot)
 # Needs postfix (smtp-source, smtp-sink), redis-server and redis-sentinel, as scripts/test
 # installs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MESSAGES=${1:-5000}
 STORES=${STORES:-memory redis sentinel cluster}
+ROUNDS=${ROUNDS:-1}
 source bench/lib.sh
 bench_start
 
@@ -111,8 +114,10 @@ node_stat() { # ports field...
 }
 
 printf '%-9s %-5s %9s %8s %9s %10s %9s %10s\n' store conc msg/s vs-mem relay-us redis-us ops/msg bytes/msg
-for size in 1024; do
+declare -A RATIOS
+for round in $(seq "$ROUNDS"); do
   for conc in 1 50; do
+    size=1024
     direct=$(run "$SINK" "$size" "$conc")
     printf '%-9s %-5s %9.0f\n' direct "$conc" "$direct"
     mem=""
@@ -126,6 +131,7 @@ for size in 1024; do
       oa=$(node_stat "$n" total_commands_processed)
       ba=$(node_stat "$n" total_net_input_bytes total_net_output_bytes)
       [[ -n "$mem" ]] || mem=$rate
+      RATIOS[$s $conc]+=" $(awk -v a="$rate" -v b="$mem" 'BEGIN { print a / b }')"
       printf '%-9s %-5s %9.0f %8.2f %9.0f %10.0f %9.1f %10.0f\n' "$s" "$conc" "$rate" \
         "$(awk -v a="$rate" -v b="$mem" 'BEGIN { print a / b }')" \
         "$(per_msg_us $((ra - rb)))" "$(per_msg_us $((na - nb)))" \
@@ -134,3 +140,14 @@ for size in 1024; do
     done
   done
 done
+if ((ROUNDS > 1)); then
+  echo "median ratio to memory over $ROUNDS rounds (each round's ratios):"
+  for conc in 1 50; do
+    for s in $STORES; do
+      # shellcheck disable=SC2086
+      printf '%-9s %-5s %6.2f   (%s )\n' "$s" "$conc" \
+        "$(printf '%s\n' ${RATIOS[$s $conc]} | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')" \
+        "${RATIOS[$s $conc]}"
+    done
+  done
+fi

@@ -11,6 +11,7 @@ mod support;
 use mailroute_relay::delivery::ledger::{Ledger, key};
 use mailroute_relay::store::MemoryQuotaStore;
 use mailroute_relay::store::RedisStore;
+use mailroute_relay::store::{Counter, Hold, Limit, QuotaStore, Reservation};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -317,6 +318,110 @@ fn scripts_run(redis: &RedisServer) -> i64 {
             .unwrap_or(0)
     };
     field("calls=") - field("failed_calls=")
+}
+
+/// A tenant's counters as the relay builds them: 10 minutes (enforced) and a day.
+fn tenant_counters(tenant: &str, per_10_minutes: u64) -> Vec<Counter> {
+    let counter = |limit, name: &str, max, window| Counter {
+        limit,
+        key: format!("{{{tenant}}}:customer:{name}"),
+        max,
+        window,
+        member: None,
+        enforce: true,
+    };
+    vec![
+        counter(
+            Limit::CustomerRecipientsPer10Minutes,
+            "10m",
+            per_10_minutes,
+            Duration::from_secs(600),
+        ),
+        counter(
+            Limit::CustomerRecipientsPerDay,
+            "1d",
+            10_000,
+            Duration::from_secs(86_400),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reservations_of_a_tenant_share_a_few_scripts_and_stay_exact() {
+    bounded(30, async {
+        let redis = RedisServer::start();
+        let store =
+            RedisStore::new(&redis.url(), Duration::from_secs(1)).unwrap_or_else(|e| panic!("{e}"));
+        let busy = tenant_counters("busy", 50);
+        let quiet = tenant_counters("quiet", 5);
+        let ttl = Duration::from_secs(60);
+        // 150 sessions of one tenant reserving at once, 10 of another beside them.
+        let ids: Vec<String> = (0..160).map(|i| format!("hold-{i}")).collect();
+        let asks = ids.iter().enumerate().map(|(i, id)| {
+            let counters = if i < 150 { &busy } else { &quiet };
+            store.reserve(id, counters, ttl)
+        });
+        let answers = futures_util::future::join_all(asks).await;
+        let granted = |range: std::ops::Range<usize>| {
+            answers[range]
+                .iter()
+                .filter(|a| matches!(a, Ok(Reservation::Granted(_))))
+                .count()
+        };
+        let refused = answers
+            .iter()
+            .filter(|a| matches!(a, Ok(Reservation::Exceeded(0))))
+            .count();
+        assert_eq!((granted(0..150), granted(150..160), refused), (50, 5, 105));
+        let scripts = scripts_run(&redis);
+        println!("160 reservations of two tenants: {scripts} scripts");
+        // The first of each tenant alone, then those that arrived while it was in flight
+        // together, and so on (how many arrive in one round trip varies with the machine): a
+        // script per reservation would be 160.
+        assert!(
+            scripts <= 40,
+            "{scripts} scripts: reservations were not gathered"
+        );
+        // What the batch held is what a hold counts: 50 held, and released they free the limit.
+        assert_eq!(
+            redis
+                .cli(&["ZCARD", "mailroute:{busy}:customer:10m:h"])
+                .trim(),
+            "50"
+        );
+        assert_eq!(
+            redis
+                .cli(&["ZCARD", "mailroute:{busy}:customer:1d:h"])
+                .trim(),
+            "50"
+        );
+        let holds: Vec<Hold> = ids
+            .iter()
+            .zip(&answers)
+            .take(150)
+            .filter_map(|(id, a)| match a {
+                Ok(Reservation::Granted(reserved)) => Some(Hold {
+                    id: id.clone(),
+                    counters: busy.clone(),
+                    reserved: reserved.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
+        store
+            .finish(&holds, false)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            redis
+                .cli(&["ZCARD", "mailroute:{busy}:customer:10m:h"])
+                .trim(),
+            "0"
+        );
+        let again = store.reserve("again", &busy, ttl).await;
+        assert!(matches!(again, Ok(Reservation::Granted(_))), "{again:?}");
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,6 +21,9 @@
 //!   message's (`ledger::MESSAGE_TAG` octets of its fingerprint). A retry can be bound to
 //!   another tenant than the first attempt (by AUTH instead of its IP range); the message is
 //!   the same, so the ledger is tagged by the message.
+//! - Reservations of one tenant are gathered while one is in flight ([`RedisStore::reserve`]):
+//!   one script and one round trip for all the tenant's sessions that reached RCPT meanwhile,
+//!   reading each counter once per batch.
 //! - Settlements arrive gathered ([`QuotaStore::settle_window`], `crate::quota`): each batch
 //!   is one script per tenant slot, which adds each bucket's units in one `HINCRBY` and sets
 //!   each key's expiry once.
@@ -34,7 +37,11 @@ use super::{
     BUCKETS, BoxFuture, Counter, Hold, Key, Ledger, MESSAGE_TAG, QuotaStore, RETENTION, Recorded,
     RedisAuth, RedisSpec, Reservation, StoreError, StoreSpec,
 };
+use redis::FromRedisValue;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::oneshot;
 
 const RESERVE: &str = include_str!("reserve.lua");
 const FINISH: &str = include_str!("finish.lua");
@@ -49,14 +56,41 @@ pub const SETTLE_WINDOW: Duration = Duration::from_millis(5);
 /// The most holds one settlement script carries (each a few keys and arguments per counter).
 const SETTLE_CHUNK: usize = 128;
 
+/// The most reservations one script carries.
+const RESERVE_CHUNK: usize = 64;
+
 /// Quotas and ledger in Redis.
 pub struct RedisStore {
+    shared: Arc<Shared>,
+}
+
+/// What the store's calls and its batches of reservations (sent from a task of their own) share.
+struct Shared {
     topology: Topology,
     /// The longest a whole operation may take, lookups of the master and waits for a
     /// connection included.
     timeout: Duration,
     reserve: redis::Script,
     finish: redis::Script,
+    /// Per hash tag with a reservation in flight, the reservations that arrived meanwhile:
+    /// sent together, in one script, when it is answered (see [`RedisStore::reserve`]).
+    waiting: Mutex<HashMap<String, Vec<Waiting>>>,
+}
+
+/// A reservation waiting for its tag's reservation in flight.
+struct Waiting {
+    hold: String,
+    counters: Vec<Counter>,
+    ttl: Duration,
+    answer: oneshot::Sender<Result<Reservation, StoreError>>,
+}
+
+/// One reservation as the script takes it.
+#[derive(Clone, Copy)]
+struct Ask<'a> {
+    hold: &'a str,
+    counters: &'a [Counter],
+    ttl: Duration,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -92,13 +126,17 @@ impl RedisStore {
     /// A store for `spec`, with `auth`'s passwords.
     pub fn open(spec: &RedisSpec, auth: &RedisAuth, timeout: Duration) -> Result<Self, StoreError> {
         Ok(Self {
-            topology: Topology::new(spec, auth, timeout)?,
-            timeout,
-            reserve: redis::Script::new(RESERVE),
-            finish: redis::Script::new(FINISH),
+            shared: Arc::new(Shared {
+                topology: Topology::new(spec, auth, timeout)?,
+                timeout,
+                reserve: redis::Script::new(RESERVE),
+                finish: redis::Script::new(FINISH),
+                waiting: Mutex::default(),
+            }),
         })
     }
-
+}
+impl Shared {
     /// `work` within the store's timeout: a master being looked up, or a connection waited for,
     /// never holds a decision past it.
     async fn within<T>(
@@ -117,45 +155,39 @@ impl RedisStore {
         }
     }
 
-    /// The in-flight mark of ledger entry `entry`: `…:entry:flight`, in the same slot.
-    fn in_flight_key(entry: &str) -> String {
-        format!("{entry}:flight")
+    /// Runs `pipe` within the store's timeout.
+    async fn query<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, StoreError> {
+        self.within(async {
+            let mut connection = self.topology.connection().await?;
+            self.topology
+                .checked(pipe.query_async(&mut connection).await)
+        })
+        .await
     }
 
-    /// `mailroute:ledger:{tag}:entry`, the tag being the message's.
-    fn ledger_key(key: &Key) -> String {
-        use std::fmt::Write;
-        let mut name = String::with_capacity(PREFIX.len() + 10 + 32);
-        name.push_str(PREFIX);
-        name.push_str("ledger:{");
-        for (i, b) in key.iter().enumerate() {
-            if i == MESSAGE_TAG {
-                name.push_str("}:");
-            }
-            let _ = write!(name, "{b:02x}");
-        }
-        name
+    /// Runs a script within the store's timeout.
+    async fn invoke<T: FromRedisValue>(
+        &self,
+        call: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        self.within(async {
+            let mut connection = self.topology.connection().await?;
+            self.topology
+                .checked(call.invoke_async(&mut connection).await)
+        })
+        .await
     }
-}
 
-/// The window's bucket numbers for `counter` at `now_ms`, oldest first.
-fn buckets(counter: &Counter, now_ms: u64) -> impl Iterator<Item = u64> {
-    let current = now_ms / ms(counter.bucket());
-    current.saturating_sub(BUCKETS - 1)..=current
-}
-
-impl QuotaStore for RedisStore {
-    fn reserve<'a>(
-        &'a self,
-        hold: &'a str,
-        counters: &'a [Counter],
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<Reservation, StoreError>> {
-        Box::pin(async move {
-            let now = now_ms();
-            let mut call = self.reserve.prepare_invoke();
-            call.arg(now).arg(hold).arg(now + ms(ttl));
-            for c in counters {
+    /// Reserves for `asks` in one script, answering each as if it had run alone, in order.
+    async fn reserve(&self, asks: &[Ask<'_>]) -> Result<Vec<Reservation>, StoreError> {
+        let now = now_ms();
+        let mut call = self.reserve.prepare_invoke();
+        call.arg(now);
+        for ask in asks {
+            call.arg(ask.hold)
+                .arg(now + ms(ask.ttl))
+                .arg(ask.counters.len());
+            for c in ask.counters {
                 call.key(format!("{PREFIX}{}:n", c.key))
                     .key(format!("{PREFIX}{}:h", c.key));
                 call.arg(c.max)
@@ -170,22 +202,229 @@ impl QuotaStore for RedisStore {
                     }
                 }
             }
-            let answer: Vec<i64> = self
-                .within(async {
-                    let mut connection = self.topology.connection().await?;
-                    self.topology
-                        .checked(call.invoke_async(&mut connection).await)
-                })
-                .await?;
-            match answer.split_first() {
-                Some((0, reserved)) if reserved.len() == counters.len() => Ok(
-                    Reservation::Granted(reserved.iter().map(|r| *r == 1).collect()),
-                ),
-                Some((&i, [])) if i >= 1 => Ok(Reservation::Exceeded(i as usize - 1)),
-                _ => Err(StoreError(format!(
-                    "unexpected answer from the reserve script: {answer:?}"
-                ))),
+        }
+        let answer: Vec<i64> = self.invoke(&call).await?;
+        reservations(&answer, asks.iter().map(|a| a.counters.len())).ok_or_else(|| {
+            StoreError(format!(
+                "unexpected answer from the reserve script: {answer:?}"
+            ))
+        })
+    }
+
+    /// The reservation in flight for `tag` has been answered: the ones that arrived meanwhile
+    /// are sent together from a task of their own, or the tag is idle again.
+    fn hand_on(self: &Arc<Self>, tag: &str) {
+        let Some(batch) = self.next_batch(tag) else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let shared = self.clone();
+                let tag = tag.to_owned();
+                runtime.spawn(async move { shared.send_waiting(tag, batch).await });
             }
+            Err(_) => {
+                self.lock_waiting().remove(tag);
+                for waiting in batch {
+                    let _ = waiting
+                        .answer
+                        .send(Err(StoreError("the relay is stopping".into())));
+                }
+            }
+        }
+    }
+
+    /// What waits for `tag`, taken; `None` (and the tag idle) when nothing does.
+    fn next_batch(&self, tag: &str) -> Option<Vec<Waiting>> {
+        let mut waiting = self.lock_waiting();
+        match waiting.get_mut(tag) {
+            Some(queue) if !queue.is_empty() => Some(std::mem::take(queue)),
+            _ => {
+                waiting.remove(tag);
+                None
+            }
+        }
+    }
+
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Waiting>>> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends what waited for `tag`, in scripts of at most [`RESERVE_CHUNK`], until nothing
+    /// more arrived while they were in flight.
+    async fn send_waiting(self: Arc<Self>, tag: String, mut batch: Vec<Waiting>) {
+        loop {
+            // A reservation whose session went away meanwhile is not made at all.
+            batch.retain(|w| !w.answer.is_closed());
+            let shared = &*self;
+            let sends = batch.chunks(RESERVE_CHUNK).map(|chunk| async move {
+                let asks: Vec<Ask<'_>> = chunk
+                    .iter()
+                    .map(|w| Ask {
+                        hold: &w.hold,
+                        counters: &w.counters,
+                        ttl: w.ttl,
+                    })
+                    .collect();
+                shared.reserve(&asks).await
+            });
+            let answers = futures_util::future::join_all(sends).await;
+            let mut answered = batch.into_iter();
+            for answer in answers {
+                let chunk = answered.by_ref().take(RESERVE_CHUNK);
+                match answer {
+                    Ok(reservations) => {
+                        for (waiting, reservation) in chunk.zip(reservations) {
+                            let _ = waiting.answer.send(Ok(reservation));
+                        }
+                    }
+                    Err(e) => {
+                        for waiting in chunk {
+                            let _ = waiting.answer.send(Err(StoreError(e.0.clone())));
+                        }
+                    }
+                }
+            }
+            match self.next_batch(&tag) {
+                Some(next) => batch = next,
+                None => return,
+            }
+        }
+    }
+
+    /// Settles (`accepted`) or releases `holds` in one script.
+    async fn end(&self, holds: &[&Hold], accepted: bool) -> Result<(), StoreError> {
+        let now = now_ms();
+        let mut call = self.finish.prepare_invoke();
+        call.arg(now).arg(u8::from(accepted));
+        for hold in holds {
+            for (c, reserved) in hold.counters.iter().zip(&hold.reserved) {
+                let current = now / ms(c.bucket());
+                call.key(format!("{PREFIX}{}:n", c.key))
+                    .key(format!("{PREFIX}{}:h", c.key))
+                    .key(format!("{PREFIX}{}:u:{current}", c.key));
+                call.arg(&hold.id)
+                    .arg(ms(c.window))
+                    .arg(ms(c.bucket()))
+                    .arg(u8::from(*reserved))
+                    .arg(c.member.as_deref().unwrap_or_default());
+            }
+        }
+        self.invoke::<i64>(&call).await?;
+        Ok(())
+    }
+}
+
+/// The reserve script's flattened answer for reservations of `sizes` counters each.
+fn reservations(answer: &[i64], sizes: impl Iterator<Item = usize>) -> Option<Vec<Reservation>> {
+    let mut rest = answer;
+    let mut out = Vec::new();
+    for n in sizes {
+        let (&status, tail) = rest.split_first()?;
+        if status == 0 {
+            let reserved = tail.get(..n)?;
+            out.push(Reservation::Granted(
+                reserved.iter().map(|r| *r == 1).collect(),
+            ));
+            rest = &tail[n..];
+        } else {
+            out.push(Reservation::Exceeded(usize::try_from(status - 1).ok()?));
+            rest = tail;
+        }
+    }
+    rest.is_empty().then_some(out)
+}
+
+/// Hands the tag on when the reservation in flight ends, answered or abandoned (its session
+/// gone): the ones waiting behind it are never left waiting.
+struct InFlight<'a> {
+    shared: &'a Arc<Shared>,
+    tag: &'a str,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.shared.hand_on(self.tag);
+    }
+}
+
+/// The in-flight mark of ledger entry `entry`: `…:entry:flight`, in the same slot.
+fn in_flight_key(entry: &str) -> String {
+    format!("{entry}:flight")
+}
+
+/// `mailroute:ledger:{tag}:entry`, the tag being the message's.
+fn ledger_key(key: &Key) -> String {
+    use std::fmt::Write;
+    let mut name = String::with_capacity(PREFIX.len() + 10 + 32);
+    name.push_str(PREFIX);
+    name.push_str("ledger:{");
+    for (i, b) in key.iter().enumerate() {
+        if i == MESSAGE_TAG {
+            name.push_str("}:");
+        }
+        let _ = write!(name, "{b:02x}");
+    }
+    name
+}
+
+/// The window's bucket numbers for `counter` at `now_ms`, oldest first.
+fn buckets(counter: &Counter, now_ms: u64) -> impl Iterator<Item = u64> {
+    let current = now_ms / ms(counter.bucket());
+    current.saturating_sub(BUCKETS - 1)..=current
+}
+
+impl QuotaStore for RedisStore {
+    /// NB: reservations of one tenant (one hash tag) are gathered while one is in flight: the
+    /// first is sent at once, those that arrive before its answer go together in one script
+    /// when it comes, and so on. One session at a time waits for nothing more than before;
+    /// fifty concurrent sessions of a tenant share a script and its round trip, and the
+    /// script reads each counter once per batch instead of once per recipient.
+    fn reserve<'a>(
+        &'a self,
+        hold: &'a str,
+        counters: &'a [Counter],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Reservation, StoreError>> {
+        Box::pin(async move {
+            let tag = counters.first().map_or("", |c| hash_tag(&c.key));
+            let queued = {
+                let mut waiting = self.shared.lock_waiting();
+                match waiting.get_mut(tag) {
+                    Some(queue) => {
+                        let (answer, heard) = oneshot::channel();
+                        queue.push(Waiting {
+                            hold: hold.to_owned(),
+                            counters: counters.to_vec(),
+                            ttl,
+                            answer,
+                        });
+                        Some(heard)
+                    }
+                    None => {
+                        waiting.insert(tag.to_owned(), Vec::new());
+                        None
+                    }
+                }
+            };
+            if let Some(heard) = queued {
+                return heard
+                    .await
+                    .unwrap_or_else(|_| Err(StoreError("the reservation was abandoned".into())));
+            }
+            let _in_flight = InFlight {
+                shared: &self.shared,
+                tag,
+            };
+            let ask = Ask {
+                hold,
+                counters,
+                ttl,
+            };
+            let mut answer = self.shared.reserve(&[ask]).await?;
+            answer
+                .pop()
+                .ok_or_else(|| StoreError("no answer from the reserve script".into()))
         })
     }
 
@@ -205,7 +444,7 @@ impl QuotaStore for RedisStore {
             let sends = slots
                 .values()
                 .flat_map(|holds| holds.chunks(SETTLE_CHUNK))
-                .map(|chunk| self.end(chunk, accepted));
+                .map(|chunk| self.shared.end(chunk, accepted));
             futures_util::future::join_all(sends)
                 .await
                 .into_iter()
@@ -215,35 +454,6 @@ impl QuotaStore for RedisStore {
 
     fn settle_window(&self) -> Duration {
         SETTLE_WINDOW
-    }
-}
-
-impl RedisStore {
-    /// Settles (`accepted`) or releases `holds` in one script.
-    async fn end(&self, holds: &[&Hold], accepted: bool) -> Result<(), StoreError> {
-        let now = now_ms();
-        let mut call = self.finish.prepare_invoke();
-        call.arg(now).arg(u8::from(accepted));
-        for hold in holds {
-            for (c, reserved) in hold.counters.iter().zip(&hold.reserved) {
-                let current = now / ms(c.bucket());
-                call.key(format!("{PREFIX}{}:n", c.key))
-                    .key(format!("{PREFIX}{}:h", c.key))
-                    .key(format!("{PREFIX}{}:u:{current}", c.key));
-                call.arg(&hold.id)
-                    .arg(ms(c.window))
-                    .arg(ms(c.bucket()))
-                    .arg(u8::from(*reserved))
-                    .arg(c.member.as_deref().unwrap_or_default());
-            }
-        }
-        self.within(async {
-            let mut connection = self.topology.connection().await?;
-            self.topology
-                .checked(call.invoke_async::<i64>(&mut connection).await)
-        })
-        .await?;
-        Ok(())
     }
 }
 
@@ -266,17 +476,11 @@ impl Ledger for RedisStore {
             // in-flight mark would have held back (a duplicate, never a loss).
             let mut pipe = redis::pipe();
             for k in keys {
-                let entry = Self::ledger_key(k);
-                let mark = Self::in_flight_key(&entry);
+                let entry = ledger_key(k);
+                let mark = in_flight_key(&entry);
                 pipe.cmd("MGET").arg(entry).arg(mark);
             }
-            let found: Vec<(Option<i64>, Option<i64>)> = self
-                .within(async {
-                    let mut connection = self.topology.connection().await?;
-                    self.topology
-                        .checked(pipe.query_async(&mut connection).await)
-                })
-                .await?;
+            let found: Vec<(Option<i64>, Option<i64>)> = self.shared.query(&pipe).await?;
             Ok(found
                 .into_iter()
                 .map(|(entry, mark)| match (entry, mark) {
@@ -300,18 +504,13 @@ impl Ledger for RedisStore {
             let mut pipe = redis::pipe();
             for k in keys {
                 pipe.cmd("SET")
-                    .arg(Self::in_flight_key(&Self::ledger_key(k)))
+                    .arg(in_flight_key(&ledger_key(k)))
                     .arg(1)
                     .arg("PX")
                     .arg(ms(ttl))
                     .ignore();
             }
-            self.within(async {
-                let mut connection = self.topology.connection().await?;
-                self.topology
-                    .checked(pipe.query_async::<()>(&mut connection).await)
-            })
-            .await
+            self.shared.query(&pipe).await
         })
     }
 
@@ -322,14 +521,9 @@ impl Ledger for RedisStore {
             }
             let mut pipe = redis::pipe();
             for k in keys {
-                pipe.del(Self::in_flight_key(&Self::ledger_key(k))).ignore();
+                pipe.del(in_flight_key(&ledger_key(k))).ignore();
             }
-            self.within(async {
-                let mut connection = self.topology.connection().await?;
-                self.topology
-                    .checked(pipe.query_async::<()>(&mut connection).await)
-            })
-            .await
+            self.shared.query(&pipe).await
         })
     }
 
@@ -342,19 +536,34 @@ impl Ledger for RedisStore {
             pipe.atomic();
             for k in keys {
                 pipe.cmd("SET")
-                    .arg(Self::ledger_key(k))
+                    .arg(ledger_key(k))
                     .arg(1)
                     .arg("PX")
                     .arg(ms(RETENTION))
                     .ignore();
             }
-            self.within(async {
-                let mut connection = self.topology.connection().await?;
-                self.topology
-                    .checked(pipe.query_async::<()>(&mut connection).await)
-            })
-            .await?;
-            Ok(())
+            self.shared.query(&pipe).await
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batchs_answer_is_split_per_reservation() {
+        let answer = [0, 1, 0, 2, 0, 1, 1];
+        assert_eq!(
+            reservations(&answer, [2, 3, 2].into_iter()),
+            Some(vec![
+                Reservation::Granted(vec![true, false]),
+                Reservation::Exceeded(1),
+                Reservation::Granted(vec![true, true]),
+            ])
+        );
+        // Too short, or too long, for what was asked: not a valid answer.
+        assert_eq!(reservations(&answer, [2, 3, 3].into_iter()), None);
+        assert_eq!(reservations(&answer, [2, 3].into_iter()), None);
     }
 }
