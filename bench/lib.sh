@@ -5,10 +5,58 @@
 # release build unless RELAY_BIN names another).
 bench_start() {
   WORK=$(mktemp -d)
+  chmod 755 "$WORK"  # Postfix daemons run as user postfix
   PIDS=()
-  trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
+  trap bench_stop EXIT
   [[ -n "${RELAY_BIN:-}" ]] || cargo build --release --locked -q -p mailroute-relay
   RELAY_BIN=${RELAY_BIN:-target/release/mailroute-relay}
+}
+bench_stop() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [[ -f "$WORK/postfix/main.cf" ]] && postfix -c "$WORK/postfix" stop >/dev/null 2>&1 || true
+  [[ -n "${KEEP:-}" ]] || rm -rf "$WORK"
+}
+
+# Starts Postfix as a relay to the sink: a private instance in $WORK/postfix, disk queue, no
+# chroot, listening on a free port; sets POSTFIX. Extra main.cf lines may follow as the first
+# argument (e.g. smtpd TLS settings). Needs root (its daemons drop privileges).
+start_postfix() { # [extra main.cf lines]
+  POSTFIX=$(free_port)
+  mkdir -p "$WORK/postfix"
+  cat > "$WORK/postfix/main.cf" <<CF
+compatibility_level = 3.6
+queue_directory = $WORK/postfix/queue
+data_directory = $WORK/postfix/data
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = postfix.bench.example
+mydestination =
+mynetworks = 127.0.0.0/8
+relayhost = [127.0.0.1]:$SINK
+smtpd_relay_restrictions = permit_mynetworks, reject
+maillog_file_prefixes = $WORK
+maillog_file = $WORK/postfix/maillog
+default_process_limit = 200
+smtp_destination_concurrency_limit = 50
+${1:-}
+CF
+  sed -E -e 's/^smtp( +)inet( +)n( +)-( +)y/127.0.0.1:'"$POSTFIX"'\1inet\2n\3-\4n/' \
+    -e 's/^([a-z]+ +unix +[-n] +[-n] +)y/\1n/' \
+    /etc/postfix/master.cf > "$WORK/postfix/master.cf"
+  mkdir -p "$WORK/postfix/queue" "$WORK/postfix/data"
+  chown postfix "$WORK/postfix/data"
+  postfix -c "$WORK/postfix" start >/dev/null 2>&1 || true
+  wait_port "$POSTFIX"
+}
+
+# Postfix has not delivered when its client finishes: waits until its queue is empty.
+postfix_drained() {
+  for _ in $(seq 600); do
+    [[ -z "$(find "$WORK/postfix/queue/active" "$WORK/postfix/queue/incoming" "$WORK/postfix/queue/deferred" -type f 2>/dev/null | head -1)" ]] && return 0
+    sleep 0.1
+  done
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

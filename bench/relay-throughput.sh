@@ -11,20 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MESSAGES=${1:-5000}
-WORK=$(mktemp -d)
-chmod 755 "$WORK"  # Postfix daemons run as user postfix
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  [[ -f "$WORK/postfix/main.cf" ]] && postfix -c "$WORK/postfix" stop >/dev/null 2>&1 || true
-  [[ -n "${KEEP:-}" ]] || rm -rf "$WORK"
-}
-trap cleanup EXIT
-
 source bench/lib.sh
-
-[[ -n "${RELAY_BIN:-}" ]] || cargo build --release --locked -q -p mailroute-relay
-RELAY_BIN=${RELAY_BIN:-target/release/mailroute-relay}
+bench_start
 
 start_sink
 # Every load comes from 127.0.0.1 (an older build, measured for comparison, lacks the flag).
@@ -39,34 +27,8 @@ write_manifests "$WORK/manifests"
 PIDS+=($RELAY_PID)
 wait_port "$RELAY"
 
-# Postfix as a relay to the same sink: a private instance, disk queue, no chroot.
-POSTFIX=$(free_port)
-mkdir -p "$WORK/postfix"
-cat > "$WORK/postfix/main.cf" <<CF
-compatibility_level = 3.6
-queue_directory = $WORK/postfix/queue
-data_directory = $WORK/postfix/data
-mail_owner = postfix
-setgid_group = postdrop
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-myhostname = postfix.bench.example
-mydestination =
-mynetworks = 127.0.0.0/8
-relayhost = [127.0.0.1]:$SINK
-smtpd_relay_restrictions = permit_mynetworks, reject
-maillog_file_prefixes = $WORK
-maillog_file = $WORK/postfix/maillog
-default_process_limit = 200
-smtp_destination_concurrency_limit = 50
-CF
-sed -E -e 's/^smtp( +)inet( +)n( +)-( +)y/127.0.0.1:'"$POSTFIX"'\1inet\2n\3-\4n/' \
-  -e 's/^([a-z]+ +unix +[-n] +[-n] +)y/\1n/' \
-  /etc/postfix/master.cf > "$WORK/postfix/master.cf"
-mkdir -p "$WORK/postfix/queue" "$WORK/postfix/data"
-chown postfix "$WORK/postfix/data"
-postfix -c "$WORK/postfix" start >/dev/null 2>&1 || true
-wait_port "$POSTFIX"
+# Postfix as a relay to the same sink.
+start_postfix
 
 # Runs smtp-source; prints messages per second.
 run() { # port size concurrency
@@ -78,13 +40,6 @@ run() { # port size concurrency
   awk -v m="$MESSAGES" -v a="$start" -v b="$end" 'BEGIN { print m / (b - a) }'
 }
 
-# Postfix has not delivered when smtp-source finishes: wait until its queue is empty.
-postfix_drained() {
-  for _ in $(seq 600); do
-    [[ -z "$(find "$WORK/postfix/queue/active" "$WORK/postfix/queue/incoming" "$WORK/postfix/queue/deferred" -type f 2>/dev/null | head -1)" ]] && return 0
-    sleep 0.1
-  done
-}
 run_postfix() {
   local start end
   start=$(date +%s.%N)

@@ -6,6 +6,7 @@ use mailroute_relay::auth::throttle::ThrottleConfig;
 use mailroute_relay::server::Limits;
 use std::time::{Duration, Instant};
 use support::{Client, Options, Relay, bounded};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MESSAGE: &str = "From: a@example.com\r\nTo: b@example.com\r\nSubject: =?UTF-8?Q?caf=C3=A9?=\r\n\tfolded continuation\r\n\r\nline one\r\n..two dots stay one\r\n\u{e9}t\u{e9} 8-bit\r\n";
 
@@ -723,6 +724,62 @@ async fn behind_haproxy_every_smtps_client_is_greeted_and_seen_with_its_own_addr
             }
             assert!(c.command("QUIT").await.starts_with("221"));
         }
+    })
+    .await;
+}
+
+/// 300 clients connect over TLS, then the first comes back: it resumes its session (a ticket),
+/// rather than paying a full handshake because the server's session cache forgot it. Every
+/// session gets the relay's cheapest safe choice of cipher suite, whatever the client's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_returning_after_hundreds_of_others_resumes_its_tls_session() {
+    bounded(60, async {
+        let relay = Relay::start(Options::default()).await;
+        let name =
+            rustls_pki_types::ServerName::try_from("relay.test").unwrap_or_else(|e| panic!("{e}"));
+        // Each client keeps its own sessions, as separate MTAs would.
+        let clients: Vec<tokio_rustls::TlsConnector> = (0..300)
+            .map(|_| support::tls_connector(&relay.certs.cert_pem))
+            .collect();
+        let handshake = async |client: &tokio_rustls::TlsConnector| {
+            let tcp = tokio::net::TcpStream::connect(relay.smtps)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let mut tls = client
+                .connect(name.clone(), tcp)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            // The greeting, then QUIT: tickets arrive after the handshake, with the first data.
+            let mut greeting = [0u8; 512];
+            let n = tls
+                .read(&mut greeting)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(greeting[..n].starts_with(b"220 "), "{:?}", &greeting[..n]);
+            tls.write_all(b"QUIT\r\n")
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let _ = tls.read(&mut greeting).await;
+            // The relay's choice, whatever the client's order: X25519, AES-128-GCM.
+            let session = tls.get_ref().1;
+            assert_eq!(
+                session.negotiated_cipher_suite().map(|s| s.suite()),
+                Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+            );
+            assert_eq!(
+                session.negotiated_key_exchange_group().map(|g| g.name()),
+                Some(rustls::NamedGroup::X25519)
+            );
+            session.handshake_kind()
+        };
+        for client in &clients {
+            assert_eq!(handshake(client).await, Some(rustls::HandshakeKind::Full));
+        }
+        assert_eq!(
+            handshake(&clients[0]).await,
+            Some(rustls::HandshakeKind::Resumed),
+            "the first client's session was forgotten after 299 others"
+        );
     })
     .await;
 }

@@ -107,15 +107,44 @@ impl CertificateStore {
     }
 
     /// A rustls server configuration that always presents the current certificate.
+    ///
+    /// NB: resumption by session tickets is on (rustls's ticketer: AES-256-GCM ticket keys,
+    /// rotated every 6 hours, in this process only). Without a ticketer rustls resumes only
+    /// sessions still in its server-side cache of 256, so a relay serving more clients than
+    /// that made nearly every reconnecting client pay a full handshake again (its private-key
+    /// operation is most of a TLS session's CPU: docs/benchmarks.md, "TLS"). A client that
+    /// reconnects to another replica does a full handshake there.
+    ///
+    /// NB: the relay, not the client, picks the cipher suite, and picks AES-128-GCM with SHA-256
+    /// first (then rustls's default order). Clients list AES-256-GCM with SHA-384 first, whose
+    /// key schedule runs SHA-512's compression in software, where SHA-256 has the CPU's SHA
+    /// instructions: SHA-512 alone was 7 % of the relay's CPU in a profile of STARTTLS
+    /// sessions. AES-128 is as safe here as the X25519 or P-256 key exchange beside it.
     pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-        let config =
-            rustls::ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .map_err(TlsError::Config)?
-                .with_no_client_auth()
-                .with_cert_resolver(Arc::new(Resolver(Arc::clone(self))));
+        let mut provider = ring::default_provider();
+        provider
+            .cipher_suites
+            .sort_by_key(|suite| !prefer(suite.suite()));
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .map_err(TlsError::Config)?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Resolver(Arc::clone(self))));
+        config.ignore_client_order = true;
+        config.ticketer = ring::Ticketer::new().map_err(TlsError::Config)?;
         Ok(Arc::new(config))
     }
+}
+
+/// The suites the relay picks first when the client offers them.
+fn prefer(suite: rustls::CipherSuite) -> bool {
+    use rustls::CipherSuite::*;
+    matches!(
+        suite,
+        TLS13_AES_128_GCM_SHA256
+            | TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+            | TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+    )
 }
 
 #[derive(Debug)]
