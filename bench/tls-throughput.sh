@@ -9,7 +9,7 @@
 # in the same mode, and the client's count of full and resumed handshakes.
 # Usage: bench/tls-throughput.sh [MESSAGES]   (default 4000; bounded, stops by itself)
 #        RELAY_BIN=path/to/mailroute-relay bench/tls-throughput.sh   (another build)
-# Needs postfix (smtp-sink, postfix) and openssl, as scripts/test installs them; run as root
+# Needs postfix (smtp-sink, postfix), as scripts/test installs it, and openssl; run as root
 # (Postfix's own daemons drop privileges). The load generator is relay/examples/smtp-load.rs.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -7,16 +7,15 @@
 //! Each session: greeting, EHLO, STARTTLS and EHLO again (with `--starttls`), then
 //! `--per-session` transactions (MAIL, RCPT, DATA, the message), then QUIT; one command at a
 //! time, as `smtp-source` does. Prints one line: messages, seconds, messages a second, and how
-//! many handshakes were full and how many resumed. Bench only: the server's certificate is not
-//! verified (the benchmarks use self-signed certificates on loopback).
+//! many handshakes were full and how many resumed. The TLS client is the relay's own upstream
+//! client (`mailroute-smtp-client`), opportunistic: the benchmarks' certificates are
+//! self-signed, on loopback.
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use rustls::client::Resumption;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, ring};
-use rustls::{DigitallySignedStruct, HandshakeKind, SignatureScheme};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use mailroute_smtp_client::tls::{self, Checks};
+use rustls::HandshakeKind;
+use rustls_pki_types::ServerName;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -55,55 +54,6 @@ struct Args {
     /// The longest the whole run may take.
     #[arg(long, default_value_t = 600)]
     timeout_seconds: u64,
-}
-
-/// Accepts any certificate: the benchmarks' servers present self-signed ones on loopback.
-#[derive(Debug)]
-struct AnyCertificate(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 /// What the sessions count together.
@@ -205,18 +155,14 @@ fn message(size: usize) -> Vec<u8> {
     out
 }
 
-/// A client configuration: TLS 1.3 and 1.2 with rustls's defaults, resuming or not.
-fn connector(resume: bool) -> Result<tokio_rustls::TlsConnector> {
-    let provider = Arc::new(ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-        .with_no_client_auth();
-    if !resume {
-        config.resumption = Resumption::disabled();
-    }
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+/// The relay's own upstream TLS client, opportunistic (any certificate: the benchmarks'
+/// servers present self-signed ones), with a fresh session cache.
+fn connector() -> Result<tokio_rustls::TlsConnector> {
+    let checks = Checks {
+        ca_signed: false,
+        hostname: false,
+    };
+    Ok(tls::connector(checks, None)?)
 }
 
 #[tokio::main]
@@ -228,11 +174,15 @@ async fn main() -> Result<()> {
     let mut workers = Vec::new();
     for _ in 0..args.concurrency.max(1) {
         // Each worker is one client MTA with its own session cache (as one Postfix or Exim
-        // host keeps its sessions), so with --resume every session after its first resumes.
-        let tls = connector(args.resume)?;
+        // host keeps its sessions), so with --resume every session after its first resumes;
+        // without it every session starts with an empty cache (a full handshake).
+        let mut tls = connector()?;
         let (args, message, tally) = (args.clone(), message.clone(), tally.clone());
         workers.push(tokio::spawn(async move {
             while tally.next.fetch_add(1, Ordering::Relaxed) < args.messages {
+                if !args.resume {
+                    tls = connector()?;
+                }
                 session(&args, &tls, &message, &tally).await?;
             }
             anyhow::Ok(())
