@@ -353,6 +353,10 @@ pub struct Tenant {
     /// Whether SMTP AUTH is required; the accounts are in [`Credentials::tenants`].
     #[serde(rename = "requireSMTPAuth")]
     pub require_smtp_auth: bool,
+    /// Service accounts whose tokens authenticate as the tenant (SPEC 11), as token subjects
+    /// (`system:serviceaccount:NAMESPACE:NAME`), sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
     #[serde(rename = "requireTLS")]
     pub require_tls: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]

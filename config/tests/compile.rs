@@ -267,7 +267,7 @@ fn require_smtp_auth_without_credentials_is_refused() {
     assert_eq!(
         problems,
         [
-            "RelayPolicy/acme: authentication.credentialsSecretRef: requireSMTPAuth is true but no credentials Secret is given"
+            "RelayPolicy/acme: authentication.credentialsSecretRef: requireSMTPAuth is true but neither a credentials Secret nor serviceAccounts is given"
         ]
     );
     let missing =
@@ -701,4 +701,32 @@ fn an_object_of_our_group_that_cannot_be_read_is_an_error_naming_the_document() 
     let other = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n";
     assert!(manifests.add_yaml(Path::new("x.yaml"), other).is_ok());
     assert_eq!(manifests.warnings.len(), 1);
+}
+
+#[test]
+fn service_accounts_compile_to_token_subjects_and_belong_to_one_policy() {
+    let acme = "  authentication:\n    requireSMTPAuth: true\n    serviceAccounts: [{name: ticketing}, {namespace: billing, name: invoices.v2}]";
+    let (compiled, problems) = compile_yaml(&policy("acme", acme));
+    assert!(problems.is_empty(), "{problems:?}");
+    // The policy's own namespace unless one is named; requireSMTPAuth met by tokens alone.
+    assert_eq!(
+        compiled.config.tenants["acme"].service_accounts,
+        [
+            "system:serviceaccount:billing:invoices.v2",
+            "system:serviceaccount:mail:ticketing"
+        ]
+    );
+    // A second policy listing the same service account, and names Kubernetes cannot have.
+    let zeta = "  authentication:\n    serviceAccounts: [{name: ticketing}, {namespace: Billing, name: x}, {name: \"app:admin\"}]";
+    let (compiled, problems) =
+        compile_yaml(&format!("{}{}", policy("acme", acme), policy("zeta", zeta)));
+    assert_eq!(
+        problems,
+        [
+            r#"RelayPolicy/zeta: authentication.serviceAccounts[0]: mail/ticketing already belongs to RelayPolicy "acme""#,
+            r#"RelayPolicy/zeta: authentication.serviceAccounts[1].namespace: "Billing" is not a namespace name (lowercase letters, digits and '-', at most 63)"#,
+            r#"RelayPolicy/zeta: authentication.serviceAccounts[2].name: "app:admin" is not a service account name (lowercase letters, digits, '-' and '.')"#,
+        ]
+    );
+    assert_eq!(compiled.config.tenants.keys().collect::<Vec<_>>(), ["acme"]);
 }

@@ -234,7 +234,7 @@ fn refused_samples() -> Vec<(Value, &'static str)> {
                 "RelayPolicy",
                 json!({"domains": ["a.example"], "licenses": 1, "authentication": {"requireSMTPAuth": true}}),
             ),
-            "requireSMTPAuth needs credentialsSecretRef",
+            "requireSMTPAuth needs credentialsSecretRef or serviceAccounts",
         ),
         (
             resource(

@@ -5,6 +5,7 @@
 
 use crate::admission::Gate;
 use crate::auth::accounts::Accounts;
+use crate::auth::tokens::TokenKeys;
 use crate::config_source::Loaded;
 use crate::delivery::ledger::Ledger;
 use crate::delivery::{self, Forwarder, SetupError};
@@ -37,6 +38,8 @@ pub struct Builder {
     /// `loopKey`, else a key of this process only (markers then verify only here).
     pub loop_key: Option<Arc<delivery::LoopKey>>,
     pub metrics: Arc<Metrics>,
+    /// The cluster issuer's keys for service-account tokens (`--jwks-file`), if any.
+    pub tokens: Option<Arc<TokenKeys>>,
     /// The memory budget for message content: one for the relay, whatever the generation.
     pub budget: Arc<crate::budget::Budget>,
 }
@@ -104,7 +107,8 @@ impl Builder {
 
     pub fn build(&self, loaded: &Loaded) -> Result<Built, SetupError> {
         let config = &loaded.document.config;
-        let accounts = Accounts::from_credentials(&loaded.credentials);
+        let accounts = Accounts::from_credentials(&loaded.credentials)
+            .with_service_accounts(config, self.tokens.clone());
         // NB: one tenant table per generation, shared by admission, routing and quotas.
         let tenants = Arc::new(Tenants::new(config));
         let router = Arc::new(Router::new(config, tenants));
@@ -137,8 +141,11 @@ impl Builder {
         session.check_recipients = true;
         session.budget = Arc::clone(&self.budget);
         session.tls_available = self.tls_available;
-        // AUTH is only ever offered inside TLS, and only when some tenant has accounts.
-        session.auth_available = self.tls_available && !accounts.is_empty();
+        // AUTH is only ever offered inside TLS, and only when some tenant has accounts or
+        // service accounts (with the issuer's keys to check their tokens).
+        session.bearer_available = self.tls_available && accounts.takes_bearer();
+        session.auth_available =
+            self.tls_available && (!accounts.is_empty() || accounts.takes_bearer());
         session.max_message_size = self.max_message_size;
         session.max_recipients = self.max_recipients;
         Ok(Built {

@@ -39,6 +39,11 @@ pub trait Admit: Send + Sync + 'static {
 /// Checks SMTP AUTH credentials.
 pub trait Authenticator: Send + Sync + 'static {
     fn check<'a>(&'a self, username: &'a str, password: &'a str) -> BoxFuture<'a, AuthCheck>;
+    /// Checks a bearer token (a service-account token, SPEC 11): `Ok` with the identity it
+    /// proves. Refused unless the authenticator takes tokens.
+    fn check_bearer<'a>(&'a self, _token: &'a str) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async { Err("bearer tokens are not accepted".to_owned()) })
+    }
 }
 
 /// The answer of an [`Authenticator`].

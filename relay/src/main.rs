@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::{ArgGroup, Parser};
 use mailroute_relay::auth::throttle::{AuthThrottle, ThrottleConfig};
+use mailroute_relay::auth::tokens::TokenKeys;
 use mailroute_relay::config_source::{self, Loaded};
 use mailroute_relay::generation::Builder;
 use mailroute_relay::metrics::Metrics;
@@ -98,6 +99,20 @@ struct Cli {
         requires = "tls_cert"
     )]
     tls_key: Option<PathBuf>,
+    /// JWKS document of the cluster's service-account token issuer (the API server's
+    /// /openid/v1/jwks): applications authenticate with their projected token (AUTH
+    /// OAUTHBEARER or XOAUTH2) as the tenant listing their service account. Reloaded when
+    /// the file changes.
+    #[arg(long, value_name = "FILE", env = "MAILROUTE_JWKS_FILE")]
+    jwks_file: Option<PathBuf>,
+    /// The audience service-account tokens must be minted for.
+    #[arg(
+        long,
+        value_name = "AUDIENCE",
+        env = "MAILROUTE_TOKEN_AUDIENCE",
+        default_value = mailroute_relay::auth::tokens::DEFAULT_AUDIENCE
+    )]
+    token_audience: String,
     /// Admin listener serving /metrics, /healthz and /readyz, e.g. 0.0.0.0:9090.
     #[arg(long, value_name = "ADDR", env = "MAILROUTE_ADMIN")]
     admin: Option<SocketAddr>,
@@ -430,8 +445,26 @@ async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyho
             (redis.clone(), redis)
         }
     };
+    // Service-account tokens: checked against --jwks-file, or, following the cluster, against
+    // the keys the API server publishes.
+    let (tokens, _tokens_follow) = match (&cli.jwks_file, &source) {
+        (Some(path), _) => {
+            let keys = TokenKeys::load(path, &cli.token_audience)
+                .map_err(|e| anyhow::anyhow!("--jwks-file: {e}"))?;
+            let watch = keys.watch(Duration::from_secs(10));
+            (Some(keys), Some(watch))
+        }
+        (None, Source::Cluster(cluster)) => {
+            let keys = TokenKeys::empty(&cli.token_audience);
+            let follow =
+                mailroute_relay::cluster::follow_issuer_keys(cluster.client(), keys.clone());
+            (Some(keys), Some(follow))
+        }
+        (None, _) => (None, None),
+    };
     let builder = Arc::new(Builder {
         hostname: hostname.clone(),
+        tokens,
         tls_available: tls.is_some(),
         max_message_size: cli.max_message_size,
         max_recipients: cli.max_recipients as usize,

@@ -82,7 +82,10 @@ async fn parallel_auth_is_bounded_and_unknown_users_cost_what_known_ones_do() {
         let (known, unknown) = (median(known), median(unknown));
         let ratio = unknown.as_secs_f64() / known.as_secs_f64();
         println!("AUTH refusal, median of 5: known user {known:?}, unknown user {unknown:?} ({ratio:.2})");
-        assert!((0.9..=1.1).contains(&ratio), "known {known:?}, unknown {unknown:?}");
+        // NB: an unknown user that skipped the hash would answer in microseconds (a ratio
+        // near 0.001); the band only absorbs the machine's noise (a loaded CI host measured
+        // 1.10 with 5 samples).
+        assert!((0.75..=1.33).contains(&ratio), "known {known:?}, unknown {unknown:?}");
 
         // 40 at once from one address.
         let baseline = rss_bytes(pid);

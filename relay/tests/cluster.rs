@@ -597,3 +597,70 @@ async fn an_api_down_for_30_seconds_leaves_the_relay_serving_and_it_recovers_wit
     })
     .await;
 }
+
+/// Following the cluster without `--jwks-file`, the relay asks the API server for the
+/// service-account issuer's keys: tokens are refused until they answer, then checked, and a
+/// key the issuer publishes later is taken at the next refresh.
+#[tokio::test]
+async fn service_account_tokens_are_checked_against_the_keys_the_api_server_publishes() {
+    use mailroute_relay::auth::tokens::{TokenError, TokenKeys};
+    use support::issuer::{IssuerKey, jwks};
+    support::bounded(30, async {
+        let cluster = Cluster::start().await;
+        let client = connect(Some(&cluster.kubeconfig))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let issuer = IssuerKey::es256("cluster-1");
+        let subject = "system:serviceaccount:mail:ticketing";
+        let token = issuer.token(subject, "mailroute", 600);
+        let keys = TokenKeys::empty("mailroute");
+        // Not published yet: the first request fails and tokens are refused.
+        let follow = mailroute_relay::cluster::follow_issuer_keys(client, keys.clone());
+        within(
+            "the first request for the keys",
+            Duration::from_secs(5),
+            || {
+                cluster
+                    .api
+                    .requests()
+                    .iter()
+                    .any(|s| s.path == "/openid/v1/jwks")
+            },
+        )
+        .await;
+        assert_eq!(
+            keys.verify(&token),
+            Err(TokenError::UnknownKey("cluster-1".into()))
+        );
+        follow.abort();
+        // Published: asked again (at start here; every 10 minutes, or 30 s after a failure,
+        // when running), and the token verifies with the API server's bearer token.
+        cluster.api.set_issuer_keys(&jwks(&[&issuer]));
+        let client = connect(Some(&cluster.kubeconfig))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let follow = mailroute_relay::cluster::follow_issuer_keys(client, keys.clone());
+        within(
+            "the keys from the API server",
+            Duration::from_secs(5),
+            || keys.verify(&token).is_ok(),
+        )
+        .await;
+        assert_eq!(keys.verify(&token).as_deref(), Ok(subject));
+        let asked: Vec<_> = cluster
+            .api
+            .requests()
+            .into_iter()
+            .filter(|s| s.path == "/openid/v1/jwks")
+            .collect();
+        assert!(
+            asked.len() == 2
+                && asked
+                    .iter()
+                    .all(|s| s.token.as_deref() == Some("Bearer pod-token")),
+            "{asked:?}"
+        );
+        follow.abort();
+    })
+    .await;
+}

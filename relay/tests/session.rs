@@ -3,6 +3,7 @@
 
 use mailroute_relay::interfaces::{Admitted, Refusal, RefusalReason, Transaction};
 use mailroute_relay::routing::{Direction, RecipientRoute, Target};
+use mailroute_relay::smtp::sasl::Secret;
 use mailroute_relay::smtp::session::{
     AuthOutcome, Event, ListenerKind, Session, SessionConfig, TlsInfo,
 };
@@ -68,13 +69,19 @@ impl Dialogue {
                         });
                         progressed = true;
                     }
-                    Event::Authenticate { username, password } => {
-                        let outcome = if username == "app" && password == "secret" {
-                            AuthOutcome::Accepted
-                        } else {
-                            AuthOutcome::Refused
+                    Event::Authenticate { username, secret } => {
+                        // A password for "app", or the token "good-token" of a service account.
+                        let (outcome, identity) = match secret {
+                            Secret::Password(p) if username == "app" && p == "secret" => {
+                                (AuthOutcome::Accepted, username)
+                            }
+                            Secret::Bearer(t) if t == "good-token" => (
+                                AuthOutcome::Accepted,
+                                "system:serviceaccount:mail:app".to_owned(),
+                            ),
+                            _ => (AuthOutcome::Refused, username),
                         };
-                        self.session.auth_result(&username, outcome, &mut more);
+                        self.session.auth_result(&identity, outcome, &mut more);
                         progressed = true;
                     }
                     Event::Message(t) => {
@@ -204,6 +211,68 @@ fn auth_plain_and_login_succeed_after_tls_and_failures_count() {
     d.says("c2VjcmV0\r\n", &["235 2.7.0"]);
     assert_eq!(d.session.authenticated(), Some("app"));
     d.says("AUTH PLAIN AGFwcABzZWNyZXQ=\r\n", &["503 5.5.1"]);
+}
+
+fn bearer(mechanism_oauthbearer: bool, token: &str) -> String {
+    use base64::Engine;
+    let text = if mechanism_oauthbearer {
+        format!("n,a=app@example.com,\x01auth=Bearer {token}\x01\x01")
+    } else {
+        format!("user=app@example.com\x01auth=Bearer {token}\x01\x01")
+    };
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+#[test]
+fn a_service_account_token_authenticates_by_oauthbearer_or_xoauth2_inside_tls_only() {
+    let mut config = SessionConfig::new("relay.example");
+    config.tls_available = true;
+    config.auth_available = true;
+    config.bearer_available = true;
+    let mut d = Dialogue::with(config);
+    d.ehlo();
+    // In clear: refused before the token is read.
+    let good = bearer(true, "good-token");
+    d.says(&format!("AUTH OAUTHBEARER {good}\r\n"), &["538 5.7.11"]);
+    d.says("STARTTLS\r\n", &["220"]);
+    let after = d.ehlo();
+    assert!(
+        after.contains("AUTH PLAIN LOGIN OAUTHBEARER XOAUTH2"),
+        "{after}"
+    );
+    // A refused token: the error challenge (RFC 7628), the client's dummy answer, then 535.
+    let bad = bearer(true, "forged");
+    d.says(
+        &format!("AUTH OAUTHBEARER {bad}\r\n"),
+        &["334 eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIiwic2NoZW1lcyI6ImJlYXJlciJ9"],
+    );
+    d.says("AQ==\r\n", &["535 5.7.8"]);
+    let bad = bearer(false, "forged");
+    d.says(&format!("AUTH XOAUTH2 {bad}\r\n"), &["334"]);
+    d.says("\r\n", &["535 5.7.8"]);
+    // The token's identity, not the name in the SASL message, is the session's.
+    let good = bearer(false, "good-token");
+    d.says("AUTH XOAUTH2\r\n", &["334"]);
+    d.says(&format!("{good}\r\n"), &["235 2.7.0"]);
+    assert_eq!(
+        d.session.authenticated(),
+        Some("system:serviceaccount:mail:app")
+    );
+}
+
+#[test]
+fn token_mechanisms_are_not_offered_or_taken_without_service_accounts() {
+    let mut d = Dialogue::new();
+    d.ehlo();
+    d.says("STARTTLS\r\n", &["220"]);
+    let after = d.ehlo();
+    assert!(
+        !after.contains("OAUTHBEARER") && !after.contains("XOAUTH2"),
+        "{after}"
+    );
+    let good = bearer(true, "good-token");
+    d.says(&format!("AUTH OAUTHBEARER {good}\r\n"), &["504 5.5.4"]);
+    assert_eq!(d.session.authenticated(), None);
 }
 
 #[test]

@@ -216,6 +216,10 @@ impl Reply {
     pub fn unrecognized_command() -> Self {
         Self::new(500, "5.5.1", "Command unrecognized")
     }
+    /// RFC 4954 section 6's reply to an AUTH line or SASL response over 12,288 octets.
+    pub fn auth_line_too_long() -> Self {
+        Self::new(500, "5.5.6", "Authentication exchange line is too long")
+    }
     pub fn line_too_long() -> Self {
         Self::new(500, "5.5.2", "Command line too long (512 octets at most)")
     }

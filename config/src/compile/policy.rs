@@ -17,6 +17,7 @@ pub(super) struct Claims {
     domains: BTreeMap<Domain, String>,
     ranges: BTreeMap<IpNet, String>,
     usernames: BTreeMap<String, String>,
+    service_accounts: BTreeMap<String, String>,
 }
 
 impl Claims {
@@ -36,7 +37,26 @@ impl Claims {
         for r in &tenant.ip_ranges {
             self.ranges.insert(*r, tenant_name.to_owned());
         }
+        for subject in &tenant.service_accounts {
+            self.service_accounts
+                .insert(subject.clone(), tenant_name.to_owned());
+        }
     }
+}
+
+/// A DNS-1123 label (a namespace's name): at most 63 of `a-z0-9-`, alphanumeric at both ends.
+fn is_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// A DNS-1123 subdomain (a service account's name): dot-separated labels, at most 253.
+fn is_subdomain(name: &str) -> bool {
+    name.len() <= 253 && name.split('.').all(is_label)
 }
 
 pub(super) fn compile(
@@ -224,16 +244,49 @@ pub(super) fn compile(
             }
         },
         None => {
-            if auth.require_smtp_auth {
+            if auth.require_smtp_auth && auth.service_accounts.is_empty() {
                 report.bad(
                     "authentication.credentialsSecretRef",
-                    "requireSMTPAuth is true but no credentials Secret is given",
+                    "requireSMTPAuth is true but neither a credentials Secret nor serviceAccounts is given",
                 );
             }
             None
         }
     };
 
+    let mut service_accounts = BTreeSet::new();
+    for (i, account) in auth.service_accounts.iter().enumerate() {
+        let namespace = account.namespace.as_deref().unwrap_or(&inputs.namespace);
+        if !is_label(namespace) {
+            report.bad(
+                format!("authentication.serviceAccounts[{i}].namespace"),
+                format!("{namespace:?} is not a namespace name (lowercase letters, digits and '-', at most 63)"),
+            );
+            continue;
+        }
+        if !is_subdomain(&account.name) {
+            report.bad(
+                format!("authentication.serviceAccounts[{i}].name"),
+                format!(
+                    "{:?} is not a service account name (lowercase letters, digits, '-' and '.')",
+                    account.name
+                ),
+            );
+            continue;
+        }
+        let subject = format!("system:serviceaccount:{namespace}:{}", account.name);
+        // A token binds the session to one tenant, so a service account belongs to one.
+        if let Some(owner) = claims.service_accounts.get(&subject) {
+            report.bad(
+                format!("authentication.serviceAccounts[{i}]"),
+                format!(
+                    "{namespace}/{} already belongs to RelayPolicy {owner:?}",
+                    account.name
+                ),
+            );
+        }
+        service_accounts.insert(subject);
+    }
     for (field, route) in [
         ("outboundRoute", &spec.outbound_route),
         ("inboundRoute", &spec.inbound_route),
@@ -254,6 +307,7 @@ pub(super) fn compile(
         allowed_senders: spec.allowed_senders,
         ip_ranges: ranges.into_iter().collect(),
         require_smtp_auth: auth.require_smtp_auth,
+        service_accounts: service_accounts.into_iter().collect(),
         require_tls: spec.require_tls,
         outbound_route: spec.outbound_route.clone(),
         inbound_route: spec.inbound_route.clone(),

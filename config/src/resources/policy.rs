@@ -139,7 +139,7 @@ pub enum AllowedSenders {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "!self.requireSMTPAuth || has(self.credentialsSecretRef)", "message": "requireSMTPAuth needs credentialsSecretRef", "fieldPath": ".credentialsSecretRef"}
+    {"rule": "!self.requireSMTPAuth || has(self.credentialsSecretRef) || (has(self.serviceAccounts) && size(self.serviceAccounts) > 0)", "message": "requireSMTPAuth needs credentialsSecretRef or serviceAccounts", "fieldPath": ".credentialsSecretRef"}
 ]))]
 pub struct Authentication {
     /// Client address ranges allowed to relay. A range may hold at most 65,536 addresses (IPv4
@@ -154,6 +154,25 @@ pub struct Authentication {
     /// hash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,
+    /// Kubernetes service accounts whose projected tokens authenticate as the tenant (SMTP
+    /// AUTH OAUTHBEARER or XOAUTH2, after TLS, audience `mailroute` unless the relay's
+    /// `--token-audience` says otherwise). Each service account belongs to one RelayPolicy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub service_accounts: Vec<ServiceAccountRef>,
+}
+
+/// A Kubernetes service account.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceAccountRef {
+    /// Its namespace; default: the RelayPolicy's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: Option<String>,
+    /// Its name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// A client address range.

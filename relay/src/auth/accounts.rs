@@ -9,9 +9,11 @@
 //!   the attempt is answered "busy" at once (`454 4.7.0`), never queued without bound.
 //! - Plaintext values are compared in constant time.
 
+use super::tokens::TokenKeys;
 use crate::interfaces::{AuthCheck, Authenticator, BoxFuture};
 use argon2::{Argon2, PasswordVerifier};
 use mailroute_config::Credentials;
+use mailroute_config::document::RelayConfig;
 use std::collections::HashMap;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
@@ -61,6 +63,11 @@ impl Secret {
 #[derive(Clone)]
 pub struct Accounts {
     by_username: Arc<HashMap<String, (String, Secret)>>,
+    /// Tenant by service account (`system:serviceaccount:NS:NAME`). A Secret's keys (the
+    /// usernames) cannot hold `:`, so the two never collide.
+    by_service_account: Arc<HashMap<String, String>>,
+    /// The issuer's keys; without them no token is accepted.
+    tokens: Option<Arc<TokenKeys>>,
     /// What an unknown user's password is checked against (the costliest secret present).
     stand_in: Arc<Secret>,
     slots: Arc<tokio::sync::Semaphore>,
@@ -101,9 +108,38 @@ impl Accounts {
             .unwrap_or_else(|| Secret::Plain(DUMMY.to_owned()));
         Self {
             by_username: Arc::new(by_username),
+            by_service_account: Arc::default(),
+            tokens: None,
             stand_in: Arc::new(stand_in),
             slots: Arc::new(tokio::sync::Semaphore::new(Self::hashing_slots())),
         }
+    }
+
+    /// The tenants' service accounts, checked with `tokens` (SPEC 11).
+    pub fn with_service_accounts(
+        mut self,
+        config: &RelayConfig,
+        tokens: Option<Arc<TokenKeys>>,
+    ) -> Self {
+        let by_service_account = config
+            .tenants
+            .iter()
+            .flat_map(|(name, tenant)| {
+                tenant
+                    .service_accounts
+                    .iter()
+                    .map(move |subject| (subject.clone(), name.clone()))
+            })
+            .collect();
+        self.by_service_account = Arc::new(by_service_account);
+        self.tokens = tokens;
+        self
+    }
+
+    /// Whether tokens are checked: the issuer's keys are loaded and some tenant lists a
+    /// service account.
+    pub fn takes_bearer(&self) -> bool {
+        self.tokens.is_some() && !self.by_service_account.is_empty()
     }
 
     /// Password checks run at once, at most: one per core.
@@ -115,9 +151,12 @@ impl Accounts {
         self.by_username.is_empty()
     }
 
-    /// The tenant whose account `username` is.
-    pub fn tenant_of(&self, username: &str) -> Option<&str> {
-        self.by_username.get(username).map(|(t, _)| t.as_str())
+    /// The tenant whose account `identity` is: a username, or a service account.
+    pub fn tenant_of(&self, identity: &str) -> Option<&str> {
+        match self.by_username.get(identity) {
+            Some((tenant, _)) => Some(tenant),
+            None => self.by_service_account.get(identity).map(String::as_str),
+        }
     }
 
     /// Checks a password (blocking: hash verification is deliberately slow).
@@ -153,6 +192,20 @@ impl Authenticator for Accounts {
                 AuthCheck::Accepted
             } else {
                 AuthCheck::Refused
+            }
+        })
+    }
+
+    fn check_bearer<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async move {
+            let Some(keys) = self.tokens.as_ref().filter(|_| self.takes_bearer()) else {
+                return Err("bearer tokens are not accepted".to_owned());
+            };
+            let subject = keys.verify(token).map_err(|e| e.to_string())?;
+            if self.by_service_account.contains_key(&subject) {
+                Ok(subject)
+            } else {
+                Err(format!("{subject} is not listed by any RelayPolicy"))
             }
         })
     }

@@ -99,11 +99,21 @@ impl AuthThrottle {
         password: &'a str,
         auth: &'a dyn Authenticator,
     ) -> BoxFuture<'a, AuthOutcome> {
+        self.attempt(ip, auth.check(username, password))
+    }
+
+    /// Runs one check of a client's credentials (a password, a token), applying the throttle:
+    /// not run at all over the limit, its refusal slowed after a few.
+    pub fn attempt<'a>(
+        &'a self,
+        ip: IpAddr,
+        check: impl Future<Output = AuthCheck> + Send + 'a,
+    ) -> BoxFuture<'a, AuthOutcome> {
         Box::pin(async move {
             let Some(failures) = self.begin(ip) else {
                 return AuthOutcome::Throttled;
             };
-            match auth.check(username, password).await {
+            match check.await {
                 AuthCheck::Accepted => {
                     self.forgive(ip, true);
                     AuthOutcome::Accepted

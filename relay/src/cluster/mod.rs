@@ -15,9 +15,11 @@
 //! its [`Snapshot`]s and plain entries (the check in `scripts/test` says so).
 
 mod client;
+pub mod issuer;
 pub mod watch;
 
 pub use client::connect;
+pub use issuer::follow_issuer_keys;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use std::collections::{BTreeMap, BTreeSet};
@@ -278,12 +280,21 @@ impl LogEvery {
 }
 
 /// The followed objects of one `--configmap NAMESPACE/NAME`. Dropping it stops the watches.
-#[derive(Debug)]
 pub struct ClusterSource {
+    client: kube::Client,
     namespace: String,
     name: String,
     state: tokio::sync::watch::Receiver<Snapshot>,
     driver: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for ClusterSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterSource")
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Drop for ClusterSource {
@@ -296,13 +307,24 @@ impl ClusterSource {
     /// Starts following `namespace/name` and the credentials Secret through `client`.
     pub fn start(client: kube::Client, namespace: &str, name: &str) -> Self {
         let (state, receiver) = tokio::sync::watch::channel(Snapshot::default());
-        let driver = tokio::spawn(drive(client, namespace.to_owned(), name.to_owned(), state));
+        let driver = tokio::spawn(drive(
+            client.clone(),
+            namespace.to_owned(),
+            name.to_owned(),
+            state,
+        ));
         Self {
+            client,
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             state: receiver,
             driver,
         }
+    }
+
+    /// The API client the source follows the cluster with (shared by what else asks it).
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
     }
 
     /// How the source is named in messages: `configmap NAMESPACE/NAME`.

@@ -2,9 +2,10 @@
 //! carries out the session's events (TLS upgrade, credential check, delivery) with timeouts.
 
 use super::{Generation, Shared};
-use crate::interfaces::RefusalReason;
+use crate::interfaces::{AuthCheck, RefusalReason};
 use crate::metrics::{ListenerResultLabels, RefusalLabels};
 use crate::reply::Reply;
+use crate::smtp::sasl::Secret;
 use crate::smtp::session::{AuthOutcome, Event, ListenerKind, Session, TlsInfo};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -328,16 +329,37 @@ async fn process(
                         }
                     }
                 }
-                Event::Authenticate { username, password } => {
-                    let outcome = shared
-                        .throttle
-                        .check(
-                            peer.ip(),
-                            &username,
-                            &password,
-                            current.generation.auth.as_ref(),
-                        )
-                        .await;
+                Event::Authenticate { username, secret } => {
+                    let auth = current.generation.auth.as_ref();
+                    let (outcome, identity) = match &secret {
+                        Secret::Password(password) => (
+                            shared
+                                .throttle
+                                .check(peer.ip(), &username, password, auth)
+                                .await,
+                            username.clone(),
+                        ),
+                        Secret::Bearer(token) => {
+                            let mut identity = String::new();
+                            let outcome = shared
+                                .throttle
+                                .attempt(peer.ip(), async {
+                                    match auth.check_bearer(token).await {
+                                        Ok(subject) => {
+                                            identity = subject;
+                                            AuthCheck::Accepted
+                                        }
+                                        Err(why) => {
+                                            // NB: why, never the token.
+                                            tracing::info!(username = %username, reason = %why, "service-account token refused");
+                                            AuthCheck::Refused
+                                        }
+                                    }
+                                })
+                                .await;
+                            (outcome, identity)
+                        }
+                    };
                     let result = match outcome {
                         AuthOutcome::Accepted => "accepted",
                         AuthOutcome::Refused => "refused",
@@ -355,7 +377,7 @@ async fn process(
                     if outcome != AuthOutcome::Accepted {
                         tracing::info!(username = %username, result, "authentication failed");
                     }
-                    session.auth_result(&username, outcome, &mut more);
+                    session.auth_result(&identity, outcome, &mut more);
                     resumed = true;
                 }
                 Event::CheckRecipient(query) => {

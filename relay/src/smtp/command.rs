@@ -1,4 +1,5 @@
-//! Command lines: framing (RFC 5321 section 4.5.3.1.4: at most 512 octets with the CRLF), the
+//! Command lines: framing (RFC 5321 section 4.5.3.1.4: at most 512 octets with the CRLF; an
+//! AUTH line or SASL response at most 12,288, RFC 4954 section 4), the
 //! checks smtp-proto does not make (a CR, NUL or bare LF inside a command), then smtp-proto's
 //! parser for the grammar, and the parameters we advertise.
 
@@ -13,6 +14,11 @@ use std::borrow::Cow;
 
 /// The longest command line, CRLF included.
 pub const MAX_COMMAND_LINE: usize = 512;
+
+/// The longest `AUTH` command line or SASL response line, CRLF included (RFC 4954 section 4
+/// allows responses of 12,288 octets; clients put the same in an initial response). OAuth and
+/// service-account tokens run to a few thousand octets once base64-encoded.
+pub const MAX_AUTH_LINE: usize = 12_288;
 
 /// One framing step over buffered input.
 #[derive(Debug, PartialEq, Eq)]
@@ -30,22 +36,43 @@ pub enum Framed<'a> {
 /// Cuts command lines out of the input, remembering an over-long line across reads.
 #[derive(Debug, Default)]
 pub struct LineFramer {
-    discarding: bool,
+    /// An over-long line is being thrown away: `Some(true)` for an AUTH line.
+    discarding: Option<bool>,
+}
+
+/// `AUTH ` in any case: a line allowed [`MAX_AUTH_LINE`].
+fn is_auth(input: &[u8]) -> bool {
+    input
+        .get(..5)
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"AUTH "))
+}
+
+fn too_long(auth: bool) -> Reply {
+    if auth {
+        Reply::auth_line_too_long()
+    } else {
+        Reply::line_too_long()
+    }
 }
 
 impl LineFramer {
-    /// Never returns `Skipped` with nothing consumed, so a caller looping until `NeedMore`
-    /// always ends.
+    /// A command line. Never returns `Skipped` with nothing consumed, so a caller looping
+    /// until `NeedMore` always ends.
     pub fn next<'a>(&mut self, input: &'a [u8]) -> Framed<'a> {
+        self.next_line(input, false)
+    }
+
+    /// A command line, or with `sasl_response` a client's answer to an AUTH challenge.
+    pub fn next_line<'a>(&mut self, input: &'a [u8], sasl_response: bool) -> Framed<'a> {
         if input.is_empty() {
             return Framed::NeedMore;
         }
-        if self.discarding {
+        if let Some(auth) = self.discarding {
             return match memchr(b'\n', input) {
                 Some(at) => {
-                    self.discarding = false;
+                    self.discarding = None;
                     Framed::Refused {
-                        reply: Reply::line_too_long(),
+                        reply: too_long(auth),
                         consumed: at + 1,
                     }
                 }
@@ -54,7 +81,13 @@ impl LineFramer {
                 },
             };
         }
-        let window = &input[..input.len().min(MAX_COMMAND_LINE)];
+        let auth = sasl_response || is_auth(input);
+        let limit = if auth {
+            MAX_AUTH_LINE
+        } else {
+            MAX_COMMAND_LINE
+        };
+        let window = &input[..input.len().min(limit)];
         match memchr(b'\n', window) {
             Some(at) => {
                 let consumed = at + 1;
@@ -76,10 +109,10 @@ impl LineFramer {
                     consumed,
                 }
             }
-            None if input.len() >= MAX_COMMAND_LINE => {
+            None if input.len() >= limit => {
                 // NB: skip only the window: commands pipelined after the long line's end must
                 // still be read.
-                self.discarding = true;
+                self.discarding = Some(auth);
                 Framed::Skipped {
                     consumed: window.len(),
                 }
@@ -323,6 +356,36 @@ mod tests {
                 "QUIT",
             ]
         );
+    }
+
+    #[test]
+    fn auth_lines_may_carry_a_token_of_12288_octets_and_no_more() {
+        let line = |len: usize| {
+            let mut l = b"auth XOAUTH2 ".to_vec();
+            l.extend(std::iter::repeat_n(b'A', len - l.len() - 2));
+            l.extend_from_slice(b"\r\n");
+            l
+        };
+        assert_eq!(frame_all(&line(3000)).len(), 1);
+        assert!(frame_all(&line(3000))[0].starts_with("auth XOAUTH2 AAAA"));
+        assert_eq!(frame_all(&line(MAX_AUTH_LINE)).len(), 1);
+        let mut over = line(MAX_AUTH_LINE + 1);
+        over.extend_from_slice(b"NOOP\r\n");
+        assert_eq!(
+            frame_all(&over),
+            ["500 5.5.6 Authentication exchange line is too long", "NOOP"]
+        );
+        // A SASL response line has the same room; any other command keeps 512.
+        let mut framer = LineFramer::default();
+        let response = [vec![b'A'; 4000], b"\r\n".to_vec()].concat();
+        assert!(matches!(
+            framer.next_line(&response, true),
+            Framed::Line { consumed: 4002, .. }
+        ));
+        assert!(matches!(
+            framer.next(&response),
+            Framed::Skipped { consumed: 512 }
+        ));
     }
 
     #[test]

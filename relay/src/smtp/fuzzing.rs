@@ -136,6 +136,7 @@ pub fn session(data: &[u8]) {
     let mut config = SessionConfig::new("relay.fuzz");
     config.tls_available = true;
     config.auth_available = true;
+    config.bearer_available = true;
     config.max_message_size = 4096;
     config.max_recipients = 5;
     config.check_recipients = seed % 4 < 2;

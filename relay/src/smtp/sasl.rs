@@ -1,10 +1,11 @@
-//! The SASL exchanges of SMTP AUTH (RFC 4954): PLAIN (RFC 4616) and LOGIN, as pure steps from
-//! the client's lines to credentials. The session decides when AUTH is allowed at all (only
-//! inside TLS); the check of the credentials is the driver's.
+//! The SASL exchanges of SMTP AUTH (RFC 4954): PLAIN (RFC 4616), LOGIN, and the bearer-token
+//! mechanisms OAUTHBEARER (RFC 7628) and XOAUTH2 (Google's), as pure steps from the client's
+//! lines to credentials. The session decides when AUTH is allowed at all (only inside TLS);
+//! the check of the credentials is the driver's.
 
 use crate::reply::Reply;
 use base64::Engine;
-use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN};
+use smtp_proto::{AUTH_LOGIN, AUTH_OAUTHBEARER, AUTH_PLAIN, AUTH_XOAUTH2};
 
 /// What the exchange waits for from the client.
 #[derive(Debug)]
@@ -15,6 +16,21 @@ pub enum Waiting {
     LoginPassword {
         username: String,
     },
+    /// The OAUTHBEARER or XOAUTH2 response after an empty challenge.
+    Bearer {
+        oauthbearer: bool,
+    },
+    /// A token was refused and the client was sent the error challenge (RFC 7628 3.2.3): its
+    /// answer, whatever it is, ends the exchange with `535`.
+    BearerRefused,
+}
+
+/// What the client proves itself with.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Secret {
+    Password(String),
+    /// An OAuth 2.0 bearer token (a service-account token): the identity is the token's.
+    Bearer(String),
 }
 
 /// The next step of an exchange.
@@ -22,14 +38,31 @@ pub enum Waiting {
 pub enum Step {
     /// Send this `334` challenge and wait.
     Challenge(Reply, Waiting),
-    /// Check these credentials.
-    Credentials { username: String, password: String },
+    /// Check these credentials (`username`: as the client named itself; for a bearer token
+    /// only for logs).
+    Credentials { username: String, secret: Secret },
     /// End the exchange with this refusal.
     Refused(Reply),
 }
 
+/// The challenge that tells a client its token was refused (RFC 7628 3.2.2): a JSON status,
+/// base64-encoded; the client answers with a dummy line and hears `535`.
+pub fn bearer_refused() -> Step {
+    let status = base64::engine::general_purpose::STANDARD
+        .encode(br#"{"status":"invalid_token","schemes":"bearer"}"#);
+    Step::Challenge(Reply::auth_challenge(status), Waiting::BearerRefused)
+}
+
 /// `AUTH <mechanism> [initial-response]`.
 pub fn start(mechanism: u64, initial: &str) -> Step {
+    if mechanism == AUTH_OAUTHBEARER || mechanism == AUTH_XOAUTH2 {
+        let oauthbearer = mechanism == AUTH_OAUTHBEARER;
+        return if initial.is_empty() {
+            Step::Challenge(Reply::auth_challenge(""), Waiting::Bearer { oauthbearer })
+        } else {
+            bearer(initial.as_bytes(), oauthbearer)
+        };
+    }
     if mechanism == AUTH_PLAIN {
         if initial.is_empty() {
             Step::Challenge(Reply::auth_challenge(""), Waiting::Plain)
@@ -57,9 +90,67 @@ pub fn respond(waiting: Waiting, line: &[u8]) -> Step {
         Waiting::Plain => plain(line),
         Waiting::LoginUser => login_user(line),
         Waiting::LoginPassword { username } => match decode(line) {
-            Some(password) => Step::Credentials { username, password },
+            Some(password) => Step::Credentials {
+                username,
+                secret: Secret::Password(password),
+            },
             None => Step::Refused(bad_base64()),
         },
+        Waiting::Bearer { oauthbearer } => bearer(line, oauthbearer),
+        Waiting::BearerRefused => Step::Refused(Reply::auth_failed()),
+    }
+}
+
+/// OAUTHBEARER: `gs2-header ^A key=value ^A ... ^A ^A` with `auth=Bearer <token>` among the
+/// pairs and the user in the gs2 header's `a=`; XOAUTH2: `user=<user> ^A auth=Bearer <token>
+/// ^A ^A`.
+fn bearer(response: &[u8], oauthbearer: bool) -> Step {
+    let malformed = || {
+        Step::Refused(Reply::new(
+            501,
+            "5.5.2",
+            if oauthbearer {
+                "Malformed AUTH OAUTHBEARER response"
+            } else {
+                "Malformed AUTH XOAUTH2 response"
+            },
+        ))
+    };
+    let Some(text) = decode(response) else {
+        return Step::Refused(bad_base64());
+    };
+    let mut fields = text.split('\x01');
+    let mut username = String::new();
+    if oauthbearer {
+        // gs2-header: "n,a=user," or "n,,"; channel binding ("p=") is not offered.
+        let Some(header) = fields.next() else {
+            return malformed();
+        };
+        let mut parts = header.split(',');
+        if parts.next() != Some("n") {
+            return malformed();
+        }
+        if let Some(user) = parts.next().and_then(|a| a.strip_prefix("a=")) {
+            username = user.to_owned();
+        }
+    }
+    let mut token = None;
+    for field in fields {
+        if let Some(user) = field.strip_prefix("user=") {
+            username = user.to_owned();
+        } else if let Some(auth) = field.strip_prefix("auth=") {
+            let (scheme, value) = auth.split_once(' ').unwrap_or((auth, ""));
+            if scheme.eq_ignore_ascii_case("bearer") && !value.trim().is_empty() {
+                token = Some(value.trim().to_owned());
+            }
+        }
+    }
+    match token {
+        Some(token) => Step::Credentials {
+            username,
+            secret: Secret::Bearer(token),
+        },
+        None => malformed(),
     }
 }
 
@@ -101,7 +192,10 @@ fn plain(response: &[u8]) -> Step {
         Some((authcid, password))
     });
     match parts {
-        Some((username, password)) => Step::Credentials { username, password },
+        Some((username, password)) => Step::Credentials {
+            username,
+            secret: Secret::Password(password),
+        },
         None => Step::Refused(Reply::new(501, "5.5.2", "Malformed AUTH PLAIN response")),
     }
 }
@@ -111,4 +205,82 @@ fn decode(text: &[u8]) -> Option<String> {
         .decode(text)
         .ok()
         .and_then(|b| String::from_utf8(b).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(text: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(text)
+    }
+
+    fn token_of(step: Step) -> Option<(String, String)> {
+        match step {
+            Step::Credentials {
+                username,
+                secret: Secret::Bearer(token),
+            } => Some((username, token)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn oauthbearer_and_xoauth2_responses_give_the_token() {
+        let oauthbearer =
+            encode("n,a=app@example.com,\x01host=relay\x01port=587\x01auth=Bearer eyJ.a.b\x01\x01");
+        assert_eq!(
+            token_of(start(AUTH_OAUTHBEARER, &oauthbearer)),
+            Some(("app@example.com".into(), "eyJ.a.b".into()))
+        );
+        let no_user = encode("n,,\x01auth=bearer eyJ.c.d\x01\x01");
+        assert_eq!(
+            token_of(start(AUTH_OAUTHBEARER, &no_user)),
+            Some((String::new(), "eyJ.c.d".into()))
+        );
+        let xoauth2 = encode("user=app@example.com\x01auth=Bearer eyJ.e.f\x01\x01");
+        assert_eq!(
+            token_of(start(AUTH_XOAUTH2, &xoauth2)),
+            Some(("app@example.com".into(), "eyJ.e.f".into()))
+        );
+        // Without an initial response: an empty challenge, then the same response.
+        let Step::Challenge(reply, waiting) = start(AUTH_XOAUTH2, "") else {
+            panic!("no challenge");
+        };
+        assert_eq!(reply.code(), 334);
+        assert_eq!(
+            token_of(respond(waiting, xoauth2.as_bytes())),
+            Some(("app@example.com".into(), "eyJ.e.f".into()))
+        );
+    }
+
+    #[test]
+    fn malformed_bearer_responses_are_refused_with_501() {
+        for (mechanism, text) in [
+            (AUTH_OAUTHBEARER, "y,,\x01auth=Bearer t\x01\x01"),
+            (AUTH_OAUTHBEARER, "n,,\x01host=x\x01\x01"),
+            (AUTH_XOAUTH2, "user=a\x01auth=Basic dXNlcg==\x01\x01"),
+            (AUTH_XOAUTH2, "user=a\x01auth=Bearer \x01\x01"),
+        ] {
+            match start(mechanism, &encode(text)) {
+                Step::Refused(reply) => assert_eq!(reply.code(), 501, "{text:?}"),
+                other => panic!("{text:?}: {other:?}"),
+            }
+        }
+        assert!(matches!(start(AUTH_XOAUTH2, "%%%"), Step::Refused(_)));
+    }
+
+    #[test]
+    fn a_refused_token_gets_the_error_challenge_then_535() {
+        let Step::Challenge(reply, waiting) = bearer_refused() else {
+            panic!("no challenge");
+        };
+        assert_eq!(reply.code(), 334);
+        match respond(waiting, b"AQ==") {
+            Step::Refused(reply) => {
+                assert_eq!((reply.code(), reply.enhanced()), (535, Some("5.7.8")))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

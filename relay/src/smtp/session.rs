@@ -50,6 +50,9 @@ pub struct SessionConfig {
     pub tls_available: bool,
     /// Whether AUTH is offered (after TLS).
     pub auth_available: bool,
+    /// Whether bearer tokens are checked (service accounts with `--jwks-file` or the cluster's
+    /// keys): OAUTHBEARER and XOAUTH2 are offered beside PLAIN and LOGIN.
+    pub bearer_available: bool,
     /// Largest message accepted, in octets (advertised as SIZE).
     pub max_message_size: usize,
     /// Recipients per transaction; more get `452 4.5.3`.
@@ -79,6 +82,7 @@ impl SessionConfig {
             hostname: hostname.into(),
             tls_available: false,
             auth_available: false,
+            bearer_available: false,
             max_message_size: 35 * 1024 * 1024,
             max_recipients: 1000,
             max_errors: 10,
@@ -100,10 +104,11 @@ pub enum Event {
     Reply(Reply),
     /// Write the replies so far, then run the TLS handshake and call [`Session::tls_started`].
     StartTls,
-    /// Check the credentials and call [`Session::auth_result`].
+    /// Check the credentials and call [`Session::auth_result`] with the identity they prove
+    /// (the username for a password; the token's subject for a bearer token).
     Authenticate {
         username: String,
-        password: String,
+        secret: sasl::Secret,
     },
     /// Deliver, then call [`Session::delivered`] with the reply for the client.
     Message(Transaction),
@@ -139,7 +144,10 @@ enum Phase {
     },
     Sasl(sasl::Waiting),
     WaitingTls,
-    WaitingAuth,
+    /// `bearer`: the credentials were a bearer token (refused with an error challenge).
+    WaitingAuth {
+        bearer: bool,
+    },
     WaitingRecipient {
         address: String,
     },
@@ -366,7 +374,7 @@ impl Session {
                 }
                 Phase::Closed
                 | Phase::WaitingTls
-                | Phase::WaitingAuth
+                | Phase::WaitingAuth { .. }
                 | Phase::WaitingRecipient { .. }
                 | Phase::WaitingDelivery => {
                     break;
@@ -456,7 +464,10 @@ impl Session {
                         }
                     }
                 }
-                _ => match self.framer.next(rest) {
+                _ => match self
+                    .framer
+                    .next_line(rest, matches!(self.phase, Phase::Sasl(_)))
+                {
                     Framed::NeedMore => break,
                     Framed::Skipped { consumed } => pos += consumed,
                     Framed::Refused { reply, consumed } => {
@@ -765,7 +776,11 @@ impl Session {
             lines.push("STARTTLS".into());
         }
         if self.tls.is_some() && self.config.auth_available && self.authenticated.is_none() {
-            lines.push("AUTH PLAIN LOGIN".into());
+            lines.push(if self.config.bearer_available {
+                "AUTH PLAIN LOGIN OAUTHBEARER XOAUTH2".into()
+            } else {
+                "AUTH PLAIN LOGIN".into()
+            });
         }
         Reply::multiline(250, lines)
     }
@@ -783,6 +798,10 @@ impl Session {
                 Reply::bad_sequence("AUTH during a mail transaction"),
                 events,
             );
+        } else if !self.config.bearer_available
+            && (mechanism == smtp_proto::AUTH_OAUTHBEARER || mechanism == smtp_proto::AUTH_XOAUTH2)
+        {
+            self.refuse(Reply::auth_mechanism_unsupported(), events);
         } else {
             self.sasl_step(sasl::start(mechanism, initial), events);
         }
@@ -794,25 +813,30 @@ impl Session {
                 self.phase = Phase::Sasl(waiting);
                 events.push(Event::Reply(reply));
             }
-            sasl::Step::Credentials { username, password } => {
-                self.phase = Phase::WaitingAuth;
-                events.push(Event::Authenticate { username, password });
+            sasl::Step::Credentials { username, secret } => {
+                self.phase = Phase::WaitingAuth {
+                    bearer: matches!(secret, sasl::Secret::Bearer(_)),
+                };
+                events.push(Event::Authenticate { username, secret });
             }
             sasl::Step::Refused(reply) => self.refuse(reply, events),
         }
     }
 
-    /// Answers a pending [`Event::Authenticate`].
-    pub fn auth_result(&mut self, username: &str, outcome: AuthOutcome, events: &mut Vec<Event>) {
-        if !matches!(self.phase, Phase::WaitingAuth) {
+    /// Answers a pending [`Event::Authenticate`]; `identity` is what the credentials proved.
+    pub fn auth_result(&mut self, identity: &str, outcome: AuthOutcome, events: &mut Vec<Event>) {
+        let Phase::WaitingAuth { bearer } = self.phase else {
             return;
-        }
+        };
         self.phase = Phase::Command;
         match outcome {
             AuthOutcome::Accepted => {
-                self.authenticated = Some(username.to_owned());
+                self.authenticated = Some(identity.to_owned());
                 events.push(Event::Reply(Reply::auth_succeeded()));
             }
+            // NB: a refused token is told so in a challenge first (RFC 7628 3.2.2); the
+            // client's answer to it ends the exchange with the same 535.
+            AuthOutcome::Refused if bearer => self.sasl_step(sasl::bearer_refused(), events),
             AuthOutcome::Refused => self.refuse(Reply::auth_failed(), events),
             AuthOutcome::Throttled => self.close(Reply::auth_too_many_failures(), events),
             AuthOutcome::Busy => events.push(Event::Reply(Reply::auth_busy())),

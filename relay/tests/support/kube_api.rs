@@ -61,6 +61,8 @@ struct Inner {
     /// How long a watch lasts at most (the real server ends them after `timeoutSeconds`).
     watch_for: Mutex<Duration>,
     open_watches: AtomicU64,
+    /// What `GET /openid/v1/jwks` answers (the issuer's keys); 404 while `None`.
+    issuer_keys: Mutex<Option<Value>>,
 }
 
 /// The fake API server; the namespace is `mail`.
@@ -98,6 +100,7 @@ impl FakeApi {
                 closings: tokio::sync::watch::channel(0).0,
                 watch_for: Mutex::new(Duration::from_secs(290)),
                 open_watches: AtomicU64::new(0),
+                issuer_keys: Mutex::new(None),
             }),
             addr,
         };
@@ -117,6 +120,12 @@ impl FakeApi {
             }
         });
         api
+    }
+
+    /// Publishes the service-account issuer's keys (a JWKS document) at `/openid/v1/jwks`.
+    pub fn set_issuer_keys(&self, jwks: &str) {
+        let keys = serde_json::from_str(jwks).unwrap_or_else(|e| panic!("{e}"));
+        *lock(&self.inner.issuer_keys) = Some(keys);
     }
 
     /// Creates or replaces ConfigMap or Secret (`resource`: `configmaps`, `secrets`) `name`
@@ -264,6 +273,14 @@ impl FakeApi {
             .get("fieldSelector")
             .and_then(|f| f.strip_prefix("metadata.name="))
             .map(str::to_owned);
+        if path == "/openid/v1/jwks" {
+            let keys = lock(&self.inner.issuer_keys).clone();
+            let _ = match keys {
+                Some(keys) => respond(&mut tls, "200 OK", &keys).await,
+                None => respond(&mut tls, "404 Not Found", &status(404, "NotFound")).await,
+            };
+            return;
+        }
         if !path.starts_with("/api/v1/namespaces/mail/") {
             let _ = respond(&mut tls, "404 Not Found", &status(404, "NotFound")).await;
             return;

@@ -4,6 +4,7 @@
 
 pub mod dns;
 pub mod haproxy;
+pub mod issuer;
 pub mod kube_api;
 pub mod mta;
 pub mod redis;
@@ -484,6 +485,8 @@ pub struct Stores {
     /// Name server for MX lookups, and the port MX hosts are reached on.
     pub dns_server: Option<SocketAddr>,
     pub mx_port: u16,
+    /// The issuer's keys for service-account tokens.
+    pub tokens: Option<Arc<mailroute_relay::auth::tokens::TokenKeys>>,
 }
 
 impl Stores {
@@ -495,6 +498,7 @@ impl Stores {
             store_failure_open: false,
             dns_server: None,
             mx_port: 25,
+            tokens: None,
         }
     }
 }
@@ -532,6 +536,7 @@ pub fn builder(stores: Stores, metrics: Arc<Metrics>) -> mailroute_relay::genera
             b"test installation loop key",
         ))),
         metrics,
+        tokens: stores.tokens,
         budget: mailroute_relay::budget::Budget::unlimited(),
     }
 }
