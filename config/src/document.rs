@@ -215,6 +215,9 @@ pub struct Route {
     /// Recipients are checked with this route's upstream at RCPT time.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub verify_recipients: bool,
+    /// The upstream's sending limits, kept across replicas (SPEC 11).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limits: Option<crate::resources::RateLimits>,
 }
 
 /// Where a route delivers.

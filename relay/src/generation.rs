@@ -112,20 +112,28 @@ impl Builder {
         // NB: one tenant table per generation, shared by admission, routing and quotas.
         let tenants = Arc::new(Tenants::new(config));
         let router = Arc::new(Router::new(config, tenants));
-        let forwarder = Arc::new(Forwarder::new(
-            config,
-            &loaded.credentials,
-            Arc::clone(&router),
-            Arc::clone(&self.ledger),
-            delivery::Settings {
-                hostname: self.hostname.clone(),
+        let forwarder = Arc::new(
+            Forwarder::new(
+                config,
+                &loaded.credentials,
+                Arc::clone(&router),
+                Arc::clone(&self.ledger),
+                delivery::Settings {
+                    hostname: self.hostname.clone(),
+                    store_failure_open: self.store_failure_open,
+                    dns_server: self.dns_server,
+                    mx_port: self.mx_port,
+                    loop_key: self.loop_key(loaded),
+                },
+                Arc::clone(&self.metrics),
+            )?
+            .with_pacing(delivery::pacing::Pacing {
+                store: Arc::clone(&self.quota_store),
+                store_timeout: self.store_timeout,
+                hold_ttl: self.quota_hold,
                 store_failure_open: self.store_failure_open,
-                dns_server: self.dns_server,
-                mx_port: self.mx_port,
-                loop_key: self.loop_key(loaded),
-            },
-            Arc::clone(&self.metrics),
-        )?);
+            }),
+        );
         let mut quotas = Quotas::new(Arc::clone(&self.quota_store), Arc::clone(&self.metrics));
         quotas.hold_ttl = self.quota_hold;
         quotas.store_timeout = self.store_timeout;

@@ -68,6 +68,14 @@ pub struct ReloadLabels {
     pub result: String,
 }
 
+/// Labels of `mailroute_relay_route_rate_limited_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    pub route: String,
+    /// `messages_per_minute`, `recipients_per_minute` or `recipients_per_day`.
+    pub limit: String,
+}
+
 /// Labels of `mailroute_relay_quota_rejections_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QuotaLabels {
@@ -134,6 +142,7 @@ pub struct Metrics {
     /// Ledger and quota store operations that failed (SPEC 5.3a).
     pub store_errors: Counter,
     pub quota_rejections: Family<QuotaLabels, Counter>,
+    pub route_rate_limited: Family<RateLimitLabels, Counter>,
     pub recipient_verifications: Family<VerificationLabels, Counter>,
     pub rcpt_refusals: Family<RefusalLabels, Counter>,
     pub auth: Family<ListenerResultLabels, Counter>,
@@ -163,6 +172,7 @@ impl Default for Metrics {
             loop_markers_forged: Counter::default(),
             store_errors: Counter::default(),
             quota_rejections: Family::default(),
+            route_rate_limited: Family::default(),
             recipient_verifications: Family::default(),
             rcpt_refusals: Family::default(),
             auth: Family::default(),
@@ -259,6 +269,11 @@ impl Metrics {
             "mailroute_relay_quota_rejections",
             "Recipients refused because a sending limit was reached, by tenant and limit",
             metrics.quota_rejections.clone(),
+        );
+        registry.register(
+            "mailroute_relay_route_rate_limited",
+            "Legs not tried because their route was at a rate limit (MailRoute.rateLimits), by route and limit",
+            metrics.route_rate_limited.clone(),
         );
         registry.register(
             "mailroute_relay_recipient_verifications",

@@ -177,6 +177,10 @@ pub(super) fn compile(
         delivery: spec.delivery,
         probe_interval_ms,
         verify_recipients: spec.verify_recipients,
+        rate_limits: spec
+            .rate_limits
+            .clone()
+            .filter(|r| *r != Default::default()),
     })
 }
 

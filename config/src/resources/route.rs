@@ -87,6 +87,30 @@ pub struct MailRouteSpec {
     /// destination. Default false.
     #[serde(default)]
     pub verify_recipients: bool,
+    /// The upstream's sending limits (a provider's published ones, e.g. Microsoft 365's 30
+    /// messages a minute), kept by every relay replica together through the shared store: over
+    /// one, the route is not tried and the client hears `451 4.4.5` naming it (a best-effort
+    /// copy is counted as deferred). Rolling windows in 24 buckets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limits: Option<RateLimits>,
+}
+
+/// Sending limits of a route; unset ones do not apply.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimits {
+    /// Messages (transactions) the upstream accepts per rolling minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub messages_per_minute: Option<u32>,
+    /// Recipients per rolling minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub recipients_per_minute: Option<u32>,
+    /// Recipients per rolling 24 hours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub recipients_per_day: Option<u32>,
 }
 
 fn default_port() -> u16 {

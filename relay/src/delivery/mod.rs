@@ -9,6 +9,7 @@
 //!   recipient verification; how a route is dialled.
 //! - [`recipient_check`]: RCPT-time recipient verification with the primary route.
 //! - [`outcome`]: the reply rules and the copies' rule (pure).
+//! - [`pacing`]: a route's sending limits across replicas (`MailRoute.rateLimits`).
 //! - [`report`]: metrics and the transaction's log line.
 //! - [`loop_marker`]: the copies' loop marker and its MAC.
 //! - [`pool`]: connection reuse per route and host.
@@ -20,6 +21,7 @@ pub mod attempt;
 pub mod ledger;
 pub mod loop_marker;
 pub mod outcome;
+pub mod pacing;
 pub mod pool;
 pub mod recipient_check;
 mod report;
@@ -134,6 +136,7 @@ fn mx_route() -> Route {
         delivery: DeliveryMode::Required,
         probe_interval_ms: 0,
         verify_recipients: false,
+        rate_limits: None,
     }
 }
 
@@ -145,6 +148,8 @@ pub struct Forwarder {
     pool: pool::Pool,
     resolver: Resolver,
     ledger: Arc<dyn Ledger>,
+    /// Where routes with `rateLimits` count (none: their limits are not kept).
+    pacing: Option<pacing::Pacing>,
     settings: Settings,
     metrics: Arc<Metrics>,
 }
@@ -185,9 +190,16 @@ impl Forwarder {
             pool: pool::Pool::default(),
             resolver: Resolver::new(settings.dns_server).map_err(SetupError::Resolver)?,
             ledger,
+            pacing: None,
             settings,
             metrics,
         })
+    }
+
+    /// Keeps the routes' `rateLimits` in `pacing`'s store.
+    pub fn with_pacing(mut self, pacing: pacing::Pacing) -> Self {
+        self.pacing = Some(pacing);
+        self
     }
 
     /// Idle upstream connections (for tests).

@@ -535,8 +535,42 @@ impl Forwarder {
                 format!("route {} is not configured", leg.target),
             ))),
             Some(runtime) => {
-                self.attempt(runtime, leg, tx, &pending, marker, gate.needed(), deadline)
-                    .await
+                let limits = runtime.route.rate_limits.as_ref();
+                match (&self.pacing, limits) {
+                    (Some(pacing), Some(limits)) => {
+                        let route = leg.target.to_string();
+                        match pacing
+                            .admit(&route, limits, pending.len(), &tx.id, &self.metrics)
+                            .await
+                        {
+                            Err(reply) => Err(RecipientOutcome::Unreachable(reply)),
+                            Ok(held) => {
+                                let outcomes = self
+                                    .attempt(
+                                        runtime,
+                                        leg,
+                                        tx,
+                                        &pending,
+                                        marker,
+                                        gate.needed(),
+                                        deadline,
+                                    )
+                                    .await;
+                                let accepted = outcomes.as_ref().map_or(0, |o| {
+                                    o.iter()
+                                        .filter(|o| **o == RecipientOutcome::Delivered)
+                                        .count()
+                                });
+                                pacing.end(held, accepted).await;
+                                outcomes
+                            }
+                        }
+                    }
+                    _ => {
+                        self.attempt(runtime, leg, tx, &pending, marker, gate.needed(), deadline)
+                            .await
+                    }
+                }
             }
         };
         match outcomes {

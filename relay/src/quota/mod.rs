@@ -95,7 +95,7 @@ pub fn charged(
 }
 
 /// Distinguishes this process's holds from other replicas' in a shared store.
-fn hold_id(transaction: &str) -> String {
+pub(crate) fn hold_id(transaction: &str) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     static NONCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let nonce = NONCE.get_or_init(|| {

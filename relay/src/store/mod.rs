@@ -194,6 +194,10 @@ pub enum Limit {
     UserUniqueRecipientsPerDay,
     CustomerRecipientsPerDay,
     CustomerRecipientsPer10Minutes,
+    /// A route's sending limits (`MailRoute.rateLimits`, SPEC 11).
+    RouteMessagesPerMinute,
+    RouteRecipientsPerMinute,
+    RouteRecipientsPerDay,
 }
 
 impl Limit {
@@ -204,6 +208,9 @@ impl Limit {
             Limit::UserUniqueRecipientsPerDay => "user_unique_recipients_per_day",
             Limit::CustomerRecipientsPerDay => "customer_recipients_per_day",
             Limit::CustomerRecipientsPer10Minutes => "customer_recipients_per_10_minutes",
+            Limit::RouteMessagesPerMinute => "messages_per_minute",
+            Limit::RouteRecipientsPerMinute => "recipients_per_minute",
+            Limit::RouteRecipientsPerDay => "recipients_per_day",
         }
     }
 
@@ -219,6 +226,14 @@ impl Limit {
             Limit::CustomerRecipientsPer10Minutes => {
                 Reply::new(450, "4.2.1", "Peak SMTP relay limit exceeded for customer")
             }
+            // NB: the route's own reply names it (`crate::delivery::pacing`).
+            Limit::RouteMessagesPerMinute
+            | Limit::RouteRecipientsPerMinute
+            | Limit::RouteRecipientsPerDay => Reply::new(
+                451,
+                "4.4.5",
+                "A route is at its rate limit; try again later",
+            ),
         }
     }
 }
