@@ -9,41 +9,18 @@ use std::net::SocketAddr;
 use support::bounded;
 use support::redis::RedisServer;
 use support::sink::Sink;
-use support::trial::{Fate, RelayProcess, burst, manifests};
-
-fn paced(sink: SocketAddr, limits: &str) -> String {
-    format!(
-        r#"
-apiVersion: mailroute.io/v1alpha1
-kind: MailRoute
-metadata: {{name: out, namespace: mail}}
-spec:
-  host: {}
-  port: {}
-  tls: {{mode: Disabled}}
-  connectionPool: {{maxConnections: 20}}
-  rateLimits: {limits}
----
-apiVersion: mailroute.io/v1alpha1
-kind: RelayPolicy
-metadata: {{name: example, namespace: mail}}
-spec:
-  domains: [example.com]
-  licenses: 1000
-  authentication: {{ipRanges: [{{cidr: 127.0.0.0/16}}]}}
-  outboundRoute: out
-"#,
-        sink.ip(),
-        sink.port()
-    )
-}
+use support::trial::{Fate, RelayProcess, burst, manifests, tenant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_relays_never_send_a_route_more_than_its_messages_per_minute() {
     bounded(180, async {
         let redis = RedisServer::start();
         let sink = Sink::start();
-        let dir = manifests(&paced(sink.addr, "{messagesPerMinute: 30}"));
+        let dir = manifests(&tenant(
+            sink.addr,
+            "  rateLimits: {messagesPerMinute: 30}",
+            "  licenses: 1000",
+        ));
         let url = redis.url();
         let relays: Vec<RelayProcess> = (0..3)
             .map(|_| RelayProcess::start(dir.path(), &["--store", &url]))

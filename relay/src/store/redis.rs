@@ -165,6 +165,34 @@ impl Shared {
         .await
     }
 
+    /// Sets each of `names` (ledger entries, in-flight marks) to 1 with expiry `ttl`, in one
+    /// pipeline (`atomic`: MULTI/EXEC).
+    async fn set_all(
+        &self,
+        names: impl Iterator<Item = String>,
+        ttl: Duration,
+        atomic: bool,
+    ) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        if atomic {
+            pipe.atomic();
+        }
+        let mut any = false;
+        for name in names {
+            pipe.cmd("SET")
+                .arg(name)
+                .arg(1)
+                .arg("PX")
+                .arg(ms(ttl))
+                .ignore();
+            any = true;
+        }
+        if !any {
+            return Ok(());
+        }
+        self.query(&pipe).await
+    }
+
     /// Runs a script within the store's timeout.
     async fn invoke<T: FromRedisValue>(
         &self,
@@ -497,21 +525,8 @@ impl Ledger for RedisStore {
         keys: &'a [Key],
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            if keys.is_empty() {
-                return Ok(());
-            }
-            let mut pipe = redis::pipe();
-            for k in keys {
-                pipe.cmd("SET")
-                    .arg(in_flight_key(&ledger_key(k)))
-                    .arg(1)
-                    .arg("PX")
-                    .arg(ms(ttl))
-                    .ignore();
-            }
-            self.shared.query(&pipe).await
-        })
+        let names = keys.iter().map(|k| in_flight_key(&ledger_key(k)));
+        Box::pin(self.shared.set_all(names, ttl, false))
     }
 
     fn clear_in_flight<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<(), StoreError>> {
@@ -528,22 +543,10 @@ impl Ledger for RedisStore {
     }
 
     fn record<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            if keys.is_empty() {
-                return Ok(());
-            }
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            for k in keys {
-                pipe.cmd("SET")
-                    .arg(ledger_key(k))
-                    .arg(1)
-                    .arg("PX")
-                    .arg(ms(RETENTION))
-                    .ignore();
-            }
-            self.shared.query(&pipe).await
-        })
+        Box::pin(
+            self.shared
+                .set_all(keys.iter().map(ledger_key), RETENTION, true),
+        )
     }
 }
 

@@ -12,6 +12,16 @@ use std::time::{Duration, Instant};
 pub const PEAK: usize = 50;
 
 pub fn trial(sink: SocketAddr, extra: &str) -> String {
+    tenant(
+        sink,
+        "",
+        &format!("  licenses: 1\n  tier: Trial\n  users: [alice@example.com]\n{extra}"),
+    )
+}
+
+/// Route `out` to `sink` (with `route` lines) and tenant `example` bound by 127.0.0.0/16,
+/// sending out through it (with `policy` lines: at least its licenses).
+pub fn tenant(sink: SocketAddr, route: &str, policy: &str) -> String {
     format!(
         r#"
 apiVersion: mailroute.io/v1alpha1
@@ -22,18 +32,16 @@ spec:
   port: {}
   tls: {{mode: Disabled}}
   connectionPool: {{maxConnections: 20}}
+{route}
 ---
 apiVersion: mailroute.io/v1alpha1
 kind: RelayPolicy
 metadata: {{name: example, namespace: mail}}
 spec:
   domains: [example.com]
-  licenses: 1
-  tier: Trial
-  users: [alice@example.com]
   authentication: {{ipRanges: [{{cidr: 127.0.0.0/16}}]}}
   outboundRoute: out
-{extra}
+{policy}
 "#,
         sink.ip(),
         sink.port()
