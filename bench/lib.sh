@@ -13,20 +13,24 @@ bench_start() {
 }
 bench_stop() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  [[ -f "$WORK/postfix/main.cf" ]] && postfix -c "$WORK/postfix" stop >/dev/null 2>&1 || true
+  for d in "$WORK"/*/; do
+    [[ -f "$d/main.cf" ]] && postfix -c "$d" stop >/dev/null 2>&1 || true
+  done
   [[ -n "${KEEP:-}" ]] || rm -rf "$WORK"
 }
 
-# Starts Postfix as a relay to the sink: a private instance in $WORK/postfix, disk queue, no
-# chroot, listening on a free port; sets POSTFIX. Extra main.cf lines may follow as the first
-# argument (e.g. smtpd TLS settings). Needs root (its daemons drop privileges).
-start_postfix() { # [extra main.cf lines]
+# Starts Postfix as a relay to the sink: a private instance in $WORK/NAME (default postfix),
+# disk queue, no chroot, listening on a free port; sets POSTFIX. Extra main.cf lines may
+# follow as the first argument (e.g. smtpd TLS settings; a later line wins). Needs root (its
+# daemons drop privileges).
+start_postfix() { # [extra main.cf lines] [name]
+  local name=${2:-postfix}
   POSTFIX=$(free_port)
-  mkdir -p "$WORK/postfix"
-  cat > "$WORK/postfix/main.cf" <<CF
+  mkdir -p "$WORK/$name"
+  cat > "$WORK/$name/main.cf" <<CF
 compatibility_level = 3.6
-queue_directory = $WORK/postfix/queue
-data_directory = $WORK/postfix/data
+queue_directory = $WORK/$name/queue
+data_directory = $WORK/$name/data
 mail_owner = postfix
 setgid_group = postdrop
 inet_interfaces = 127.0.0.1
@@ -37,24 +41,26 @@ mynetworks = 127.0.0.0/8
 relayhost = [127.0.0.1]:$SINK
 smtpd_relay_restrictions = permit_mynetworks, reject
 maillog_file_prefixes = $WORK
-maillog_file = $WORK/postfix/maillog
+maillog_file = $WORK/$name/maillog
 default_process_limit = 200
 smtp_destination_concurrency_limit = 50
 ${1:-}
 CF
   sed -E -e 's/^smtp( +)inet( +)n( +)-( +)y/127.0.0.1:'"$POSTFIX"'\1inet\2n\3-\4n/' \
     -e 's/^([a-z]+ +unix +[-n] +[-n] +)y/\1n/' \
-    /etc/postfix/master.cf > "$WORK/postfix/master.cf"
-  mkdir -p "$WORK/postfix/queue" "$WORK/postfix/data"
-  chown postfix "$WORK/postfix/data"
-  postfix -c "$WORK/postfix" start >/dev/null 2>&1 || true
+    /etc/postfix/master.cf > "$WORK/$name/master.cf"
+  mkdir -p "$WORK/$name/queue" "$WORK/$name/data"
+  chown postfix "$WORK/$name/data"
+  postfix -c "$WORK/$name" start >/dev/null 2>&1 || true
   wait_port "$POSTFIX"
 }
 
-# Postfix has not delivered when its client finishes: waits until its queue is empty.
-postfix_drained() {
+# Postfix has not delivered when its client finishes: waits until the queue of instance NAME
+# (default postfix) is empty.
+postfix_drained() { # [name]
+  local q="$WORK/${1:-postfix}/queue"
   for _ in $(seq 600); do
-    [[ -z "$(find "$WORK/postfix/queue/active" "$WORK/postfix/queue/incoming" "$WORK/postfix/queue/deferred" -type f 2>/dev/null | head -1)" ]] && return 0
+    [[ -z "$(find "$q/active" "$q/incoming" "$q/deferred" -type f 2>/dev/null | head -1)" ]] && return 0
     sleep 0.1
   done
 }

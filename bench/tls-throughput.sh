@@ -7,6 +7,9 @@
 # sessions (tickets); one 1 KiB message per session (a handshake per message: the worst case);
 # concurrency 50. Columns: messages a second, the relay's CPU per message, the ratio to Postfix
 # in the same mode, and the client's count of full and resumed handshakes.
+# Then TLS on the upstream side: smtp-load (plaintext) -> relay -> a Postfix smtpd that
+# discards the mail (ECDSA certificate), over the relay's pooled connections, in clear and with
+# STARTTLS (tls.mode Required, the certificate not verified); the relay's CPU per message.
 # Usage: bench/tls-throughput.sh [MESSAGES]   (default 4000; bounded, stops by itself)
 #        RELAY_BIN=path/to/mailroute-relay bench/tls-throughput.sh   (another build)
 # Needs postfix (smtp-sink, postfix), as scripts/test installs it, and openssl; run as root
@@ -72,4 +75,33 @@ for mode in plain full resumed; do
       "$full" "$resumed"
   done
   printf '%-12s %-8s %9.0f %10s %8s %7s %8s\n' postfix "$mode" "$postfix" "" "" "$pfull" "$presumed"
+done
+
+# The upstream side: a Postfix that discards what it receives, offering STARTTLS.
+start_postfix "smtpd_tls_security_level = may
+smtpd_tls_chain_files = $WORK/ecdsa.key, $WORK/ecdsa.crt
+relayhost =
+relay_domains = bench.example
+relay_transport = discard:
+default_transport = discard:" upstream
+UPSTREAM=$POSTFIX
+declare -A UPORT UPID
+for mode in Disabled Required; do
+  mkdir -p "$WORK/up-$mode"
+  sed -e "s/port: $SINK/port: $UPSTREAM/" \
+    -e "s/tls: {mode: Disabled}/tls: {mode: $mode, requireCASigned: false, validateHostname: false}/" \
+    "$WORK/manifests/bench.yaml" > "$WORK/up-$mode/bench.yaml"
+  UPORT[$mode]=$(free_port)
+  "$RELAY_BIN" --manifests "$WORK/up-$mode" --hostname relay.bench.example \
+    --smtp 127.0.0.1:"${UPORT[$mode]}" --max-sessions 1000 --max-sessions-per-ip 1000 \
+    >>"$WORK/relay-up-$mode.log" 2>&1 &
+  UPID[$mode]=$!; PIDS+=("${UPID[$mode]}")
+  wait_port "${UPORT[$mode]}"
+done
+printf '%-12s %-8s %9s %10s\n' upstream tls msg/s relay-us
+for mode in Disabled Required; do
+  before=$(clock_ticks "${UPID[$mode]}")
+  read -r rate _ _ < <(load "${UPORT[$mode]}" plain)
+  after=$(clock_ticks "${UPID[$mode]}")
+  printf '%-12s %-8s %9.0f %10.0f\n' postfix-sink "$mode" "$rate" "$(per_msg_us $((after - before)))"
 done
