@@ -614,8 +614,19 @@ async fn service_account_tokens_are_checked_against_the_keys_the_api_server_publ
         let subject = "system:serviceaccount:mail:ticketing";
         let token = issuer.token(subject, "mailroute", 600);
         let keys = TokenKeys::empty("mailroute");
-        // Not published yet: the first request fails and tokens are refused.
+        // No tenant lists a service account yet: nothing is asked.
         let follow = mailroute_relay::cluster::follow_issuer_keys(client, keys.clone());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !cluster
+                .api
+                .requests()
+                .iter()
+                .any(|s| s.path == "/openid/v1/jwks")
+        );
+        // Now one does (a generation with serviceAccounts calls this), but the keys are not
+        // published yet: the request fails and tokens are refused.
+        keys.want();
         within(
             "the first request for the keys",
             Duration::from_secs(5),

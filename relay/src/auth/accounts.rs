@@ -132,6 +132,11 @@ impl Accounts {
             })
             .collect();
         self.by_service_account = Arc::new(by_service_account);
+        if let Some(keys) = &tokens
+            && !self.by_service_account.is_empty()
+        {
+            keys.want();
+        }
         self.tokens = tokens;
         self
     }

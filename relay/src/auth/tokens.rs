@@ -71,6 +71,9 @@ pub struct TokenKeys {
     audience: String,
     keys: ArcSwap<Vec<Key>>,
     loaded_at: Mutex<Option<SystemTime>>,
+    /// Whether some tenant lists a service account: until then keys from the API server are
+    /// not asked for ([`Self::wanted`]).
+    wanted: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for TokenKeys {
@@ -147,6 +150,7 @@ impl TokenKeys {
             audience: audience.to_owned(),
             keys: ArcSwap::from_pointee(keys),
             loaded_at: Mutex::new(modified(path)),
+            wanted: tokio::sync::watch::Sender::new(false),
         }))
     }
 
@@ -157,7 +161,21 @@ impl TokenKeys {
             audience: audience.to_owned(),
             keys: ArcSwap::from_pointee(Vec::new()),
             loaded_at: Mutex::new(None),
+            wanted: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Some tenant lists a service account: the keys are needed (a configuration that lists
+    /// none costs the API server no request for them).
+    pub fn want(&self) {
+        self.wanted
+            .send_if_modified(|wanted| !std::mem::replace(wanted, true));
+    }
+
+    /// Waits until [`Self::want`] was called.
+    pub async fn wanted(&self) {
+        let mut wanted = self.wanted.subscribe();
+        let _ = wanted.wait_for(|w| *w).await;
     }
 
     /// Puts the keys of JWKS document `text` from `origin` in force; a document without a

@@ -1,9 +1,11 @@
 //! The cluster issuer's public keys for service-account tokens (SPEC 11), asked of the API
 //! server when the relay follows the cluster and no `--jwks-file` is given:
 //! `GET /openid/v1/jwks`, which Kubernetes' default `system:service-account-issuer-discovery`
-//! binding lets every service account read. Asked at start, then every [`REFRESH`] (an
-//! issuer publishes a new key beside the old one well before it signs with it), and every
-//! [`RETRY`] after a failure until it answers; tokens are refused until the first answer.
+//! binding lets every service account read. Asked once a configuration lists a service
+//! account (never otherwise: a relay whose tenants use none makes no such request), then
+//! every [`REFRESH`] (an issuer publishes a new key beside the old one well before it signs
+//! with it), and every [`RETRY`] after a failure until it answers; tokens are refused until
+//! the first answer.
 
 use super::{FAILURE_LOG_EVERY, LogEvery};
 use crate::auth::tokens::TokenKeys;
@@ -24,6 +26,7 @@ pub fn follow_issuer_keys(
     keys: Arc<TokenKeys>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        keys.wanted().await;
         let origin = format!("the API server's {JWKS_PATH}");
         let mut log = LogEvery::new(FAILURE_LOG_EVERY);
         let mut held = None;
