@@ -534,6 +534,9 @@ pub struct Credentials {
     /// Upstream SMTP AUTH accounts by route name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub routes: BTreeMap<String, RouteCredentials>,
+    /// Upstream OAuth 2.0 clients by route name (SPEC 11).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub oauth2: BTreeMap<String, OAuth2Client>,
     /// Extra PEM trust roots by route name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub ca_bundles: BTreeMap<String, String>,
@@ -551,6 +554,7 @@ impl fmt::Debug for Credentials {
         // NB: never print secret values, even in debug output.
         f.debug_struct("Credentials")
             .field("routes", &self.routes.keys().collect::<Vec<_>>())
+            .field("oauth2", &self.oauth2.keys().collect::<Vec<_>>())
             .field("ca_bundles", &self.ca_bundles.keys().collect::<Vec<_>>())
             .field(
                 "tenants",
@@ -579,5 +583,48 @@ impl fmt::Debug for RouteCredentials {
             .field("username", &self.username)
             .field("password", &"<redacted>")
             .finish()
+    }
+}
+
+/// How a route gets its OAuth 2.0 access tokens (from `MailRoute.auth.oauth2` and its Secrets).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OAuth2Client {
+    /// The token endpoint (`https://` only).
+    #[serde(rename = "tokenURL")]
+    pub token_url: String,
+    /// The SASL identity: the mailbox the token is for.
+    pub username: String,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<String>,
+    /// With one, the refresh-token grant; without, client credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    /// Extra PEM trust roots for the token endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+}
+
+impl fmt::Debug for OAuth2Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // NB: the client secret and refresh token are credentials; the rest is configuration.
+        f.debug_struct("OAuth2Client")
+            .field("token_url", &self.token_url)
+            .field("username", &self.username)
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("scopes", &self.scopes)
+            .finish_non_exhaustive()
     }
 }

@@ -730,3 +730,120 @@ fn service_accounts_compile_to_token_subjects_and_belong_to_one_policy() {
     );
     assert_eq!(compiled.config.tenants.keys().collect::<Vec<_>>(), ["acme"]);
 }
+
+/// A Microsoft 365 route with OAuth: the client id and secret come from a Secret.
+fn oauth2_route(oauth2: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: m365, namespace: mail}}
+stringData: {{client-id: 00000000-app, client-secret: oauth-client-secret-value, refresh: oauth-refresh-token-value}}
+---
+apiVersion: mailroute.io/v1alpha1
+kind: MailRoute
+metadata: {{name: m365, namespace: mail}}
+spec:
+  host: smtp.office365.com
+  port: 587
+  tls: {{mode: Required}}
+  auth:
+    oauth2:
+{oauth2}
+"#
+    )
+}
+
+const M365: &str = "      tokenURL: https://login.microsoftonline.com/tenant-id/oauth2/v2.0/token\n      username: relay@example.com\n      clientIDSecretRef: {name: m365, key: client-id}\n      clientSecretSecretRef: {name: m365, key: client-secret}\n      scopes: [https://outlook.office365.com/.default]";
+
+#[test]
+fn an_oauth2_route_keeps_its_client_in_the_credentials_never_the_document() {
+    let (compiled, problems) = compile_yaml(&oauth2_route(M365));
+    assert!(problems.is_empty(), "{problems:?}");
+    assert!(compiled.config.routes["m365"].auth);
+    let client = &compiled.credentials.oauth2["m365"];
+    assert_eq!(client.client_id, "00000000-app");
+    assert_eq!(
+        client.client_secret.as_deref(),
+        Some("oauth-client-secret-value")
+    );
+    assert_eq!(client.refresh_token, None);
+    assert_eq!(client.username, "relay@example.com");
+    assert_eq!(client.scopes, ["https://outlook.office365.com/.default"]);
+    let json = compiled.document(1).to_json_pretty();
+    assert!(!json.contains("oauth-client-secret-value"), "{json}");
+    let debug = format!("{:?}", compiled.credentials);
+    assert!(!debug.contains("oauth-client-secret-value"), "{debug}");
+    let debug = format!("{client:?}");
+    assert!(!debug.contains("oauth-client-secret-value"), "{debug}");
+
+    // A refresh token (delegated access, as Google's SMTP needs) with the client secret.
+    let google = format!("{M365}\n      refreshTokenSecretRef: {{name: m365, key: refresh}}");
+    let (compiled, problems) = compile_yaml(&oauth2_route(&google));
+    assert!(problems.is_empty(), "{problems:?}");
+    let client = &compiled.credentials.oauth2["m365"];
+    assert_eq!(
+        client.refresh_token.as_deref(),
+        Some("oauth-refresh-token-value")
+    );
+    assert!(!format!("{client:?}").contains("oauth-refresh-token-value"));
+}
+
+#[test]
+fn oauth2_mistakes_name_the_field() {
+    let cases = [
+        (
+            M365.replace("https://login", "http://login"),
+            r#"MailRoute/m365: auth.oauth2.tokenURL: "http://login.microsoftonline.com/tenant-id/oauth2/v2.0/token" must be an https:// URL"#,
+        ),
+        (
+            M365.replace(
+                "https://login.microsoftonline.com",
+                "https://user:pw@login.microsoftonline.com",
+            ),
+            r#"MailRoute/m365: auth.oauth2.tokenURL: "https://user:pw@login.microsoftonline.com/tenant-id/oauth2/v2.0/token" must be https://HOST[:PORT]/PATH, without spaces or user information"#,
+        ),
+        (
+            M365.replace("key: client-secret", "key: nope"),
+            r#"MailRoute/m365: auth.oauth2.clientSecretSecretRef: Secret "m365" has no key "nope""#,
+        ),
+        (
+            M365.replace(
+                "\n      clientSecretSecretRef: {name: m365, key: client-secret}",
+                "",
+            ),
+            "MailRoute/m365: auth.oauth2.clientSecretSecretRef: set clientSecretSecretRef, refreshTokenSecretRef, or both",
+        ),
+        (
+            M365.replace(
+                "username: relay@example.com",
+                "username: \"relay @example.com\"",
+            ),
+            r#"MailRoute/m365: auth.oauth2.username: "relay @example.com" must be a mailbox name without spaces or control characters"#,
+        ),
+        (
+            M365.replace("[https://outlook.office365.com/.default]", "[\"a b\"]"),
+            r#"MailRoute/m365: auth.oauth2.scopes: "a b" is not one scope (no spaces, quotes or backslashes)"#,
+        ),
+    ];
+    for (oauth2, expected) in cases {
+        let (compiled, problems) = compile_yaml(&oauth2_route(&oauth2));
+        assert_eq!(problems, [expected], "{oauth2}");
+        assert!(compiled.credentials.oauth2.is_empty());
+    }
+    // Both a password and OAuth, and OAuth in clear.
+    let both = oauth2_route(M365).replace("  auth:\n", "  auth:\n    secretRef: {name: m365}\n");
+    let (_, problems) = compile_yaml(&both);
+    assert_eq!(
+        problems,
+        ["MailRoute/m365: auth: set exactly one of secretRef or oauth2"]
+    );
+    let clear = oauth2_route(M365).replace("mode: Required", "mode: Disabled");
+    let (_, problems) = compile_yaml(&clear);
+    assert_eq!(
+        problems,
+        [
+            "MailRoute/m365: auth: credentials would be sent in clear: tls.mode Disabled cannot be combined with auth"
+        ]
+    );
+}

@@ -266,6 +266,20 @@ fn document(api: &FakeApi) -> RelayDocument {
     RelayDocument::from_json(json.as_bytes()).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The credentials the operator published in the relay's Secret, decoded.
+fn published_credentials(api: &FakeApi) -> Vec<u8> {
+    use base64::Engine;
+    let secret = api
+        .get(&format!("{CORE}/secrets/{}", publish::SECRET))
+        .unwrap_or_default();
+    let encoded = secret["data"][publish::CREDENTIALS_KEY]
+        .as_str()
+        .unwrap_or_default();
+    base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .unwrap_or_default()
+}
+
 #[tokio::test]
 async fn a_new_namespace_gets_its_document_credentials_and_ready_statuses() {
     let api = FakeApi::default();
@@ -410,17 +424,7 @@ async fn a_changed_referenced_secret_rewrites_the_credentials_only() {
     );
     let s = reconcile(&api).await;
     assert!(s.credentials_written && !s.document_written, "{s:?}");
-    let secret = api
-        .get(&format!("{CORE}/secrets/{}", publish::SECRET))
-        .unwrap_or_default();
-    let encoded = secret["data"][publish::CREDENTIALS_KEY]
-        .as_str()
-        .unwrap_or_default();
-    use base64::Engine;
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded)
-        .unwrap_or_default();
-    assert!(String::from_utf8_lossy(&decoded).contains("rotated-password"));
+    assert!(String::from_utf8_lossy(&published_credentials(&api)).contains("rotated-password"));
 }
 
 #[tokio::test]
@@ -560,4 +564,52 @@ async fn a_probe_result_lands_in_the_route_status_next_to_ready() {
         "{route}"
     );
     assert_eq!(route["status"]["lastProbe"]["time"], "2026-11-22T12:00:00Z");
+}
+
+/// A Microsoft 365 route with OAuth whose client id and secret sit in two Secrets: the operator
+/// reads both (it only reads referenced Secrets), the route is Ready, and the client secret
+/// lands in the relay's credentials Secret, not the ConfigMap.
+#[tokio::test]
+async fn an_oauth_route_reads_its_secrets_and_publishes_them_as_credentials() {
+    let api = FakeApi::default();
+    seed(&api);
+    api.put(
+        &format!("{CR}/mailroutes"),
+        resource(
+            "MailRoute",
+            "m365",
+            1,
+            json!({"host": "smtp.office365.com", "port": 587, "tls": {"mode": "Required"},
+                   "auth": {"oauth2": {
+                       "tokenURL": "https://login.microsoftonline.com/t/oauth2/v2.0/token",
+                       "username": "relay@example.com",
+                       "clientIDSecretRef": {"name": "m365-app", "key": "id"},
+                       "clientSecretSecretRef": {"name": "m365-secret", "key": "secret"},
+                       "scopes": ["https://outlook.office365.com/.default"]}}}),
+        ),
+    );
+    for (name, key, value) in [
+        ("m365-app", "id", "app-id-1"),
+        ("m365-secret", "secret", "oauth-client-s3cret"),
+    ] {
+        api.put(
+            &format!("{CORE}/secrets"),
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": name, "namespace": NS},
+                   "stringData": {key: value}}),
+        );
+    }
+    let s = reconcile(&api).await;
+    assert_eq!(s.invalid, 0, "{s:?}");
+    assert_eq!(ready(&api, "mailroutes", "m365").0, "True");
+    assert!(document(&api).config.routes["m365"].auth);
+    let cm = api
+        .get(&format!("{CORE}/configmaps/{}", publish::CONFIG_MAP))
+        .unwrap_or_default();
+    assert!(!cm.to_string().contains("oauth-client-s3cret"));
+    let credentials: mailroute_config::Credentials =
+        serde_json::from_slice(&published_credentials(&api)).unwrap_or_else(|e| panic!("{e}"));
+    let client = &credentials.oauth2["m365"];
+    assert_eq!(client.client_id, "app-id-1");
+    assert_eq!(client.client_secret.as_deref(), Some("oauth-client-s3cret"));
 }

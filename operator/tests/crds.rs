@@ -197,6 +197,15 @@ fn resource(kind: &str, spec: Value) -> Value {
     json!({"apiVersion": "mailroute.io/v1alpha1", "kind": kind, "metadata": {"name": "x"}, "spec": spec})
 }
 
+/// `auth.oauth2` with its required fields, and `extra` over them.
+fn oauth2(extra: Value) -> Value {
+    let mut o = json!({"tokenURL": "https://login.example/token", "username": "relay@a.example", "clientIDSecretRef": {"name": "s", "key": "id"}});
+    if let (Some(o), Some(extra)) = (o.as_object_mut(), extra.as_object()) {
+        o.extend(extra.clone());
+    }
+    o
+}
+
 /// One object per CEL rule that the rule must refuse, with the message it must give.
 fn refused_samples() -> Vec<(Value, &'static str)> {
     vec![
@@ -228,6 +237,31 @@ fn refused_samples() -> Vec<(Value, &'static str)> {
                 json!({"host": "a.example", "tls": {"mode": "Disabled", "caBundleSecretRef": {"name": "s", "key": "k"}}}),
             ),
             "caBundleSecretRef has no effect",
+        ),
+        (
+            resource(
+                "MailRoute",
+                json!({"host": "a.example", "auth": {"secretRef": {"name": "s"}, "oauth2": oauth2(json!({"clientSecretSecretRef": {"name": "s", "key": "c"}}))}}),
+            ),
+            "set exactly one of secretRef or oauth2",
+        ),
+        (
+            resource("MailRoute", json!({"host": "a.example", "auth": {}})),
+            "set exactly one of secretRef or oauth2",
+        ),
+        (
+            resource(
+                "MailRoute",
+                json!({"host": "a.example", "auth": {"oauth2": oauth2(json!({}))}}),
+            ),
+            "set clientSecretSecretRef, refreshTokenSecretRef, or both",
+        ),
+        (
+            resource(
+                "MailRoute",
+                json!({"host": "a.example", "auth": {"oauth2": oauth2(json!({"tokenURL": "http://login.example/token", "refreshTokenSecretRef": {"name": "s", "key": "r"}}))}}),
+            ),
+            "tokenURL must be an https:// URL",
         ),
         (
             resource(

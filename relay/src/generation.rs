@@ -42,6 +42,9 @@ pub struct Builder {
     pub tokens: Option<Arc<TokenKeys>>,
     /// The memory budget for message content: one for the relay, whatever the generation.
     pub budget: Arc<crate::budget::Budget>,
+    /// The routes' OAuth token clients: a route's token survives a reload that keeps its
+    /// settings.
+    pub token_clients: Arc<delivery::oauth::TokenClients>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -124,6 +127,7 @@ impl Builder {
                     dns_server: self.dns_server,
                     mx_port: self.mx_port,
                     loop_key: self.loop_key(loaded),
+                    token_clients: Arc::clone(&self.token_clients),
                 },
                 Arc::clone(&self.metrics),
             )?

@@ -490,6 +490,7 @@ async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyho
             None => None,
         },
         metrics: Arc::clone(&metrics),
+        token_clients: Arc::default(),
         budget: {
             let limit = cli
                 .max_inflight_bytes

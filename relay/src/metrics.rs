@@ -76,6 +76,14 @@ pub struct RateLimitLabels {
     pub limit: String,
 }
 
+/// Labels of `mailroute_relay_oauth_token_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenRequestLabels {
+    pub route: String,
+    /// `success`, or `failure` (unreachable, refused the client, or answered no token).
+    pub result: &'static str,
+}
+
 /// Labels of `mailroute_relay_quota_rejections_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QuotaLabels {
@@ -143,6 +151,8 @@ pub struct Metrics {
     pub store_errors: Counter,
     pub quota_rejections: Family<QuotaLabels, Counter>,
     pub route_rate_limited: Family<RateLimitLabels, Counter>,
+    /// Requests to routes' OAuth token endpoints (SPEC 11).
+    pub oauth_token_requests: Family<TokenRequestLabels, Counter>,
     pub recipient_verifications: Family<VerificationLabels, Counter>,
     pub rcpt_refusals: Family<RefusalLabels, Counter>,
     pub auth: Family<ListenerResultLabels, Counter>,
@@ -173,6 +183,7 @@ impl Default for Metrics {
             store_errors: Counter::default(),
             quota_rejections: Family::default(),
             route_rate_limited: Family::default(),
+            oauth_token_requests: Family::default(),
             recipient_verifications: Family::default(),
             rcpt_refusals: Family::default(),
             auth: Family::default(),
@@ -274,6 +285,11 @@ impl Metrics {
             "mailroute_relay_route_rate_limited",
             "Legs not tried because their route was at a rate limit (MailRoute.rateLimits), by route and limit",
             metrics.route_rate_limited.clone(),
+        );
+        registry.register(
+            "mailroute_relay_oauth_token_requests",
+            "Requests for access tokens to routes' OAuth 2.0 token endpoints, by route and result",
+            metrics.oauth_token_requests.clone(),
         );
         registry.register(
             "mailroute_relay_recipient_verifications",

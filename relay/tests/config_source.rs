@@ -20,6 +20,7 @@ fn every_example_loads_from_manifests() {
         "dual-delivery",
         "split-delivery",
         "outbound-gateway",
+        "microsoft-365-oauth",
         "application-relay",
         "archive-copy",
         "smarthost-clients",

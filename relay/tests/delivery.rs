@@ -365,7 +365,7 @@ async fn a_pipelined_mail_refusal_is_what_the_recipients_get() {
             host: "127.0.0.1".into(),
             helo: "relay.test".into(),
             tls: TlsPlan::Off,
-            credentials: None,
+            login: None,
             connect_timeout: Duration::from_secs(2),
             command_timeout: Duration::from_secs(2),
         };

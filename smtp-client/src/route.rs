@@ -2,6 +2,7 @@
 //! certificate checks, EHLO name, timeouts) to a [`Dial`], used by the relay's delivery and by
 //! the operator's TLS probe, so the probe meets exactly what a delivery would.
 
+use crate::bearer::Login;
 use crate::hosts::Candidate;
 use crate::tls::{self, Checks, TlsSetupError};
 use crate::upstream::{Dial, TlsPlan, UpstreamError};
@@ -45,13 +46,13 @@ pub fn tls_plan(
 }
 
 /// How one host of `route` is dialled: its `heloName` (else `default_helo`), its timeouts,
-/// the given TLS plan and upstream credentials.
+/// the given TLS plan and upstream login.
 pub fn dial(
     route: &Route,
     candidate: &Candidate,
     default_helo: &str,
     tls: TlsPlan,
-    credentials: Option<(String, String)>,
+    login: Option<Login>,
 ) -> Dial {
     Dial {
         addr: candidate.addr,
@@ -61,7 +62,7 @@ pub fn dial(
             .as_ref()
             .map_or_else(|| default_helo.to_owned(), ToString::to_string),
         tls,
-        credentials,
+        login,
         connect_timeout: Duration::from_millis(route.timeouts.connect_ms),
         command_timeout: Duration::from_millis(route.timeouts.command_ms),
     }

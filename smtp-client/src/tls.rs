@@ -47,6 +47,12 @@ fn system_roots() -> &'static [CertificateDer<'static>] {
 
 /// A connector for one route. `bundle`: extra PEM roots from `tls.caBundleSecretRef`.
 pub fn connector(checks: Checks, bundle: Option<&str>) -> Result<TlsConnector, TlsSetupError> {
+    Ok(TlsConnector::from(Arc::new(client_config(checks, bundle)?)))
+}
+
+/// The client TLS settings behind [`connector`], for other clients of the same trust (the
+/// token endpoint of a route's OAuth).
+pub fn client_config(checks: Checks, bundle: Option<&str>) -> Result<ClientConfig, TlsSetupError> {
     let provider = provider();
     let algorithms = provider.signature_verification_algorithms;
     let verifier: Arc<dyn ServerCertVerifier> = if checks.ca_signed {
@@ -82,7 +88,7 @@ pub fn connector(checks: Checks, bundle: Option<&str>) -> Result<TlsConnector, T
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
+    Ok(config)
 }
 
 /// The name to verify: the host name, or its IP address.

@@ -6,6 +6,7 @@
 //! mail-send's own message writer is not used: it appends an extra CRLF and does not dot-stuff
 //! a leading dot; the relay's `dot_stuff` writes the content exactly as it was received.
 
+use crate::bearer::{self, Login};
 use crate::dot::DotStuffer;
 use crate::reply::Reply;
 use mail_send::SmtpClient;
@@ -82,7 +83,8 @@ pub struct Dial {
     pub host: String,
     pub helo: String,
     pub tls: TlsPlan,
-    pub credentials: Option<(String, String)>,
+    /// How to authenticate, after TLS (never in clear).
+    pub login: Option<Login>,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
 }
@@ -132,6 +134,9 @@ pub enum UpstreamError {
     Tls(String),
     #[error("AUTH credentials are never sent without TLS")]
     AuthWithoutTls,
+    /// No OAuth access token could be had for the upstream's AUTH.
+    #[error("no OAuth access token: {0}")]
+    Token(crate::bearer::TokenError),
     /// The client's reply bound passed before the end of data was written: the message was
     /// abandoned unterminated.
     #[error("{stage} not done within the reply bound")]
@@ -163,6 +168,7 @@ impl UpstreamError {
             UpstreamError::Timeout { .. } => "4.4.2",
             UpstreamError::TlsNotOffered | UpstreamError::Tls(_) => "4.7.5",
             UpstreamError::AuthWithoutTls => "4.7.5",
+            UpstreamError::Token(_) => "4.7.0",
             UpstreamError::Bound { .. } => "4.4.5",
             UpstreamError::Refused { .. }
             | UpstreamError::Protocol { .. }
@@ -171,7 +177,11 @@ impl UpstreamError {
     }
 }
 
-fn from_mail_send(stage: &'static str, error: mail_send::Error, after: Duration) -> UpstreamError {
+pub(crate) fn from_mail_send(
+    stage: &'static str,
+    error: mail_send::Error,
+    after: Duration,
+) -> UpstreamError {
     match error {
         mail_send::Error::Timeout => UpstreamError::Timeout { stage, after },
         mail_send::Error::UnexpectedReply(r) | mail_send::Error::AuthenticationFailed(r) => {
@@ -352,16 +362,24 @@ impl Upstream {
                 return Err(UpstreamError::TlsNotOffered);
             }
         }
-        if let Some((username, password)) = &dial.credentials {
+        if let Some(login) = &dial.login {
             if !tls {
                 let _ = client.cmd(b"QUIT\r\n").await;
                 return Err(UpstreamError::AuthWithoutTls);
             }
-            let credentials = mail_send::Credentials::new(username.as_str(), password.as_str());
-            client
-                .authenticate(&credentials, &ehlo)
-                .await
-                .map_err(|e| from_mail_send("AUTH", e, t))?;
+            match login {
+                Login::Password { username, password } => {
+                    let credentials =
+                        mail_send::Credentials::new(username.as_str(), password.as_str());
+                    client
+                        .authenticate(&credentials, &ehlo)
+                        .await
+                        .map_err(|e| from_mail_send("AUTH", e, t))?;
+                }
+                Login::Bearer { username, tokens } => {
+                    bearer::authenticate(&mut client, &ehlo, username, tokens.as_ref(), t).await?;
+                }
+            }
         }
         Ok(Self {
             capabilities: ehlo.capabilities,

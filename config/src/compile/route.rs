@@ -2,11 +2,11 @@
 
 use super::{Object, Report, duration_ms, secret_value};
 use crate::document::{
-    Credentials, Destination, Host, HostPort, Pool, Route, RouteCredentials, RouteTimeouts,
-    RouteTls, WeightedHostPort,
+    Credentials, Destination, Host, HostPort, OAuth2Client, Pool, Route, RouteCredentials,
+    RouteTimeouts, RouteTls, WeightedHostPort,
 };
 use crate::names::Domain;
-use crate::resources::{KeyRef, MailRouteSpec, TlsMode, WeightedHost};
+use crate::resources::{KeyRef, MailRouteSpec, RouteOAuth2, TlsMode, WeightedHost};
 
 /// Ports a route may use: the three mail ports and any unprivileged port.
 pub(crate) fn port_allowed(port: u16) -> bool {
@@ -70,27 +70,35 @@ pub(super) fn compile(
 
     let auth = match &spec.auth {
         Some(auth) => {
-            let key = |key: &str| KeyRef {
-                name: auth.secret_ref.name.clone(),
-                key: key.to_owned(),
-            };
-            let username = text_secret(inputs, &key("username"));
-            let password = text_secret(inputs, &key("password"));
-            match (username, password) {
-                (Ok(username), Ok(password)) => {
-                    if spec.tls.mode == TlsMode::Disabled {
-                        report.bad(
-                            "auth",
-                            "credentials would be sent in clear: tls.mode Disabled cannot be combined with auth",
-                        );
+            if spec.tls.mode == TlsMode::Disabled {
+                report.bad(
+                    "auth",
+                    "credentials would be sent in clear: tls.mode Disabled cannot be combined with auth",
+                );
+            }
+            match (&auth.secret_ref, &auth.oauth2) {
+                (Some(secret), None) => match password(inputs, &secret.name) {
+                    Ok(account) => {
+                        credentials.routes.insert(object.name.clone(), account);
+                        true
                     }
-                    credentials
-                        .routes
-                        .insert(object.name.clone(), RouteCredentials { username, password });
-                    true
-                }
-                (Err(why), _) | (_, Err(why)) => {
-                    report.bad("auth.secretRef", why);
+                    Err(why) => {
+                        report.bad("auth.secretRef", why);
+                        false
+                    }
+                },
+                (None, Some(oauth2)) => match oauth2_client(oauth2, inputs) {
+                    Ok(client) => {
+                        credentials.oauth2.insert(object.name.clone(), client);
+                        true
+                    }
+                    Err((field, why)) => {
+                        report.bad(format!("auth.oauth2.{field}"), why);
+                        false
+                    }
+                },
+                _ => {
+                    report.bad("auth", "set exactly one of secretRef or oauth2");
                     false
                 }
             }
@@ -254,6 +262,90 @@ fn weighted(
         }
     }
     out
+}
+
+/// A password account from a Secret's `username` and `password` keys.
+fn password(inputs: &super::Inputs, secret: &str) -> Result<RouteCredentials, String> {
+    let key = |key: &str| KeyRef {
+        name: secret.to_owned(),
+        key: key.to_owned(),
+    };
+    Ok(RouteCredentials {
+        username: text_secret(inputs, &key("username"))?,
+        password: text_secret(inputs, &key("password"))?,
+    })
+}
+
+/// An OAuth 2.0 client from `auth.oauth2` and its Secrets, or the field at fault and why.
+fn oauth2_client(
+    spec: &RouteOAuth2,
+    inputs: &super::Inputs,
+) -> Result<OAuth2Client, (&'static str, String)> {
+    token_url(&spec.token_url).map_err(|why| ("tokenURL", why))?;
+    let username = spec.username.trim();
+    if username.is_empty() || username.chars().any(|c| c.is_control() || c == ' ') {
+        return Err((
+            "username",
+            format!(
+                "{:?} must be a mailbox name without spaces or control characters",
+                spec.username
+            ),
+        ));
+    }
+    if let Some(scope) = spec.scopes.iter().find(|s| {
+        s.is_empty()
+            || s.chars()
+                .any(|c| c.is_whitespace() || c == '"' || c == '\\')
+    }) {
+        return Err((
+            "scopes",
+            format!("{scope:?} is not one scope (no spaces, quotes or backslashes)"),
+        ));
+    }
+    if spec.client_secret_secret_ref.is_none() && spec.refresh_token_secret_ref.is_none() {
+        return Err((
+            "clientSecretSecretRef",
+            "set clientSecretSecretRef, refreshTokenSecretRef, or both".to_owned(),
+        ));
+    }
+    let secret = |field: &'static str, r: &Option<KeyRef>| {
+        r.as_ref()
+            .map(|r| text_secret(inputs, r))
+            .transpose()
+            .map_err(|why| (field, why))
+    };
+    Ok(OAuth2Client {
+        token_url: spec.token_url.clone(),
+        username: username.to_owned(),
+        client_id: text_secret(inputs, &spec.client_id_secret_ref)
+            .map_err(|why| ("clientIDSecretRef", why))?,
+        client_secret: secret("clientSecretSecretRef", &spec.client_secret_secret_ref)?,
+        refresh_token: secret("refreshTokenSecretRef", &spec.refresh_token_secret_ref)?,
+        scopes: spec.scopes.clone(),
+        ca_bundle: spec
+            .ca_bundle_secret_ref
+            .as_ref()
+            .map(|r| ca_bundle(inputs, r))
+            .transpose()
+            .map_err(|why| ("caBundleSecretRef", why))?,
+    })
+}
+
+/// A token endpoint must be `https://HOST[:PORT]/...`: client secrets never go in clear.
+fn token_url(url: &str) -> Result<(), String> {
+    let Some(rest) = url.strip_prefix("https://") else {
+        return Err(format!("{url:?} must be an https:// URL"));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.is_empty()
+        || authority.contains('@')
+        || url.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "{url:?} must be https://HOST[:PORT]/PATH, without spaces or user information"
+        ));
+    }
+    Ok(())
 }
 
 fn text_secret(inputs: &super::Inputs, r: &KeyRef) -> Result<String, String> {

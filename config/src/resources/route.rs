@@ -202,12 +202,61 @@ pub struct RouteTls {
     pub ca_bundle_secret_ref: Option<KeyRef>,
 }
 
-/// SMTP AUTH towards a destination.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// SMTP AUTH towards a destination: a password (`secretRef`) or OAuth 2.0 (`oauth2`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.secretRef) != has(self.oauth2)", "message": "set exactly one of secretRef or oauth2"}
+]))]
 pub struct RouteAuth {
-    /// Secret with the keys `username` and `password`.
-    pub secret_ref: SecretRef,
+    /// Secret with the keys `username` and `password` (SASL PLAIN or LOGIN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretRef>,
+    /// OAuth 2.0 (SASL OAUTHBEARER or XOAUTH2, whichever the destination offers), as Microsoft
+    /// 365 and Google Workspace need once basic authentication is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<RouteOAuth2>,
+}
+
+/// Where the relay gets the access tokens it presents to a destination. With
+/// `refreshTokenSecretRef` the refresh-token grant is used (with the client secret too, when
+/// one is given); otherwise the client-credentials grant.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.clientSecretSecretRef) || has(self.refreshTokenSecretRef)", "message": "set clientSecretSecretRef, refreshTokenSecretRef, or both"},
+    {"rule": "self.tokenURL.startsWith('https://')", "message": "tokenURL must be an https:// URL", "fieldPath": ".tokenURL"}
+]))]
+pub struct RouteOAuth2 {
+    /// The authorization server's token endpoint, e.g.
+    /// `https://login.microsoftonline.com/TENANT_ID/oauth2/v2.0/token`.
+    #[serde(rename = "tokenURL")]
+    #[schemars(length(min = 9, max = 2048))]
+    pub token_url: String,
+    /// The mailbox the token is for: the SASL identity (`user=` of XOAUTH2, `a=` of
+    /// OAUTHBEARER), e.g. `relay@example.com`.
+    #[schemars(length(min = 1, max = 320))]
+    pub username: String,
+    /// Secret key holding the OAuth client (application) id.
+    #[serde(rename = "clientIDSecretRef")]
+    pub client_id_secret_ref: KeyRef,
+    /// Secret key holding the client secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_secret_ref: Option<KeyRef>,
+    /// Secret key holding a refresh token (the refresh-token grant, for delegated access).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token_secret_ref: Option<KeyRef>,
+    /// Scopes asked for, e.g. `https://outlook.office365.com/.default`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub scopes: Vec<String>,
+    /// Extra trust roots (PEM certificates) for the token endpoint, added to the system roots.
+    #[serde(
+        rename = "caBundleSecretRef",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ca_bundle_secret_ref: Option<KeyRef>,
 }
 
 /// Connection reuse towards a destination.

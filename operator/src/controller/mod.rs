@@ -68,7 +68,16 @@ pub fn references(
             secrets.insert(ca.name.clone());
         }
         if let Some(auth) = &r.spec.auth {
-            secrets.insert(auth.secret_ref.name.clone());
+            secrets.extend(auth.secret_ref.iter().map(|s| s.name.clone()));
+            if let Some(o) = &auth.oauth2 {
+                let refs = [
+                    Some(&o.client_id_secret_ref),
+                    o.client_secret_secret_ref.as_ref(),
+                    o.refresh_token_secret_ref.as_ref(),
+                    o.ca_bundle_secret_ref.as_ref(),
+                ];
+                secrets.extend(refs.into_iter().flatten().map(|k| k.name.clone()));
+            }
         }
     }
     for p in policies {

@@ -227,7 +227,7 @@ impl Forwarder {
             candidate,
             &self.settings.hostname,
             tls,
-            runtime.credentials.clone(),
+            runtime.login.clone(),
         );
         match Upstream::connect(&dial).await {
             Err(UpstreamError::Tls(e)) if matches!(dial.tls, TlsPlan::Opportunistic(_)) => {

@@ -20,6 +20,7 @@
 pub mod attempt;
 pub mod ledger;
 pub mod loop_marker;
+pub mod oauth;
 pub mod outcome;
 pub mod pacing;
 pub mod pool;
@@ -41,6 +42,7 @@ use ledger::Ledger;
 use mailroute_config::document::{Destination, Pool as PoolConfig, Route, RouteTimeouts, RouteTls};
 use mailroute_config::resources::{DeliveryMode, TlsMode};
 use mailroute_config::{Credentials, RelayConfig};
+use mailroute_smtp_client::bearer::Login;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,6 +62,8 @@ pub struct Settings {
     pub mx_port: u16,
     /// The loop marker's key (`--loop-key-file`, else the credentials' `loopKey`).
     pub loop_key: Arc<LoopKey>,
+    /// The routes' OAuth token clients, kept across generations.
+    pub token_clients: Arc<oauth::TokenClients>,
 }
 
 /// Why delivery could not be set up.
@@ -69,32 +73,45 @@ pub enum SetupError {
     Resolver(String),
 }
 
+/// Where routes with `auth.oauth2` get their token clients.
+struct Tokens<'a> {
+    clients: &'a oauth::TokenClients,
+    metrics: &'a Arc<Metrics>,
+}
+
 /// One route, ready to use.
 pub(crate) struct RouteRuntime {
     name: Arc<str>,
     route: Route,
     connector: Result<TlsConnector, String>,
-    credentials: Option<(String, String)>,
+    login: Option<Login>,
     permits: Arc<Semaphore>,
 }
 
 impl RouteRuntime {
-    fn new(name: &str, route: Route, credentials: &Credentials) -> Self {
+    fn new(name: &str, route: Route, credentials: &Credentials, tokens: &Tokens<'_>) -> Self {
         let connector = mailroute_smtp_client::route::connector(
             &route,
             credentials.ca_bundles.get(name).map(String::as_str),
         )
         .map_err(|e| e.to_string());
-        let credentials = credentials
-            .routes
-            .get(name)
-            .map(|c| (c.username.clone(), c.password.clone()));
+        let login = match (credentials.routes.get(name), credentials.oauth2.get(name)) {
+            (Some(account), _) => Some(Login::Password {
+                username: account.username.clone(),
+                password: account.password.clone(),
+            }),
+            (None, Some(oauth2)) => Some(Login::Bearer {
+                username: oauth2.username.clone(),
+                tokens: tokens.clients.client(name, oauth2, tokens.metrics),
+            }),
+            (None, None) => None,
+        };
         let permits = Arc::new(Semaphore::new(route.pool.max_connections.max(1) as usize));
         Self {
             name: Arc::from(name),
             route,
             connector,
-            credentials,
+            login,
             permits,
         }
     }
@@ -172,11 +189,15 @@ impl Forwarder {
         settings: Settings,
         metrics: Arc<Metrics>,
     ) -> Result<Self, SetupError> {
+        let tokens = Tokens {
+            clients: &settings.token_clients,
+            metrics: &metrics,
+        };
         let routes = config
             .routes
             .iter()
             .map(|(name, route)| {
-                let runtime = RouteRuntime::new(name, route.clone(), credentials);
+                let runtime = RouteRuntime::new(name, route.clone(), credentials, &tokens);
                 if let Err(e) = &runtime.connector {
                     tracing::warn!(route = %name, error = %e, "route TLS settings unusable; its TLS legs will be deferred");
                 }
@@ -186,7 +207,7 @@ impl Forwarder {
         Ok(Self {
             router,
             routes,
-            mx: RouteRuntime::new("mx", mx_route(), &Credentials::default()),
+            mx: RouteRuntime::new("mx", mx_route(), &Credentials::default(), &tokens),
             pool: pool::Pool::default(),
             resolver: Resolver::new(settings.dns_server).map_err(SetupError::Resolver)?,
             ledger,

@@ -91,7 +91,8 @@ pub fn client_reply(transaction_id: &str, legs: &[LegOutcome]) -> Reply {
         let mut routes: Vec<&str> = temporary.iter().map(|(t, _, _)| *t).collect();
         routes.dedup();
         let enhanced = match first.enhanced() {
-            Some(e) if e.starts_with("4.4.") => e.to_owned(),
+            // 4.7.0: the route's OAuth token could not be had (SPEC 11).
+            Some(e) if e.starts_with("4.4.") || e == "4.7.0" => e.to_owned(),
             _ => "4.4.0".to_owned(),
         };
         return Reply::relayed(

@@ -7,6 +7,7 @@ pub mod haproxy;
 pub mod issuer;
 pub mod kube_api;
 pub mod mta;
+pub mod oauth;
 pub mod redis;
 pub mod scripted;
 pub mod sink;
@@ -538,6 +539,7 @@ pub fn builder(stores: Stores, metrics: Arc<Metrics>) -> mailroute_relay::genera
         metrics,
         tokens: stores.tokens,
         budget: mailroute_relay::budget::Budget::unlimited(),
+        token_clients: Arc::default(),
     }
 }
 
