@@ -578,6 +578,10 @@ async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyho
             listeners.push((kind, listener));
         }
     }
+    // Every listener is bound: a connection made from now on waits in the backlog until the
+    // accept loops start a moment later, so the relay is ready before `/readyz` first answers
+    // (a probe must never see 503 from a relay that serves).
+    ready.store(true, std::sync::atomic::Ordering::SeqCst);
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin = match cli.admin {
         Some(addr) => {
