@@ -24,8 +24,8 @@ wait_port "$R"
 cli() { redis-cli -p "$R" "$@"; }
 
 echo "== redis-benchmark: requests a second (50 clients)"
-reserve=$(cli SCRIPT LOAD "$(cat relay/src/store/reserve.lua)")
-finish=$(cli SCRIPT LOAD "$(cat relay/src/store/finish.lua)")
+reserve=$(cli SCRIPT LOAD "$(cat store/src/reserve.lua)")
+finish=$(cli SCRIPT LOAD "$(cat store/src/finish.lua)")
 now=$(date +%s%3N)
 t="mailroute:{bench}:customer"
 reserve_cmd=(EVALSHA "$reserve" 4 "$t:day:n" "$t:day:h" "$t:10m:n" "$t:10m:h"

@@ -847,3 +847,42 @@ fn oauth2_mistakes_name_the_field() {
         ]
     );
 }
+
+#[test]
+fn rate_limits_per_credential_need_a_credential() {
+    let route = |extra: &str| {
+        format!(
+            r#"
+apiVersion: mailroute.io/v1alpha1
+kind: MailRoute
+metadata: {{name: m365, namespace: mail}}
+spec:
+  host: smtp.office365.com
+  port: 587
+  rateLimits: {{messagesPerMinute: 30, maxConcurrentConnections: 3, per: Credential}}
+{extra}"#
+        )
+    };
+    let (_, problems) = compile_yaml(&route(""));
+    assert_eq!(
+        problems,
+        [
+            "MailRoute/m365: rateLimits.per: Credential needs auth (the credential the limits are counted for)"
+        ]
+    );
+    let with_auth = oauth2_route(M365).replace(
+        "  tls: {mode: Required}\n",
+        "  tls: {mode: Required}\n  rateLimits: {messagesPerMinute: 30, maxConcurrentConnections: 3, per: Credential}\n",
+    );
+    let (compiled, problems) = compile_yaml(&with_auth);
+    assert!(problems.is_empty(), "{problems:?}");
+    let limits = compiled.config.routes["m365"]
+        .rate_limits
+        .clone()
+        .unwrap_or_default();
+    assert_eq!(limits.max_concurrent_connections, Some(3));
+    assert_eq!(
+        limits.per,
+        mailroute_config::resources::RateLimitScope::Credential
+    );
+}

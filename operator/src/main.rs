@@ -61,6 +61,15 @@ enum Command {
         /// Admin listener serving /metrics, /healthz and /readyz, e.g. 0.0.0.0:9090.
         #[arg(long, value_name = "ADDR", env = "MAILROUTE_ADMIN")]
         admin: Option<std::net::SocketAddr>,
+        /// The relays' shared store (their `--store`: redis://, redis-sentinel://,
+        /// redis-cluster://), read for each route's `status.rateLimits`; passwords as the
+        /// relay takes them (`MAILROUTE_STORE_PASSWORD`, `--store-password-file`). Default:
+        /// none (the relays count in memory, nothing to show).
+        #[arg(long, value_name = "URL", env = "MAILROUTE_STORE")]
+        store: Option<String>,
+        /// File holding the store's password (a mounted Secret).
+        #[arg(long, value_name = "PATH")]
+        store_password_file: Option<std::path::PathBuf>,
     },
     /// Print all CustomResourceDefinitions as YAML, or write one file per CRD into a directory.
     Crdgen {
@@ -105,7 +114,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             identity,
             probe_helo,
             admin,
+            store,
+            store_password_file,
         } => {
+            let store = match store
+                .as_deref()
+                .map(str::parse::<mailroute_store::StoreSpec>)
+            {
+                None | Some(Ok(mailroute_store::StoreSpec::Memory)) => None,
+                Some(Ok(mailroute_store::StoreSpec::Redis(spec))) => {
+                    let auth = mailroute_store::RedisAuth::from_environment(
+                        store_password_file.as_deref(),
+                    )
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                    let store = mailroute_store::RedisStore::open(
+                        &spec,
+                        &auth,
+                        mailroute_operator::controller::usage::READ_TIMEOUT,
+                    )
+                    .map_err(|e| anyhow::anyhow!("--store: {e}"))?;
+                    Some(std::sync::Arc::new(store)
+                        as std::sync::Arc<dyn mailroute_store::QuotaStore>)
+                }
+                Some(Err(e)) => anyhow::bail!("{e}"),
+            };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -158,7 +190,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     mailroute_operator::controller::leader::Election::new(&ns, &identity)
                 });
                 tokio::select! {
-                    () = mailroute_operator::controller::run::run(client, mailroute_operator::controller::run::Scope { namespaces, publish }, pacing, election, metrics, helo, readiness) => {}
+                    () = mailroute_operator::controller::run::run(client, mailroute_operator::controller::run::Scope { namespaces, publish }, pacing, election, metrics, mailroute_operator::controller::run::Probing { helo, store }, readiness) => {}
                     _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
                 }
                 anyhow::Ok(())

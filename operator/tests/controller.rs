@@ -504,6 +504,8 @@ async fn one_replica_leads_and_another_takes_over_only_when_the_lease_lapses() {
     task.abort();
 }
 
+/// The relays counted two messages and hold one connection on a route with `rateLimits`: the
+/// probe's status write shows where each limit stands, read from the shared store.
 #[tokio::test]
 async fn a_probe_result_lands_in_the_route_status_next_to_ready() {
     let api = FakeApi::default();
@@ -518,11 +520,57 @@ async fn a_probe_result_lands_in_the_route_status_next_to_ready() {
     manifests
         .add_yaml(
             std::path::Path::new("r.yaml"),
-            &format!("apiVersion: mailroute.io/v1alpha1\nkind: MailRoute\nmetadata: {{name: mailbox, namespace: mail}}\nspec: {{host: 127.0.0.1, port: {closed}, tls: {{mode: Required}}, timeouts: {{connect: 1s}}}}\n"),
+            &format!("apiVersion: mailroute.io/v1alpha1\nkind: MailRoute\nmetadata: {{name: mailbox, namespace: mail}}\nspec: {{host: 127.0.0.1, port: {closed}, tls: {{mode: Required}}, timeouts: {{connect: 1s}}, rateLimits: {{messagesPerMinute: 30, maxConcurrentConnections: 3}}}}\n"),
         )
         .unwrap_or_else(|e| panic!("{e}"));
     let inputs = manifests.namespaces.remove(NS).unwrap_or_default();
     let compiled = mailroute_config::compile(&inputs);
+    let route = &compiled.config.routes["mailbox"];
+    let store = mailroute_store::MemoryQuotaStore::default();
+    let limits = route.rate_limits.clone().unwrap_or_default();
+    let scope = mailroute_store::route_limits::scope("mailbox", &limits, None);
+    let reserve = async |id: &str, counters: Vec<mailroute_store::Counter>| {
+        use mailroute_store::QuotaStore;
+        match store
+            .reserve(id, &counters, std::time::Duration::from_secs(60))
+            .await
+        {
+            Ok(mailroute_store::Reservation::Granted(reserved)) => mailroute_store::Hold {
+                id: id.to_owned(),
+                counters,
+                reserved,
+            },
+            other => panic!("{other:?}"),
+        }
+    };
+    let mut sent = Vec::new();
+    for id in ["m1", "m2"] {
+        sent.push(
+            reserve(
+                id,
+                mailroute_store::route_limits::recipient_counters(&scope, &limits, true),
+            )
+            .await,
+        );
+    }
+    mailroute_store::QuotaStore::finish(&store, &sent, true)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _lease = reserve(
+        "c1",
+        mailroute_store::route_limits::connection_counter(&scope, &limits)
+            .into_iter()
+            .collect(),
+    )
+    .await;
+    let usage = controller::usage::read(
+        &store,
+        "mailbox",
+        route,
+        &compiled.credentials,
+        "2026-11-22T12:00:00Z",
+    )
+    .await;
     let (client, task) = api.client();
     let resolver =
         mailroute_smtp_client::hosts::Resolver::new(None).unwrap_or_else(|e| panic!("{e}"));
@@ -530,11 +578,12 @@ async fn a_probe_result_lands_in_the_route_status_next_to_ready() {
         &client,
         NS,
         "mailbox",
-        &compiled.config.routes["mailbox"],
+        route,
         &compiled.credentials,
         &resolver,
         "operator.test",
         "2026-11-22T12:00:00Z",
+        usage,
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
@@ -564,6 +613,12 @@ async fn a_probe_result_lands_in_the_route_status_next_to_ready() {
         "{route}"
     );
     assert_eq!(route["status"]["lastProbe"]["time"], "2026-11-22T12:00:00Z");
+    assert_eq!(
+        route["status"]["rateLimits"],
+        json!({"time": "2026-11-22T12:00:00Z", "scope": "route:mailbox", "limits": [
+            {"limit": "messages_per_minute", "used": 2, "max": 30},
+            {"limit": "concurrent_connections", "used": 1, "max": 3}]})
+    );
 }
 
 /// A Microsoft 365 route with OAuth whose client id and secret sit in two Secrets: the operator

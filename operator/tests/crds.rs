@@ -265,6 +265,13 @@ fn refused_samples() -> Vec<(Value, &'static str)> {
         ),
         (
             resource(
+                "MailRoute",
+                json!({"host": "a.example", "rateLimits": {"messagesPerMinute": 30, "per": "Credential"}}),
+            ),
+            "rateLimits.per Credential needs auth",
+        ),
+        (
+            resource(
                 "RelayPolicy",
                 json!({"domains": ["a.example"], "licenses": 1, "authentication": {"requireSMTPAuth": true}}),
             ),

@@ -6,12 +6,10 @@
 
 use crate::reply::Reply;
 use crate::routing::RecipientRoute;
-use std::future::Future;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use mailroute_store::BoxFuture;
 
 /// Takes an accepted message somewhere and says what to tell the client.
 pub trait Deliver: Send + Sync + 'static {
@@ -24,6 +22,11 @@ pub trait Deliver: Send + Sync + 'static {
     ) -> BoxFuture<'static, Reply>;
     /// Periodic upkeep (closing idle upstream connections); called every few seconds.
     fn sweep(&self) {}
+    /// Reads what is shared across replicas for the metrics (route rate limits' use); called
+    /// every few seconds.
+    fn observe(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// The RCPT decision (SPEC 5.3-5.4, 3.4, 6.4): whether a recipient is accepted, and where it
@@ -110,6 +113,8 @@ pub enum RefusalReason {
     Limit,
     /// The shared store could not answer.
     Store,
+    /// The recipient's primary route is at its rate limit (`MailRoute.rateLimits`).
+    RateLimit,
 }
 
 impl RefusalReason {
@@ -124,6 +129,7 @@ impl RefusalReason {
             RefusalReason::Syntax => "syntax",
             RefusalReason::Limit => "limit",
             RefusalReason::Store => "store",
+            RefusalReason::RateLimit => "rate_limit",
         }
     }
 

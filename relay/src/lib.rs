@@ -42,5 +42,5 @@ pub use mailroute_smtp_client::reply;
 pub mod routing;
 pub mod server;
 pub mod smtp;
-pub mod store;
+pub use mailroute_store as store;
 pub mod tenants;

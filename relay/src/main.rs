@@ -423,21 +423,8 @@ async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyho
             Arc::new(MemoryQuotaStore::default()),
         ),
         StoreSpec::Redis(spec) => {
-            let password = match &cli.store_password_file {
-                Some(path) => Some(
-                    std::fs::read_to_string(path)
-                        .with_context(|| format!("--store-password-file {}", path.display()))?
-                        .trim_end_matches(['\r', '\n'])
-                        .to_owned(),
-                ),
-                None => std::env::var("MAILROUTE_STORE_PASSWORD").ok(),
-            };
-            let auth = RedisAuth {
-                password: password.filter(|p| !p.is_empty()),
-                sentinel_password: std::env::var("MAILROUTE_STORE_SENTINEL_PASSWORD")
-                    .ok()
-                    .filter(|p| !p.is_empty()),
-            };
+            let auth = RedisAuth::from_environment(cli.store_password_file.as_deref())
+                .map_err(|e| anyhow::anyhow!(e))?;
             let redis = Arc::new(
                 RedisStore::open(spec, &auth, store_timeout)
                     .map_err(|e| anyhow::anyhow!("--store: {e}"))?,
@@ -543,7 +530,9 @@ async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyho
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tick.tick().await;
-                shared.generation.load().deliver.sweep();
+                let generation = shared.generation.load_full();
+                generation.deliver.sweep();
+                generation.deliver.observe().await;
             }
         })
     };

@@ -72,7 +72,8 @@ pub struct ReloadLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RateLimitLabels {
     pub route: String,
-    /// `messages_per_minute`, `recipients_per_minute` or `recipients_per_day`.
+    /// `messages_per_minute`, `recipients_per_minute`, `recipients_per_day` or
+    /// `concurrent_connections`.
     pub limit: String,
 }
 
@@ -151,6 +152,10 @@ pub struct Metrics {
     pub store_errors: Counter,
     pub quota_rejections: Family<QuotaLabels, Counter>,
     pub route_rate_limited: Family<RateLimitLabels, Counter>,
+    /// Each route limit's use now (the shared store's count over every replica) and its
+    /// maximum, read every few seconds.
+    pub route_rate_used: Family<RateLimitLabels, Gauge>,
+    pub route_rate_max: Family<RateLimitLabels, Gauge>,
     /// Requests to routes' OAuth token endpoints (SPEC 11).
     pub oauth_token_requests: Family<TokenRequestLabels, Counter>,
     pub recipient_verifications: Family<VerificationLabels, Counter>,
@@ -183,6 +188,8 @@ impl Default for Metrics {
             store_errors: Counter::default(),
             quota_rejections: Family::default(),
             route_rate_limited: Family::default(),
+            route_rate_used: Family::default(),
+            route_rate_max: Family::default(),
             oauth_token_requests: Family::default(),
             recipient_verifications: Family::default(),
             rcpt_refusals: Family::default(),
@@ -285,6 +292,16 @@ impl Metrics {
             "mailroute_relay_route_rate_limited",
             "Legs not tried because their route was at a rate limit (MailRoute.rateLimits), by route and limit",
             metrics.route_rate_limited.clone(),
+        );
+        registry.register(
+            "mailroute_relay_route_rate_limit_used",
+            "Use of each route rate limit now, over every replica (MailRoute.rateLimits), by route and limit",
+            metrics.route_rate_used.clone(),
+        );
+        registry.register(
+            "mailroute_relay_route_rate_limit_max",
+            "Each route rate limit's maximum (MailRoute.rateLimits), by route and limit",
+            metrics.route_rate_max.clone(),
         );
         registry.register(
             "mailroute_relay_oauth_token_requests",

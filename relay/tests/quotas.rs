@@ -467,3 +467,78 @@ async fn concurrent_messages_settle_in_a_few_scripts_and_count_exactly() {
     })
     .await;
 }
+
+/// What route rate limits and connection leases ask of a store beyond reservations: the use
+/// of a counter (settled plus held) read without changing it, and a hold renewed while it
+/// lives but never brought back once it ended or expired. Both stores answer alike.
+async fn usage_and_renewal(store: &dyn QuotaStore) {
+    let counters = tenant_counters("usage", 5);
+    let ttl = Duration::from_secs(60);
+    let reserve = async |id: &str, ttl| match store.reserve(id, &counters, ttl).await {
+        Ok(Reservation::Granted(reserved)) => Hold {
+            id: id.to_owned(),
+            counters: counters.clone(),
+            reserved,
+        },
+        other => panic!("{other:?}"),
+    };
+    let usage = async || {
+        store
+            .usage(&counters)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    assert_eq!(usage().await, [0, 0]);
+    let settled = reserve("settled", ttl).await;
+    let held = reserve("held", ttl).await;
+    store
+        .finish(std::slice::from_ref(&settled), true)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // One settled and one held, on both counters; reading changed nothing.
+    assert_eq!(usage().await, [2, 2]);
+    assert_eq!(usage().await, [2, 2]);
+
+    assert!(
+        store
+            .renew(&held, ttl)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    );
+    assert!(
+        !store
+            .renew(&settled, ttl)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    );
+    let short = reserve("short", Duration::from_millis(200)).await;
+    assert!(
+        store
+            .renew(&short, Duration::from_millis(400))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // Renewed: still held past its first expiry.
+    assert_eq!(usage().await, [3, 3]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !store
+            .renew(&short, ttl)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    );
+    assert_eq!(usage().await, [2, 2]);
+}
+
+#[tokio::test]
+async fn both_stores_read_usage_and_renew_holds_only_while_they_live() {
+    bounded(30, async {
+        usage_and_renewal(&MemoryQuotaStore::default()).await;
+        let redis = RedisServer::start();
+        let store =
+            RedisStore::new(&redis.url(), Duration::from_secs(1)).unwrap_or_else(|e| panic!("{e}"));
+        usage_and_renewal(&store).await;
+    })
+    .await;
+}

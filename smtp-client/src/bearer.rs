@@ -42,6 +42,15 @@ pub enum Login {
     },
 }
 
+impl Login {
+    /// The user name the upstream is logged in as.
+    pub fn username(&self) -> &str {
+        match self {
+            Login::Password { username, .. } | Login::Bearer { username, .. } => username,
+        }
+    }
+}
+
 impl std::fmt::Debug for Login {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // NB: never the password or a token.

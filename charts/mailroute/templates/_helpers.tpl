@@ -18,6 +18,45 @@ redis{{ $tls }}-cluster://{{ join "," $s.cluster.hosts }}
 {{- end -}}
 {{- end -}}
 
+{{/* The shared store's address and passwords as environment entries (relay and operator). */}}
+{{- define "mailroute.storeEnv" -}}
+{{- $storeUrl := include "mailroute.storeUrl" . }}
+{{- if .Values.relay.store.existingSecret.name }}
+- name: MAILROUTE_STORE
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.relay.store.existingSecret.name }}, key: {{ .Values.relay.store.existingSecret.key }}}
+{{- else if $storeUrl }}
+- {name: MAILROUTE_STORE, value: {{ $storeUrl | quote }}}
+{{- end }}
+{{- with .Values.relay.store.sentinelPassword.existingSecret }}
+{{- if .name }}
+- name: MAILROUTE_STORE_SENTINEL_PASSWORD
+  valueFrom:
+    secretKeyRef: {name: {{ .name }}, key: {{ .key }}}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The store password file: the argument, the mount and the volume (relay and operator). */}}
+{{- define "mailroute.storePasswordArg" -}}
+{{- if .Values.relay.store.password.existingSecret.name }}
+- --store-password-file=/etc/mailroute/store-password/{{ .Values.relay.store.password.existingSecret.key }}
+{{- end }}
+{{- end -}}
+{{- define "mailroute.storePasswordMount" -}}
+{{- if .Values.relay.store.password.existingSecret.name }}
+- {name: store-password, mountPath: /etc/mailroute/store-password, readOnly: true}
+{{- end }}
+{{- end -}}
+{{- define "mailroute.storePasswordVolume" -}}
+{{- with .Values.relay.store.password.existingSecret }}
+{{- if .name }}
+- name: store-password
+  secret: {secretName: {{ .name }}, items: [{key: {{ .key }}, path: {{ .key }}}]}
+{{- end }}
+{{- end }}
+{{- end -}}
+
 {{- define "mailroute.fullname" -}}
 {{- if contains .Chart.Name .Release.Name -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}

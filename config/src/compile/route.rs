@@ -170,6 +170,16 @@ pub(super) fn compile(
         );
     }
 
+    if let Some(limits) = &spec.rate_limits
+        && limits.per == crate::resources::RateLimitScope::Credential
+        && spec.auth.is_none()
+    {
+        report.bad(
+            "rateLimits.per",
+            "Credential needs auth (the credential the limits are counted for)",
+        );
+    }
+
     Some(Route {
         destination: destination?,
         tls: RouteTls {

@@ -35,7 +35,8 @@ use serde::{Deserialize, Serialize};
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "has(self.host) != has(self.hosts)", "message": "set exactly one of host or hosts"},
     {"rule": "!self.mxLookup || has(self.host)", "message": "mxLookup needs host (the domain whose MX records are looked up), not hosts"},
-    {"rule": "self.port in [25, 465, 587] || (self.port >= 1024 && self.port <= 65535)", "message": "port must be 25, 465, 587 or 1024-65535", "fieldPath": ".port"}
+    {"rule": "self.port in [25, 465, 587] || (self.port >= 1024 && self.port <= 65535)", "message": "port must be 25, 465, 587 or 1024-65535", "fieldPath": ".port"},
+    {"rule": "!has(self.rateLimits) || !has(self.rateLimits.per) || self.rateLimits.per != 'Credential' || has(self.auth)", "message": "rateLimits.per Credential needs auth (the credential the limits are counted for)", "fieldPath": ".rateLimits.per"}
 ]))]
 pub struct MailRouteSpec {
     /// Host name or IP literal (IPv4 or IPv6) of the destination; with `mxLookup`, the domain
@@ -111,6 +112,30 @@ pub struct RateLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub recipients_per_day: Option<u32>,
+    /// Connections open to the upstream at once, in use or idle in a relay's pool, counted over
+    /// every replica (a provider's concurrent-connection limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_concurrent_connections: Option<u32>,
+    /// What the limits are counted for: this route (`Route`, the default), or the credential
+    /// it authenticates as (`Credential`: every route that logs in as the same user shares
+    /// one set of counts, as a provider counts per mailbox). `Credential` needs `auth`.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub per: RateLimitScope,
+}
+
+/// What a route's [`RateLimits`] are counted for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RateLimitScope {
+    /// The route itself.
+    #[default]
+    Route,
+    /// The user name the route authenticates as, shared by every route using it.
+    Credential,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 fn default_port() -> u16 {
@@ -359,6 +384,37 @@ pub struct MailRouteStatus {
     /// The `metadata.generation` last processed by the operator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Where the route's `rateLimits` stood when the operator last read the shared store
+    /// (with each probe), over every relay replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limits: Option<RateLimitsStatus>,
+}
+
+/// A route's use of its rate limits, as the shared store counts it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitsStatus {
+    /// When the store was read (RFC 3339).
+    pub time: String,
+    /// What the limits are counted for: `route:NAME` or `credential:USER`.
+    pub scope: String,
+    /// One entry per limit set.
+    #[serde(default)]
+    pub limits: Vec<RateLimitUsage>,
+}
+
+/// One limit's use.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitUsage {
+    /// `messages_per_minute`, `recipients_per_minute`, `recipients_per_day` or
+    /// `concurrent_connections`.
+    pub limit: String,
+    /// Used now: in the limit's rolling window (sent, plus held by transactions in flight),
+    /// or connections open.
+    pub used: u64,
+    /// The limit, as `rateLimits` sets it.
+    pub max: u64,
 }
 
 /// What the last TLS probe of a route saw.

@@ -8,6 +8,8 @@
 //! - [`reconcile_namespace`]: the I/O, one pass; idempotent: a namespace whose document,
 //!   credentials and statuses are what they should be gets no write at all.
 //! - [`run`]: watches and leader-less single-writer loop for `mailroute-operator run`.
+//! - [`probe`]: the route TLS probe; [`usage`]: a route's use of its rate limits (read from
+//!   the shared store with each probe).
 
 pub mod leader;
 pub mod probe;
@@ -15,6 +17,7 @@ pub mod publish;
 pub mod readiness;
 pub mod run;
 pub mod status;
+pub mod usage;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;

@@ -57,7 +57,8 @@ impl Probe {
 }
 
 /// Probes route `name` of `namespace` and records the outcome in its status (`TLSVerified`,
-/// `lastProbe`), keeping its other conditions. Returns what the probe found.
+/// `lastProbe`, and `rateLimits` when `usage` was read), keeping its other conditions.
+/// Returns what the probe found.
 #[allow(clippy::too_many_arguments)]
 pub async fn probe_and_report(
     client: &kube::Client,
@@ -68,6 +69,7 @@ pub async fn probe_and_report(
     resolver: &Resolver,
     helo: &str,
     now: &str,
+    usage: Option<mailroute_config::resources::RateLimitsStatus>,
 ) -> Result<Probe, kube::Error> {
     use kube::api::{Patch, PatchParams};
     let outcome = probe(name, route, credentials, resolver, helo, now).await;
@@ -83,9 +85,12 @@ pub async fn probe_and_report(
         .unwrap_or_default();
     let condition = outcome.condition(current.metadata.generation, &previous, now);
     let conditions = super::status::merged(&previous, condition);
-    let patch = serde_json::json!({
+    let mut patch = serde_json::json!({
         "status": {"conditions": conditions, "lastProbe": outcome.result}
     });
+    if let Some(usage) = usage {
+        patch["status"]["rateLimits"] = serde_json::json!(usage);
+    }
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
     if outcome.status == "False" {

@@ -6,8 +6,8 @@
 //! namespace, never in a hot loop.
 
 use super::leader::Election;
-use super::probe;
 use super::readiness::Readiness;
+use super::{probe, usage};
 use super::{reconcile_namespace, recorder};
 use crate::metrics::{Metrics, NamespaceLabels, ResultLabels, RouteLabels};
 use futures_util::StreamExt;
@@ -18,6 +18,7 @@ use mailroute_config::Credentials;
 use mailroute_config::document::Route;
 use mailroute_config::resources::{MailRoute, RelayPolicy, RoutingRule};
 use mailroute_smtp_client::hosts::Resolver;
+use mailroute_store::QuotaStore;
 use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
@@ -86,8 +87,9 @@ fn probe_loop(
     targets: Targets,
     leading: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
-    helo: String,
+    probing: Probing,
 ) -> tokio::task::JoinHandle<()> {
+    let Probing { helo, store } = probing;
     tokio::spawn(async move {
         let resolver = match Resolver::new(None) {
             Ok(r) => r,
@@ -121,6 +123,12 @@ fn probe_loop(
                         continue;
                     }
                     let stamp = k8s_openapi::jiff::Timestamp::now().to_string();
+                    let usage = match &store {
+                        Some(store) => {
+                            usage::read(store.as_ref(), name, route, credentials, &stamp).await
+                        }
+                        None => None,
+                    };
                     let verified = probe::probe_and_report(
                         &client,
                         ns,
@@ -130,6 +138,7 @@ fn probe_loop(
                         &resolver,
                         &helo,
                         &stamp,
+                        usage,
                     )
                     .await;
                     match verified {
@@ -207,13 +216,29 @@ impl Scope {
     }
 }
 
+/// What the route probes need: the EHLO name, and the shared store the relays count routes'
+/// rate limits in (read for `status.rateLimits`; `None`: not shown).
+pub struct Probing {
+    pub helo: String,
+    pub store: Option<Arc<dyn QuotaStore>>,
+}
+
+impl std::fmt::Debug for Probing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Probing")
+            .field("helo", &self.helo)
+            .field("store", &self.store.is_some())
+            .finish()
+    }
+}
+
 pub async fn run(
     client: Client,
     scope: Scope,
     pacing: Pacing,
     election: Option<Election>,
     metrics: Arc<Metrics>,
-    helo: String,
+    probing: Probing,
     readiness: Readiness,
 ) {
     let (leading_tx, mut leading) = watch::channel(election.is_none());
@@ -246,7 +271,7 @@ pub async fn run(
         Arc::clone(&targets),
         leading.clone(),
         Arc::clone(&metrics),
-        helo,
+        probing,
     );
     let mut known: BTreeSet<String> = scope.initial();
     // Namespace -> (when it may run next, failures so far).

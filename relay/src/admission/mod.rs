@@ -34,7 +34,7 @@ pub struct Gate {
     accounts: Accounts,
     router: Arc<Router>,
     quotas: Quotas,
-    /// Present when some route verifies recipients.
+    /// Present when some route is checked at RCPT (recipient verification, rate limits).
     verifier: Option<Arc<Forwarder>>,
     /// What each open transaction reserved, by transaction id.
     holds: Mutex<HashMap<Arc<str>, Vec<Hold>>>,
@@ -56,7 +56,7 @@ impl Gate {
         quotas: Quotas,
         forwarder: &Arc<Forwarder>,
     ) -> Self {
-        let verifies = config.routes.values().any(|r| r.verify_recipients);
+        let verifies = Forwarder::checks_at_rcpt(config);
         Self {
             tenants: Arc::clone(router.tenants()),
             accounts,
@@ -155,14 +155,21 @@ impl Gate {
                 })?,
         };
 
-        if let Some(verifier) = &self.verifier
-            && let Err(reply) = verifier.verify_recipient(query, &route).await
-        {
-            // Nothing of a refused recipient stays reserved.
-            if let Some(hold) = hold {
-                self.quotas.finish(vec![hold], false).await;
+        if let Some(verifier) = &self.verifier {
+            let checked = match verifier.check_rate_limits(&route).await {
+                Err(reply) => Err(refuse(RefusalReason::RateLimit, reply)),
+                Ok(()) => verifier
+                    .verify_recipient(query, &route)
+                    .await
+                    .map_err(|reply| refuse(RefusalReason::Upstream, reply)),
+            };
+            if let Err(refusal) = checked {
+                // Nothing of a refused recipient stays reserved.
+                if let Some(hold) = hold {
+                    self.quotas.finish(vec![hold], false).await;
+                }
+                return Err(refusal);
             }
-            return Err(refuse(RefusalReason::Upstream, reply));
         }
 
         if let Some(hold) = hold

@@ -89,6 +89,9 @@ pub(crate) async fn wait_for<T: Clone>(mut value: watch::Receiver<Option<T>>) ->
 pub enum Failed {
     /// Every connection of the route is in use (the next host would not help).
     Busy(pool::Busy),
+    /// The route is at its `maxConcurrentConnections` over every replica, or the store
+    /// that counts them did not answer: the reply says which.
+    Limited(Reply),
     /// No host could be reached, greeted or secured, or took the transaction before its
     /// content: the last host's failure (`None`: there was no host to try).
     Hosts(Option<UpstreamError>),
@@ -128,6 +131,7 @@ impl Forwarder {
                     Err(_) => return Err(Failed::Final(UpstreamError::Bound { stage: "connect" })),
                     Ok(Ok(conn)) => conn,
                     Ok(Err(Unavailable::Busy(busy))) => return Err(Failed::Busy(busy)),
+                    Ok(Err(Unavailable::Limited(reply))) => return Err(Failed::Limited(reply)),
                     Ok(Err(Unavailable::Host(e))) => {
                         tracing::debug!(route = %runtime.name, host = %candidate.addr, error = %e, "upstream unavailable");
                         last = Some(e);
@@ -186,6 +190,7 @@ impl Forwarder {
         leg_requires_tls: bool,
         reuse: bool,
     ) -> Result<Pooled, Unavailable> {
+        let connect_wait = Duration::from_millis(runtime.route.timeouts.connect_ms);
         let checkout = self
             .pool
             .checkout(
@@ -193,18 +198,39 @@ impl Forwarder {
                 runtime.limits(),
                 &runtime.permits,
                 runtime.route.pool.max_connections,
-                Duration::from_millis(runtime.route.timeouts.connect_ms),
+                connect_wait,
                 reuse,
             )
             .await
             .map_err(Unavailable::Busy)?;
         match checkout {
             Checkout::Reused(conn) => Ok(conn),
-            Checkout::Fresh(permit) => self
-                .open(runtime, candidate, leg_requires_tls)
-                .await
-                .map(|up| pool::Pool::wrap(up, permit))
-                .map_err(Unavailable::Host),
+            Checkout::Fresh(permit) => {
+                let lease = match (&self.pacing, &runtime.pace) {
+                    (Some(pacing), Some(paced)) => {
+                        match pacing.lease(&runtime.name, paced, &self.metrics).await {
+                            Ok(lease) => lease,
+                            // NB: at the limit over every replica, one of this relay's own
+                            // connections coming back is the way through (never a queue
+                            // longer than the connect timeout).
+                            Err(reply) if reuse && paced.holds_leases() => {
+                                drop(permit);
+                                return self
+                                    .pool
+                                    .returned_within(key, runtime.limits(), connect_wait)
+                                    .await
+                                    .ok_or(Unavailable::Limited(reply));
+                            }
+                            Err(reply) => return Err(Unavailable::Limited(reply)),
+                        }
+                    }
+                    _ => None,
+                };
+                self.open(runtime, candidate, leg_requires_tls)
+                    .await
+                    .map(|up| pool::Pool::wrap(up, permit, lease))
+                    .map_err(Unavailable::Host)
+            }
         }
     }
 
@@ -243,5 +269,6 @@ impl Forwarder {
 /// Why no connection to a host could be had.
 enum Unavailable {
     Busy(pool::Busy),
+    Limited(Reply),
     Host(UpstreamError),
 }

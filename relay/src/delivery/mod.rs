@@ -85,6 +85,8 @@ pub(crate) struct RouteRuntime {
     route: Route,
     connector: Result<TlsConnector, String>,
     login: Option<Login>,
+    /// The route's `rateLimits`, with what they are counted for.
+    pace: Option<pacing::Paced>,
     permits: Arc<Semaphore>,
 }
 
@@ -107,11 +109,16 @@ impl RouteRuntime {
             (None, None) => None,
         };
         let permits = Arc::new(Semaphore::new(route.pool.max_connections.max(1) as usize));
+        let pace = route
+            .rate_limits
+            .as_ref()
+            .map(|limits| pacing::Paced::new(name, limits, login.as_ref().map(Login::username)));
         Self {
             name: Arc::from(name),
             route,
             connector,
             login,
+            pace,
             permits,
         }
     }
@@ -258,5 +265,18 @@ impl Deliver for Forwarder {
 
     fn sweep(&self) {
         Forwarder::sweep(self);
+    }
+
+    fn observe(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let Some(pacing) = &self.pacing else {
+                return;
+            };
+            for (name, runtime) in &self.routes {
+                if let Some(paced) = &runtime.pace {
+                    pacing.observe(name, paced, &self.metrics).await;
+                }
+            }
+        })
     }
 }

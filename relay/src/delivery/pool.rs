@@ -2,6 +2,7 @@
 //! most `maxConnections` per route in this process (in use or idle), at most
 //! `maxMessagesPerConnection` messages each, closed after `idleTimeout` unused.
 
+use super::pacing::Lease;
 use super::upstream::Upstream;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,6 +27,16 @@ pub struct Pooled {
     /// upstream meanwhile.
     pub reused: bool,
     _permit: OwnedSemaphorePermit,
+    /// Its place in the route's `maxConcurrentConnections` over every replica (boxed: only
+    /// connections of such routes have one).
+    lease: Option<Box<Lease>>,
+}
+
+impl Pooled {
+    /// The connection lost its lease on the route's connection limit: not to be reused.
+    fn unleased(&self) -> bool {
+        self.lease.as_ref().is_some_and(|l| l.is_lost())
+    }
 }
 
 /// The pool's settings for one route.
@@ -68,7 +79,7 @@ impl Pool {
             let list = idle.get_mut(key)?;
             let mut found = None;
             while let Some(mut conn) = list.pop() {
-                if conn.upstream.idle_since.elapsed() < limits.idle_timeout {
+                if conn.upstream.idle_since.elapsed() < limits.idle_timeout && !conn.unleased() {
                     conn.reused = true;
                     found = Some(conn);
                     break;
@@ -137,17 +148,44 @@ impl Pool {
         }
     }
 
-    pub fn wrap(upstream: Upstream, permit: OwnedSemaphorePermit) -> Pooled {
+    /// A connection for `key` given back to the pool within `wait`, if one is.
+    pub async fn returned_within(
+        &self,
+        key: &PoolKey,
+        limits: Limits,
+        wait: Duration,
+    ) -> Option<Pooled> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let returned = self.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if let Some(conn) = self.take(key, limits) {
+                return Some(conn);
+            }
+            tokio::select! {
+                () = &mut returned => {}
+                () = tokio::time::sleep_until(deadline) => return None,
+            }
+        }
+    }
+
+    pub fn wrap(upstream: Upstream, permit: OwnedSemaphorePermit, lease: Option<Lease>) -> Pooled {
         Pooled {
             upstream,
             reused: false,
             _permit: permit,
+            lease: lease.map(Box::new),
         }
     }
 
     /// Gives a connection back after a transaction; closes it when it is spent or broken.
     pub fn put(&self, key: PoolKey, conn: Pooled, limits: Limits) {
         if conn.upstream.poisoned {
+            return;
+        }
+        if conn.unleased() {
+            close_all(vec![conn]);
             return;
         }
         if conn.upstream.messages >= limits.max_messages {
@@ -189,9 +227,13 @@ impl Pool {
 /// Frees the connection's slot at once and QUITs it in the background.
 fn close_now(conn: Pooled) {
     let Pooled {
-        upstream, _permit, ..
+        upstream,
+        _permit,
+        lease,
+        ..
     } = conn;
     drop(_permit);
+    drop(lease);
     if let Ok(handle) = tokio::runtime::Handle::try_current() {
         handle.spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(5), upstream.quit()).await;

@@ -16,6 +16,33 @@ use std::time::{Duration, Instant};
 pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Forwarder {
+    /// Refuses a recipient at RCPT whose primary route is already at one of its rate limits
+    /// (SPEC 11, `MailRoute.rateLimits`): `451 4.4.5` naming the route, before the client
+    /// sends a message that would only be deferred. Only where the route is required.
+    pub async fn check_rate_limits(&self, route: &RecipientRoute) -> Result<(), Reply> {
+        let Target::Route(name) = &route.target else {
+            return Ok(());
+        };
+        let (Some(runtime), Some(pacing)) = (self.routes.get(&**name), &self.pacing) else {
+            return Ok(());
+        };
+        match &runtime.pace {
+            Some(paced) if self.router.is_required(&route.target) => {
+                pacing.check(name, paced, &self.metrics).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether a route of this configuration is checked at RCPT time (recipient verification
+    /// or rate limits).
+    pub fn checks_at_rcpt(config: &mailroute_config::RelayConfig) -> bool {
+        config
+            .routes
+            .values()
+            .any(|r| r.verify_recipients || r.rate_limits.is_some())
+    }
+
     /// Checks a recipient with its primary route's upstream at RCPT time, when that route has
     /// `verifyRecipients` and is required. `Err`: the upstream's refusal, for the client. An
     /// upstream that cannot be asked (unreachable, slow, TLS policy) accepts: the message's
@@ -61,6 +88,10 @@ impl Forwarder {
                     Failed::Busy(busy) => UpstreamError::Protocol {
                         stage: "connection pool",
                         detail: busy.to_string(),
+                    },
+                    Failed::Limited(reply) => UpstreamError::Protocol {
+                        stage: "connection limit",
+                        detail: reply.to_string(),
                     },
                     Failed::Hosts(Some(e)) | Failed::Final(e) => e,
                     Failed::Hosts(None) => UpstreamError::Protocol {

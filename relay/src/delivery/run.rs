@@ -534,44 +534,41 @@ impl Forwarder {
                 "4.3.5",
                 format!("route {} is not configured", leg.target),
             ))),
-            Some(runtime) => {
-                let limits = runtime.route.rate_limits.as_ref();
-                match (&self.pacing, limits) {
-                    (Some(pacing), Some(limits)) => {
-                        let route = leg.target.to_string();
-                        match pacing
-                            .admit(&route, limits, pending.len(), &tx.id, &self.metrics)
-                            .await
-                        {
-                            Err(reply) => Err(RecipientOutcome::Unreachable(reply)),
-                            Ok(held) => {
-                                let outcomes = self
-                                    .attempt(
-                                        runtime,
-                                        leg,
-                                        tx,
-                                        &pending,
-                                        marker,
-                                        gate.needed(),
-                                        deadline,
-                                    )
-                                    .await;
-                                let accepted = outcomes.as_ref().map_or(0, |o| {
-                                    o.iter()
-                                        .filter(|o| **o == RecipientOutcome::Delivered)
-                                        .count()
-                                });
-                                pacing.end(held, accepted).await;
-                                outcomes
-                            }
+            Some(runtime) => match (&self.pacing, &runtime.pace) {
+                (Some(pacing), Some(paced)) => {
+                    let route = leg.target.to_string();
+                    match pacing
+                        .admit(&route, paced, pending.len(), &tx.id, &self.metrics)
+                        .await
+                    {
+                        Err(reply) => Err(RecipientOutcome::Unreachable(reply)),
+                        Ok(held) => {
+                            let outcomes = self
+                                .attempt(
+                                    runtime,
+                                    leg,
+                                    tx,
+                                    &pending,
+                                    marker,
+                                    gate.needed(),
+                                    deadline,
+                                )
+                                .await;
+                            let accepted = outcomes.as_ref().map_or(0, |o| {
+                                o.iter()
+                                    .filter(|o| **o == RecipientOutcome::Delivered)
+                                    .count()
+                            });
+                            pacing.end(held, accepted).await;
+                            outcomes
                         }
                     }
-                    _ => {
-                        self.attempt(runtime, leg, tx, &pending, marker, gate.needed(), deadline)
-                            .await
-                    }
                 }
-            }
+                _ => {
+                    self.attempt(runtime, leg, tx, &pending, marker, gate.needed(), deadline)
+                        .await
+                }
+            },
         };
         match outcomes {
             Ok(outcomes) => {
@@ -681,6 +678,7 @@ impl Forwarder {
                 e.enhanced(),
                 e.to_string(),
             ))),
+            Err(Failed::Limited(reply)) => Err(RecipientOutcome::Unreachable(reply)),
             Err(Failed::Busy(busy)) => Err(RecipientOutcome::Unreachable(Reply::new(
                 451,
                 "4.4.5",

@@ -67,9 +67,33 @@ pub enum Exceeded {
 impl Exceeded {
     pub fn reply(self) -> Reply {
         match self {
-            Exceeded::Limit(limit) => limit.reply(),
+            Exceeded::Limit(limit) => limit_reply(limit),
             Exceeded::Store => Reply::store_unavailable(),
         }
+    }
+}
+
+/// The reply when `limit` is reached (the hosted suite's wording).
+pub fn limit_reply(limit: Limit) -> Reply {
+    match limit {
+        Limit::UserMessagesPerDay | Limit::UserUniqueRecipientsPerDay => {
+            Reply::new(550, "5.4.5", "Daily SMTP relay limit exceeded for user")
+        }
+        Limit::CustomerRecipientsPerDay => {
+            Reply::new(550, "5.7.1", "Daily SMTP relay limit exceeded for customer")
+        }
+        Limit::CustomerRecipientsPer10Minutes => {
+            Reply::new(450, "4.2.1", "Peak SMTP relay limit exceeded for customer")
+        }
+        // NB: a route's own reply names it (`crate::delivery::pacing::at_limit`).
+        Limit::RouteMessagesPerMinute
+        | Limit::RouteRecipientsPerMinute
+        | Limit::RouteRecipientsPerDay
+        | Limit::RouteConcurrentConnections => Reply::new(
+            451,
+            "4.4.5",
+            "A route is at its rate limit; try again later",
+        ),
     }
 }
 
@@ -414,15 +438,15 @@ mod tests {
     #[test]
     fn the_replies_are_the_hosted_suites() {
         assert_eq!(
-            Limit::UserUniqueRecipientsPerDay.reply().to_string(),
+            limit_reply(Limit::UserUniqueRecipientsPerDay).to_string(),
             "550 5.4.5 Daily SMTP relay limit exceeded for user"
         );
         assert_eq!(
-            Limit::CustomerRecipientsPerDay.reply().to_string(),
+            limit_reply(Limit::CustomerRecipientsPerDay).to_string(),
             "550 5.7.1 Daily SMTP relay limit exceeded for customer"
         );
         assert_eq!(
-            Limit::CustomerRecipientsPer10Minutes.reply().to_string(),
+            limit_reply(Limit::CustomerRecipientsPer10Minutes).to_string(),
             "450 4.2.1 Peak SMTP relay limit exceeded for customer"
         );
     }

@@ -51,6 +51,9 @@ pub struct Seen {
     pub abandoned: usize,
     /// End-of-data replies given, accepted or not.
     pub ended: usize,
+    /// Connections open now, and the most that were open at once.
+    pub open: usize,
+    pub most_open: usize,
 }
 
 pub struct Scripted {
@@ -79,9 +82,16 @@ impl Scripted {
                 let slow = connections < script.slow_connections;
                 connections += 1;
                 let (script, state) = (script.clone(), Arc::clone(&state));
+                if let Ok(mut s) = state.lock() {
+                    s.open += 1;
+                    s.most_open = s.most_open.max(s.open);
+                }
                 tokio::spawn(async move {
                     let delay = if slow { script.delay } else { Duration::ZERO };
                     let _ = serve(socket, &script, delay, &state).await;
+                    if let Ok(mut s) = state.lock() {
+                        s.open -= 1;
+                    }
                 });
             }
         });
@@ -118,6 +128,11 @@ impl Scripted {
                     .count()
             })
             .unwrap_or(0)
+    }
+
+    /// The most connections that were open at once.
+    pub fn most_open(&self) -> usize {
+        self.seen.lock().map(|s| s.most_open).unwrap_or(0)
     }
 
     pub fn abandoned(&self) -> usize {

@@ -1,24 +1,32 @@
-//! The shared store (SPEC 5.3a, 6.6): the one stateful part of the relay. It holds the sending
-//! quotas' counts and holds ([`QuotaStore`]) and the delivery ledger ([`Ledger`]), in memory
-//! for one relay or in Redis for replicas sharing them. `--store` is parsed into a
-//! [`StoreSpec`] at the command line; everything above sees only the two traits.
+//! The shared store (SPEC 5.3a, 6.6): the one stateful part of Mailroute. It holds the sending
+//! quotas' and the routes' rate limits' counts and holds ([`QuotaStore`]) and the delivery
+//! ledger ([`Ledger`]), in memory for one relay or in Redis for replicas sharing them.
+//! `--store` is parsed into a [`StoreSpec`] at the command line; everything above sees only the
+//! two traits. The relay decides with it; the operator only reads it (a route's use of its
+//! limits, for its status).
 //!
 //! - [`memory_quotas`], [`memory_ledger`]: the in-process stores (the default).
 //! - [`redis`]: both in Redis, one Lua script per decision; [`redis_topology`]: which Redis
 //!   (one server, Sentinel, Cluster).
+//! - [`route_limits`]: the counters of a route's `rateLimits` (what the relay reserves on and
+//!   the operator reads).
 
 pub mod memory_ledger;
 pub mod memory_quotas;
 pub mod redis;
 pub(crate) mod redis_topology;
+pub mod route_limits;
 
-pub use crate::interfaces::BoxFuture;
 pub use memory_ledger::MemoryLedger;
 pub use memory_quotas::MemoryQuotaStore;
 pub use redis::RedisStore;
 
-use crate::reply::Reply;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
+
+/// A boxed future, as the store traits return (they are used as trait objects).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Why the shared store could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +71,29 @@ pub struct RedisAuth {
     pub password: Option<String>,
     /// For the sentinels, when they ask for one.
     pub sentinel_password: Option<String>,
+}
+
+impl RedisAuth {
+    /// The passwords as a deployment gives them: the data nodes' from `password_file` (a
+    /// mounted Secret, trailing newline ignored) or else `MAILROUTE_STORE_PASSWORD`; the
+    /// sentinels' from `MAILROUTE_STORE_SENTINEL_PASSWORD`. Empty means none.
+    pub fn from_environment(password_file: Option<&std::path::Path>) -> Result<Self, String> {
+        let password = match password_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("--store-password-file {}: {e}", path.display()))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            ),
+            None => std::env::var("MAILROUTE_STORE_PASSWORD").ok(),
+        };
+        Ok(Self {
+            password: password.filter(|p| !p.is_empty()),
+            sentinel_password: std::env::var("MAILROUTE_STORE_SENTINEL_PASSWORD")
+                .ok()
+                .filter(|p| !p.is_empty()),
+        })
+    }
 }
 
 impl std::fmt::Debug for RedisAuth {
@@ -198,6 +229,8 @@ pub enum Limit {
     RouteMessagesPerMinute,
     RouteRecipientsPerMinute,
     RouteRecipientsPerDay,
+    /// Connections open to a route's upstream at once (holds only, never settled).
+    RouteConcurrentConnections,
 }
 
 impl Limit {
@@ -211,29 +244,7 @@ impl Limit {
             Limit::RouteMessagesPerMinute => "messages_per_minute",
             Limit::RouteRecipientsPerMinute => "recipients_per_minute",
             Limit::RouteRecipientsPerDay => "recipients_per_day",
-        }
-    }
-
-    /// The reply when the limit is reached (the hosted suite's wording).
-    pub fn reply(self) -> Reply {
-        match self {
-            Limit::UserMessagesPerDay | Limit::UserUniqueRecipientsPerDay => {
-                Reply::new(550, "5.4.5", "Daily SMTP relay limit exceeded for user")
-            }
-            Limit::CustomerRecipientsPerDay => {
-                Reply::new(550, "5.7.1", "Daily SMTP relay limit exceeded for customer")
-            }
-            Limit::CustomerRecipientsPer10Minutes => {
-                Reply::new(450, "4.2.1", "Peak SMTP relay limit exceeded for customer")
-            }
-            // NB: the route's own reply names it (`crate::delivery::pacing`).
-            Limit::RouteMessagesPerMinute
-            | Limit::RouteRecipientsPerMinute
-            | Limit::RouteRecipientsPerDay => Reply::new(
-                451,
-                "4.4.5",
-                "A route is at its rate limit; try again later",
-            ),
+            Limit::RouteConcurrentConnections => "concurrent_connections",
         }
     }
 }
@@ -298,6 +309,16 @@ pub trait QuotaStore: Send + Sync + 'static {
         holds: &'a [Hold],
         accepted: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// What each counter holds now: units settled in its window plus open holds (a unique
+    /// counter: the distinct members settled in its window). Reads only.
+    fn usage<'a>(&'a self, counters: &'a [Counter]) -> BoxFuture<'a, Result<Vec<u64>, StoreError>>;
+    /// Extends an open hold to `ttl` from now; `false` when it is no longer held (expired,
+    /// or ended), and nothing changes.
+    fn renew<'a>(
+        &'a self,
+        hold: &'a Hold,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
     /// How long settlements may be gathered before they are sent in one [`Self::finish`]:
     /// zero for a store in this process; a remote store's round trip is worth sharing.
     fn settle_window(&self) -> Duration {

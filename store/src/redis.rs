@@ -45,6 +45,7 @@ use tokio::sync::oneshot;
 
 const RESERVE: &str = include_str!("reserve.lua");
 const FINISH: &str = include_str!("finish.lua");
+const RENEW: &str = include_str!("renew.lua");
 
 /// Prefix of every key the relay writes.
 const PREFIX: &str = "mailroute:";
@@ -72,6 +73,7 @@ struct Shared {
     timeout: Duration,
     reserve: redis::Script,
     finish: redis::Script,
+    renew: redis::Script,
     /// Per hash tag with a reservation in flight, the reservations that arrived meanwhile:
     /// sent together, in one script, when it is answered (see [`RedisStore::reserve`]).
     waiting: Mutex<HashMap<String, Vec<Waiting>>>,
@@ -131,6 +133,7 @@ impl RedisStore {
                 timeout,
                 reserve: redis::Script::new(RESERVE),
                 finish: redis::Script::new(FINISH),
+                renew: redis::Script::new(RENEW),
                 waiting: Mutex::default(),
             }),
         })
@@ -477,6 +480,80 @@ impl QuotaStore for RedisStore {
                 .await
                 .into_iter()
                 .collect()
+        })
+    }
+
+    fn usage<'a>(&'a self, counters: &'a [Counter]) -> BoxFuture<'a, Result<Vec<u64>, StoreError>> {
+        Box::pin(async move {
+            if counters.is_empty() {
+                return Ok(Vec::new());
+            }
+            let now = now_ms();
+            let mut pipe = redis::pipe();
+            for c in counters {
+                match &c.member {
+                    Some(_) => {
+                        let window: Vec<String> = buckets(c, now)
+                            .map(|b| format!("{PREFIX}{}:u:{b}", c.key))
+                            .collect();
+                        pipe.cmd("PFCOUNT").arg(window);
+                    }
+                    None => {
+                        pipe.cmd("HGETALL").arg(format!("{PREFIX}{}:n", c.key));
+                    }
+                }
+                pipe.cmd("ZCOUNT")
+                    .arg(format!("{PREFIX}{}:h", c.key))
+                    .arg(format!("({now}"))
+                    .arg("+inf");
+            }
+            let answers: Vec<redis::Value> = self.shared.query(&pipe).await?;
+            let mut out = Vec::with_capacity(counters.len());
+            for (c, pair) in counters.iter().zip(answers.chunks(2)) {
+                let [settled, held] = pair else {
+                    return Err(StoreError("unexpected answer to a usage read".into()));
+                };
+                let held =
+                    u64::from_redis_value(held.clone()).map_err(|e| StoreError(e.to_string()))?;
+                let settled = if c.member.is_some() {
+                    u64::from_redis_value(settled.clone()).map_err(|e| StoreError(e.to_string()))?
+                } else {
+                    let first = (now / ms(c.bucket())).saturating_sub(BUCKETS - 1);
+                    let fields: HashMap<u64, u64> = HashMap::from_redis_value(settled.clone())
+                        .map_err(|e| StoreError(e.to_string()))?;
+                    fields
+                        .iter()
+                        .filter(|(bucket, _)| **bucket >= first)
+                        .map(|(_, n)| n)
+                        .sum()
+                };
+                out.push(settled + held);
+            }
+            Ok(out)
+        })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        hold: &'a Hold,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let now = now_ms();
+            let mut call = self.shared.renew.prepare_invoke();
+            call.arg(now).arg(&hold.id).arg(now + ms(ttl));
+            let mut any = false;
+            for (c, reserved) in hold.counters.iter().zip(&hold.reserved) {
+                if *reserved {
+                    call.key(format!("{PREFIX}{}:h", c.key));
+                    any = true;
+                }
+            }
+            if !any {
+                return Ok(false);
+            }
+            let renewed: i64 = self.shared.invoke(&call).await?;
+            Ok(renewed == 1)
         })
     }
 

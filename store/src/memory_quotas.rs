@@ -150,7 +150,69 @@ impl MemoryQuotaStore {
     }
 }
 
+impl MemoryQuotaStore {
+    fn usage_now(&self, counters: &[Counter]) -> Result<Vec<u64>, StoreError> {
+        let now = (self.clock)();
+        let mut states = self
+            .states
+            .lock()
+            .map_err(|_| StoreError("quota store lock poisoned".to_owned()))?;
+        Ok(counters
+            .iter()
+            .map(|counter| match states.get_mut(&counter.key) {
+                None => 0,
+                Some(state) => {
+                    let (_, first) = bucket_of(now, counter);
+                    state.prune(first, now);
+                    state.settled() + state.held.len() as u64
+                }
+            })
+            .collect())
+    }
+
+    fn renew_now(&self, hold: &Hold, ttl: Duration) -> Result<bool, StoreError> {
+        let now = (self.clock)();
+        let mut states = self
+            .states
+            .lock()
+            .map_err(|_| StoreError("quota store lock poisoned".to_owned()))?;
+        let mut live = !hold.counters.is_empty();
+        for (counter, reserved) in hold.counters.iter().zip(&hold.reserved) {
+            if !reserved {
+                continue;
+            }
+            let held = states
+                .get(&counter.key)
+                .and_then(|s| s.held.get(&hold.id))
+                .is_some_and(|until| *until > now);
+            live &= held;
+        }
+        if live {
+            for (counter, reserved) in hold.counters.iter().zip(&hold.reserved) {
+                if *reserved && let Some(state) = states.get_mut(&counter.key) {
+                    state.held.insert(hold.id.clone(), now + ttl);
+                }
+            }
+        }
+        Ok(live)
+    }
+}
+
 impl QuotaStore for MemoryQuotaStore {
+    fn usage<'a>(&'a self, counters: &'a [Counter]) -> BoxFuture<'a, Result<Vec<u64>, StoreError>> {
+        let result = self.usage_now(counters);
+        Box::pin(async move { result })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        hold: &'a Hold,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let result = self.renew_now(hold, ttl);
+        Box::pin(async move { result })
+    }
+
     fn reserve<'a>(
         &'a self,
         hold: &'a str,
