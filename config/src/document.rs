@@ -369,6 +369,32 @@ pub struct Tenant {
     /// Rules in evaluation order (priority, then name).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<Rule>,
+    /// DKIM signing keys (their private keys are in [`Credentials::dkim`]), in the policy's
+    /// order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dkim: Vec<DkimSigning>,
+}
+
+/// A DKIM signing key of a tenant, without its private key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DkimSigning {
+    pub domain: Domain,
+    pub selector: String,
+    pub algorithm: crate::resources::DkimAlgorithm,
+    /// Header fields to sign, lowercased, From first, without duplicates.
+    pub headers: Vec<String>,
+    /// Relaxed (`true`) or simple header canonicalization, and the body's.
+    pub relaxed_headers: bool,
+    pub relaxed_body: bool,
+}
+
+impl DkimSigning {
+    /// Where the public key is published, and the key of the private key in
+    /// [`Credentials::dkim`]: `SELECTOR._domainkey.DOMAIN`.
+    pub fn record_name(&self) -> String {
+        format!("{}._domainkey.{}", self.selector, self.domain)
+    }
 }
 
 /// A group of a tenant.
@@ -547,6 +573,9 @@ pub struct Credentials {
     /// installation; `--loop-key-file` takes precedence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loop_key: Option<String>,
+    /// DKIM private keys (PEM) by [`DkimSigning::record_name`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dkim: BTreeMap<String, String>,
 }
 
 impl fmt::Debug for Credentials {
@@ -565,6 +594,7 @@ impl fmt::Debug for Credentials {
                     .collect::<Vec<_>>(),
             )
             .field("loop_key", &self.loop_key.is_some())
+            .field("dkim", &self.dkim.keys().collect::<Vec<_>>())
             .finish()
     }
 }

@@ -886,3 +886,64 @@ spec:
         mailroute_config::resources::RateLimitScope::Credential
     );
 }
+
+#[test]
+fn dkim_keys_reach_the_credentials_never_the_document_and_mistakes_name_the_field() {
+    let policy = |keys: &str| {
+        format!(
+            r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: dkim, namespace: mail}}
+stringData:
+  key.pem: "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIDKIMpretendkeymaterial=\n-----END PRIVATE KEY-----\n"
+  junk: not a key
+---
+apiVersion: mailroute.io/v1alpha1
+kind: RelayPolicy
+metadata: {{name: example, namespace: mail}}
+spec:
+  domains: [example.com]
+  licenses: 1
+  dkim:
+{keys}"#
+        )
+    };
+    let (compiled, problems) = compile_yaml(&policy(
+        "    - {domain: mail.example.com, selector: MR2026, algorithm: ed25519-sha256, headers: [Subject, From, subject], privateKeySecretRef: {name: dkim, key: key.pem}}\n",
+    ));
+    assert!(problems.is_empty(), "{problems:?}");
+    let signing = &compiled.config.tenants["example"].dkim[0];
+    assert_eq!(signing.record_name(), "mr2026._domainkey.mail.example.com");
+    assert_eq!(signing.headers, ["from", "subject"]);
+    assert!(signing.relaxed_headers && signing.relaxed_body);
+    assert!(
+        compiled.credentials.dkim["mr2026._domainkey.mail.example.com"]
+            .contains("pretendkeymaterial")
+    );
+    let json = compiled.document(1).to_json_pretty();
+    assert!(!json.contains("pretendkeymaterial"), "{json}");
+    assert!(!format!("{:?}", compiled.credentials).contains("pretendkeymaterial"));
+
+    for (keys, expected) in [
+        (
+            "    - {domain: other.example, selector: s, privateKeySecretRef: {name: dkim, key: key.pem}}\n",
+            "RelayPolicy/example: dkim[0].domain: other.example is not one of the tenant's domains or their subdomains",
+        ),
+        (
+            "    - {domain: example.com, selector: s, privateKeySecretRef: {name: dkim, key: junk}}\n",
+            r#"RelayPolicy/example: dkim[0].privateKeySecretRef: Secret "dkim" key "junk" holds no PEM private key (-----BEGIN PRIVATE KEY-----)"#,
+        ),
+        (
+            "    - {domain: example.com, selector: s, canonicalization: loose, privateKeySecretRef: {name: dkim, key: key.pem}}\n",
+            r#"RelayPolicy/example: dkim[0].canonicalization: "loose": expected relaxed/relaxed, relaxed/simple, simple/relaxed or simple/simple"#,
+        ),
+        (
+            "    - {domain: example.com, selector: \"a b\", privateKeySecretRef: {name: dkim, key: key.pem}}\n",
+            r#"RelayPolicy/example: dkim[0].selector: "a b" is not a DNS name (letters, digits, '-', '.')"#,
+        ),
+    ] {
+        let (_, problems) = compile_yaml(&policy(keys));
+        assert_eq!(problems, [expected]);
+    }
+}

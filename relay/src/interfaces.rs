@@ -90,6 +90,9 @@ pub struct Admitted {
     pub route: RecipientRoute,
     /// `allowedSenders: Any`: the envelope sender the message is relayed with.
     pub rewrite_sender: Option<String>,
+    /// The session is authorised to send for `tenant` (its range, account, token or
+    /// certificate), not merely named by its EHLO: only such mail is DKIM-signed.
+    pub authorised: bool,
 }
 
 /// Why a recipient was refused, as `mailroute_relay_rcpt_refusals_total{reason}` counts it.
@@ -197,6 +200,8 @@ pub struct Transaction {
     pub received_len: usize,
     /// The tenant the session is bound to (SPEC 5.4), if any.
     pub tenant: Option<Arc<str>>,
+    /// The session is authorised to send for `tenant` ([`Admitted::authorised`]).
+    pub authorised: bool,
     /// The part of the memory budget `content` holds, given back when the transaction is
     /// dropped (after its delivery).
     pub memory: Option<crate::budget::Held>,

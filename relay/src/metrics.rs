@@ -77,6 +77,16 @@ pub struct RateLimitLabels {
     pub limit: String,
 }
 
+/// Labels of `mailroute_relay_dkim_signatures_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DkimLabels {
+    pub tenant: String,
+    pub domain: String,
+    pub selector: String,
+    /// `signed` or `error`.
+    pub result: &'static str,
+}
+
 /// Labels of `mailroute_relay_oauth_token_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenRequestLabels {
@@ -156,6 +166,8 @@ pub struct Metrics {
     /// maximum, read every few seconds.
     pub route_rate_used: Family<RateLimitLabels, Gauge>,
     pub route_rate_max: Family<RateLimitLabels, Gauge>,
+    /// DKIM signatures made (SPEC 12).
+    pub dkim_signatures: Family<DkimLabels, Counter>,
     /// Requests to routes' OAuth token endpoints (SPEC 11).
     pub oauth_token_requests: Family<TokenRequestLabels, Counter>,
     pub recipient_verifications: Family<VerificationLabels, Counter>,
@@ -190,6 +202,7 @@ impl Default for Metrics {
             route_rate_limited: Family::default(),
             route_rate_used: Family::default(),
             route_rate_max: Family::default(),
+            dkim_signatures: Family::default(),
             oauth_token_requests: Family::default(),
             recipient_verifications: Family::default(),
             rcpt_refusals: Family::default(),
@@ -302,6 +315,11 @@ impl Metrics {
             "mailroute_relay_route_rate_limit_max",
             "Each route rate limit's maximum (MailRoute.rateLimits), by route and limit",
             metrics.route_rate_max.clone(),
+        );
+        registry.register(
+            "mailroute_relay_dkim_signatures",
+            "DKIM signatures of tenants' mail (RelayPolicy.dkim), by tenant, domain, selector and result",
+            metrics.dkim_signatures.clone(),
         );
         registry.register(
             "mailroute_relay_oauth_token_requests",

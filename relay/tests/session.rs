@@ -111,6 +111,7 @@ impl Dialogue {
                                     &q.recipient,
                                 ),
                                 rewrite_sender: None,
+                                authorised: false,
                             })
                         };
                         self.checked.push((q.recipient, q.accepted));

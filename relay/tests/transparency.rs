@@ -14,38 +14,9 @@ use mail_auth::{
     AuthenticatedMessage, DkimResult, MessageAuthenticator, Parameters, ResolverCache, Txt,
 };
 use mailroute_relay::smtp::data::dot_stuff;
-use std::borrow::Borrow;
-use std::collections::HashMap;
-use std::hash::Hash;
-use std::sync::Mutex;
 use std::time::Instant;
+use support::dkim::TxtCache;
 use support::{Client, Options, Relay, bounded};
-
-/// DNS answers known in advance, so verification never leaves the machine.
-#[derive(Default)]
-struct TxtCache(Mutex<HashMap<Box<str>, Txt>>);
-
-impl ResolverCache<Box<str>, Txt> for TxtCache {
-    fn get<Q>(&self, name: &Q) -> Option<Txt>
-    where
-        Box<str>: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        self.0.lock().ok()?.get(name).cloned()
-    }
-    fn remove<Q>(&self, name: &Q) -> Option<Txt>
-    where
-        Box<str>: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        self.0.lock().ok()?.remove(name)
-    }
-    fn insert(&self, key: Box<str>, value: Txt, _valid_until: Instant) {
-        if let Ok(mut map) = self.0.lock() {
-            map.insert(key, value);
-        }
-    }
-}
 
 /// Messages that exercise everything a relay tends to break.
 fn corpus() -> Vec<Vec<u8>> {

@@ -8,6 +8,7 @@
 //! is invalid) is itself left out, with a problem saying why. The output depends only on the
 //! set of inputs, never on their order.
 
+mod dkim;
 mod limits;
 mod policy;
 mod route;
@@ -255,7 +256,11 @@ pub fn compile(inputs: &Inputs) -> Compiled {
             valid_routes: &out.config.routes,
         };
         let compiled = policy::compile(object, inputs, &refs, &mut claims, &mut report);
-        if let Some((tenant, accounts)) = compiled
+        if let Some(policy::CompiledPolicy {
+            tenant,
+            accounts,
+            dkim_keys,
+        }) = compiled
             && report.is_clean()
         {
             claims.commit(&object.name, &tenant, accounts.as_ref());
@@ -264,6 +269,7 @@ pub fn compile(inputs: &Inputs) -> Compiled {
                     .tenants
                     .insert(object.name.clone(), accounts);
             }
+            out.credentials.dkim.extend(dkim_keys);
             out.config.tenants.insert(object.name.clone(), tenant);
         }
         out.problems.extend(report.problems);

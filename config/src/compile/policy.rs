@@ -59,13 +59,21 @@ fn is_subdomain(name: &str) -> bool {
     name.len() <= 253 && name.split('.').all(is_label)
 }
 
+/// A policy that compiled: its tenant, its SMTP AUTH accounts (username -> password or hash),
+/// and its DKIM private keys by record name.
+pub(super) struct CompiledPolicy {
+    pub tenant: Tenant,
+    pub accounts: Option<BTreeMap<String, String>>,
+    pub dkim_keys: BTreeMap<String, String>,
+}
+
 pub(super) fn compile(
     object: &Object<RelayPolicySpec>,
     inputs: &Inputs,
     refs: &Refs<'_>,
     claims: &mut Claims,
     report: &mut Report<'_>,
-) -> Option<(Tenant, Option<BTreeMap<String, String>>)> {
+) -> Option<CompiledPolicy> {
     let spec = &object.spec;
 
     let mut domains = BTreeSet::new();
@@ -296,6 +304,7 @@ pub(super) fn compile(
         }
     }
 
+    let (dkim, dkim_keys) = super::dkim::compile(&spec.dkim, &domains, inputs, report);
     let tenant = Tenant {
         domains: domains.into_iter().collect(),
         parent_domains: parent_domains.into_iter().collect(),
@@ -312,8 +321,13 @@ pub(super) fn compile(
         outbound_route: spec.outbound_route.clone(),
         inbound_route: spec.inbound_route.clone(),
         rules: Vec::new(),
+        dkim,
     };
-    Some((tenant, accounts))
+    Some(CompiledPolicy {
+        tenant,
+        accounts,
+        dkim_keys,
+    })
 }
 
 /// Reads one address per line; blank lines and `#` comments are skipped.

@@ -95,6 +95,12 @@ pub fn references(
         if let Some(s) = &p.spec.authentication.credentials_secret_ref {
             secrets.insert(s.name.clone());
         }
+        secrets.extend(
+            p.spec
+                .dkim
+                .iter()
+                .map(|k| k.private_key_secret_ref.name.clone()),
+        );
     }
     (secrets, config_maps)
 }

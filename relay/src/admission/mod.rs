@@ -184,6 +184,7 @@ impl Gate {
             tenant: tenant_name,
             route,
             rewrite_sender: permit.rewrite_sender,
+            authorised: binding.sender_tenant().is_some(),
         })
     }
 }

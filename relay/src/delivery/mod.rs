@@ -10,6 +10,7 @@
 //! - [`recipient_check`]: RCPT-time recipient verification with the primary route.
 //! - [`outcome`]: the reply rules and the copies' rule (pure).
 //! - [`pacing`]: a route's sending limits across replicas (`MailRoute.rateLimits`).
+//! - [`signing`]: DKIM signatures of a tenant's own mail, made once before the legs.
 //! - [`report`]: metrics and the transaction's log line.
 //! - [`loop_marker`]: the copies' loop marker and its MAC.
 //! - [`pool`]: connection reuse per route and host.
@@ -27,6 +28,7 @@ pub mod pool;
 pub mod recipient_check;
 mod report;
 mod run;
+pub mod signing;
 
 pub use crate::interfaces::BoxFuture;
 pub use loop_marker::LoopKey;
@@ -174,6 +176,8 @@ pub struct Forwarder {
     ledger: Arc<dyn Ledger>,
     /// Where routes with `rateLimits` count (none: their limits are not kept).
     pacing: Option<pacing::Pacing>,
+    /// The tenants' DKIM keys.
+    signers: signing::Signers,
     settings: Settings,
     metrics: Arc<Metrics>,
 }
@@ -211,9 +215,14 @@ impl Forwarder {
                 (Arc::clone(&runtime.name), runtime)
             })
             .collect();
+        let (signers, unusable) = signing::Signers::new(config, credentials);
+        for e in &unusable {
+            tracing::error!(error = %e, "DKIM key not usable; mail of its domain is sent without its signature");
+        }
         Ok(Self {
             router,
             routes,
+            signers,
             mx: RouteRuntime::new("mx", mx_route(), &Credentials::default(), &tokens),
             pool: pool::Pool::default(),
             resolver: Resolver::new(settings.dns_server).map_err(SetupError::Resolver)?,

@@ -34,6 +34,11 @@ pub(super) async fn forward(
     tx: Transaction,
     deadline: Instant,
 ) -> Reply {
+    let mut tx = tx;
+    // NB: signed before the plan: every leg, the copies too, carries the same signature.
+    if !forwarder.signers.is_empty() {
+        forwarder.signers.sign(&mut tx, &forwarder.metrics);
+    }
     let (reply_tx, mut reply_rx) = oneshot::channel();
     let mut run = Box::pin(run(forwarder, Arc::new(tx), deadline, reply_tx));
     // NB: most transactions finish with their reply; only one with legs still running needs a

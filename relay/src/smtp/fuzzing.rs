@@ -199,6 +199,7 @@ pub fn session(data: &[u8]) {
                                     &q.recipient,
                                 ),
                                 rewrite_sender: None,
+                                authorised: false,
                             })
                         };
                         session.recipient_checked(verdict, &mut more);

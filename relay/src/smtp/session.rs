@@ -170,6 +170,8 @@ struct Envelope {
     recipients: Vec<Recipient>,
     /// The tenant the admission bound the session to.
     tenant: Option<Arc<str>>,
+    /// Whether the session is authorised to send for it.
+    authorised: bool,
     /// `allowedSenders: Any`: the sender to relay with.
     rewrite_sender: Option<String>,
     body_8bit: bool,
@@ -604,6 +606,7 @@ impl Session {
                         declared_size: from.size,
                         recipients: Vec::new(),
                         tenant: None,
+                        authorised: false,
                         rewrite_sender: None,
                         body_8bit: from.flags & MAIL_BODY_8BITMIME != 0,
                         smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
@@ -868,6 +871,7 @@ impl Session {
             (Ok(admitted), Some(e)) => {
                 if e.tenant.is_none() {
                     e.tenant = admitted.tenant;
+                    e.authorised = admitted.authorised;
                 }
                 if e.rewrite_sender.is_none() {
                     e.rewrite_sender = admitted.rewrite_sender;
@@ -958,6 +962,7 @@ impl Session {
             received_len: envelope.received_len,
             content: envelope.content,
             tenant: envelope.tenant,
+            authorised: envelope.authorised,
             memory: envelope.memory,
         }));
     }

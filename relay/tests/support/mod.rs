@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod dkim;
 pub mod dns;
 pub mod haproxy;
 pub mod issuer;
