@@ -668,3 +668,66 @@ async fn an_oauth_route_reads_its_secrets_and_publishes_them_as_credentials() {
     assert_eq!(client.client_id, "app-id-1");
     assert_eq!(client.client_secret.as_deref(), Some("oauth-client-s3cret"));
 }
+
+/// A policy with a DKIM key in a Secret: the operator reads the Secret, publishes the private
+/// key only in the relay's credentials Secret, and shows the TXT record to publish in the
+/// policy's status; a second pass writes nothing.
+#[tokio::test]
+async fn a_dkim_key_shows_its_dns_record_in_the_policy_status_and_never_in_the_config_map() {
+    let api = FakeApi::default();
+    seed(&api);
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().join("key.pem");
+    let made = std::process::Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519", "-out"])
+        .arg(&path)
+        .status();
+    assert!(made.is_ok_and(|s| s.success()));
+    let pem = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{e}"));
+    api.put(
+        &format!("{CR}/relaypolicies"),
+        resource(
+            "RelayPolicy",
+            "example",
+            3,
+            json!({"domains": ["example.com"], "licenses": 10, "inboundRoute": "mailbox",
+                   "dkim": [{"domain": "example.com", "selector": "ed2026", "algorithm": "ed25519-sha256",
+                             "privateKeySecretRef": {"name": "dkim-example", "key": "private.pem"}}]}),
+        ),
+    );
+    api.put(
+        &format!("{CORE}/secrets"),
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "dkim-example", "namespace": NS},
+               "stringData": {"private.pem": pem}}),
+    );
+    let s = reconcile(&api).await;
+    assert_eq!(s.invalid, 0, "{s:?}");
+    let expected = mailroute_operator::controller::dkim::record(
+        mailroute_config::resources::DkimAlgorithm::Ed25519Sha256,
+        &pem,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let policy = api
+        .get(&format!("{CR}/relaypolicies/example"))
+        .unwrap_or_default();
+    assert_eq!(
+        policy["status"]["dkim"],
+        json!([{"domain": "example.com", "selector": "ed2026",
+                "name": "ed2026._domainkey.example.com", "record": expected}])
+    );
+    assert_eq!(
+        s.dkim["example"][0].record.as_deref(),
+        Some(expected.as_str())
+    );
+    let secret_body = pem.lines().nth(1).unwrap_or_default().to_owned();
+    let cm = api
+        .get(&format!("{CORE}/configmaps/{}", publish::CONFIG_MAP))
+        .unwrap_or_default();
+    assert!(!cm.to_string().contains(&secret_body));
+    let credentials: mailroute_config::Credentials =
+        serde_json::from_slice(&published_credentials(&api)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(credentials.dkim["ed2026._domainkey.example.com"].contains(&secret_body));
+    let again = reconcile(&api).await;
+    assert_eq!(again.statuses_patched, 0, "{again:?}");
+}

@@ -197,3 +197,63 @@ spec:
     })
     .await;
 }
+
+/// The clients told `451 4.4.5` retry as their queues do: once the rolling minute has moved
+/// on, every deferred message is delivered, exactly once, and the upstream never received
+/// more than 30 in any minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_deferred_by_a_rate_limit_are_all_delivered_by_their_retries() {
+    bounded(180, async {
+        let redis = RedisServer::start();
+        let sink = Sink::start();
+        let dir = manifests(&tenant(
+            sink.addr,
+            "  rateLimits: {messagesPerMinute: 30}",
+            "  licenses: 1000",
+        ));
+        let url = redis.url();
+        let relays: Vec<RelayProcess> = (0..3)
+            .map(|_| RelayProcess::start(dir.path(), &["--store", url.as_str()]))
+            .collect();
+        let addrs: Vec<SocketAddr> = relays.iter().map(|r| r.smtp).collect();
+        let started = Instant::now();
+        let fates = burst(&addrs, 40).await;
+        let deferred: Vec<usize> = fates
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| **f != Fate::Accepted)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(deferred.len(), 10, "{fates:?}");
+        // Within the first minute nothing more gets through...
+        let early = one_message(addrs[0], "app@example.com", "r0-retry@partner.example").await;
+        assert!(
+            matches!(early, Fate::Refused(ref r) if r.starts_with("451 4.4.5")),
+            "{early:?}"
+        );
+        // ...and once the minute has rolled on, the retries deliver every deferred message.
+        for (n, i) in deferred.iter().enumerate() {
+            let to = format!("r{i}@partner.example");
+            loop {
+                if one_message(addrs[n % addrs.len()], "app@example.com", &to).await
+                    == Fate::Accepted
+                {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(150),
+                    "{to} never delivered"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        assert!(
+            started.elapsed() >= Duration::from_secs(55),
+            "retries got in too early"
+        );
+        for i in 0..40 {
+            assert_eq!(sink.count(&format!("Subject: quota r{i}@")), 1, "r{i}");
+        }
+    })
+    .await;
+}

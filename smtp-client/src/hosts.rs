@@ -81,6 +81,31 @@ impl Resolver {
         }
     }
 
+    /// The TXT records at `name`, each one's strings joined (a DKIM key record, for the
+    /// operator's check that it is published); none when the name has none or does not exist.
+    pub async fn txt(&self, name: &str) -> Result<Vec<String>, ResolveError> {
+        let fqdn = format!("{}.", name.trim_end_matches('.'));
+        match self.dns.txt_lookup(fqdn.as_str()).await {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(txt) => Some(
+                        txt.txt_data
+                            .iter()
+                            .map(|part| String::from_utf8_lossy(part))
+                            .collect::<String>(),
+                    ),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) if e.is_nx_domain() || e.is_no_records_found() => Ok(Vec::new()),
+            Err(e) => Err(ResolveError::Temporary(format!(
+                "TXT lookup for {name}: {e}"
+            ))),
+        }
+    }
+
     /// The MX hosts of `domain` by preference, each with its addresses; the domain's own
     /// addresses when it has no MX record.
     pub async fn mx(&self, domain: &str, port: u16) -> Result<Vec<Candidate>, ResolveError> {

@@ -117,6 +117,24 @@ fn default_canonicalization() -> String {
     "relaxed/relaxed".to_owned()
 }
 
+/// Where and what to publish for one DKIM key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DkimPublication {
+    /// The key's domain.
+    pub domain: String,
+    /// The key's selector.
+    pub selector: String,
+    /// The record's DNS name, `SELECTOR._domainkey.DOMAIN`.
+    pub name: String,
+    /// The TXT record's value, e.g. `v=DKIM1; k=rsa; p=MIIBIjANBg...`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<String>,
+    /// Why no record can be shown (the private key could not be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// A DKIM signing algorithm.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum DkimAlgorithm {
@@ -314,6 +332,9 @@ pub struct RelayPolicyStatus {
     /// The limits in force after defaults and overrides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub effective_limits: Option<crate::document::Limits>,
+    /// The DNS TXT record to publish for each DKIM key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dkim: Vec<DkimPublication>,
     /// The `metadata.generation` last processed by the operator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

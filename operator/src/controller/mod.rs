@@ -11,6 +11,7 @@
 //! - [`probe`]: the route TLS probe; [`usage`]: a route's use of its rate limits (read from
 //!   the shared store with each probe).
 
+pub mod dkim;
 pub mod leader;
 pub mod probe;
 pub mod publish;
@@ -44,6 +45,8 @@ pub struct Summary {
     /// The valid routes and the credentials they use, for the TLS probe.
     pub routes: BTreeMap<String, mailroute_config::document::Route>,
     pub credentials: mailroute_config::Credentials,
+    /// Each valid policy's DKIM records, for the check that they are published.
+    pub dkim: BTreeMap<String, Vec<mailroute_config::resources::DkimPublication>>,
     /// The generation now published.
     pub generation: u64,
     /// The document (ConfigMaps) was written.
@@ -249,7 +252,10 @@ pub async fn reconcile_namespace(
     for p in &policies {
         let previous = conditions(p.status.as_ref().map(|s| &s.conditions));
         let facts = (
-            status::policy_facts(compiled.config.tenants.get(&p.name_any())),
+            status::policy_facts(
+                compiled.config.tenants.get(&p.name_any()),
+                &compiled.credentials,
+            ),
             status::stored_policy_facts(p.status.as_ref()),
         );
         changes.push(change(Kind::RelayPolicy, p, previous, Some(facts)));
@@ -327,6 +333,13 @@ pub async fn reconcile_namespace(
     }
     summary.routes = compiled.config.routes.clone();
     summary.credentials = compiled.credentials.clone();
+    summary.dkim = compiled
+        .config
+        .tenants
+        .iter()
+        .filter(|(_, t)| !t.dkim.is_empty())
+        .map(|(name, t)| (name.clone(), dkim::publications(t, &compiled.credentials)))
+        .collect();
     tracing::info!(
         namespace,
         generation = summary.generation,

@@ -16,7 +16,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 use mailroute_config::Credentials;
 use mailroute_config::document::Route;
-use mailroute_config::resources::{MailRoute, RelayPolicy, RoutingRule};
+use mailroute_config::resources::{DkimPublication, MailRoute, RelayPolicy, RoutingRule};
 use mailroute_smtp_client::hosts::Resolver;
 use mailroute_store::QuotaStore;
 use serde::de::DeserializeOwned;
@@ -78,10 +78,23 @@ where
     })
 }
 
-/// Routes to probe, per namespace, as the last reconcile compiled them.
-type Targets = Arc<std::sync::Mutex<BTreeMap<String, (BTreeMap<String, Route>, Credentials)>>>;
+/// What the probes look at in one namespace, as the last reconcile compiled it.
+#[derive(Clone, Debug, Default)]
+struct Probed {
+    routes: BTreeMap<String, Route>,
+    credentials: Credentials,
+    /// Each policy's DKIM records.
+    dkim: BTreeMap<String, Vec<DkimPublication>>,
+}
 
-/// Probes every route on change and every `probeInterval` (at least 10 s), while leading.
+/// Per namespace.
+type Targets = Arc<std::sync::Mutex<BTreeMap<String, Probed>>>;
+
+/// How often the leader checks that DKIM records are published.
+const DKIM_CHECK_INTERVAL: Duration = Duration::from_secs(300);
+
+/// Probes every route on change and every `probeInterval` (at least 10 s), and checks every
+/// policy's DKIM records on change and every 5 minutes, while leading.
 fn probe_loop(
     client: Client,
     targets: Targets,
@@ -100,6 +113,8 @@ fn probe_loop(
         };
         // (namespace, route) -> (settings last probed, when next).
         let mut schedule: BTreeMap<(String, String), (String, Instant)> = BTreeMap::new();
+        // (namespace, policy) -> (records last checked, when next).
+        let mut dkim_schedule: BTreeMap<(String, String), (String, Instant)> = BTreeMap::new();
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         loop {
             tick.tick().await;
@@ -110,9 +125,37 @@ fn probe_loop(
             schedule.retain(|(ns, name), _| {
                 snapshot
                     .get(ns)
-                    .is_some_and(|(routes, _)| routes.contains_key(name))
+                    .is_some_and(|p| p.routes.contains_key(name))
             });
-            for (ns, (routes, credentials)) in &snapshot {
+            dkim_schedule.retain(|(ns, name), _| {
+                snapshot.get(ns).is_some_and(|p| p.dkim.contains_key(name))
+            });
+            for (ns, probed) in &snapshot {
+                for (name, publications) in &probed.dkim {
+                    let settings = serde_json::to_string(publications).unwrap_or_default();
+                    let key = (ns.clone(), name.clone());
+                    let due = dkim_schedule
+                        .get(&key)
+                        .is_none_or(|(seen, next)| *seen != settings || *next <= Instant::now());
+                    if !due {
+                        continue;
+                    }
+                    let stamp = k8s_openapi::jiff::Timestamp::now().to_string();
+                    if let Err(e) = super::dkim::check_and_report(
+                        &client,
+                        ns,
+                        name,
+                        publications,
+                        &resolver,
+                        &stamp,
+                    )
+                    .await
+                    {
+                        tracing::warn!(namespace = %ns, policy = %name, error = %e, "recording the DKIM check failed");
+                    }
+                    dkim_schedule.insert(key, (settings, Instant::now() + DKIM_CHECK_INTERVAL));
+                }
+                let (routes, credentials) = (&probed.routes, &probed.credentials);
                 for (name, route) in routes {
                     let settings = serde_json::to_string(route).unwrap_or_default();
                     let key = (ns.clone(), name.clone());
@@ -327,7 +370,11 @@ pub async fn run(
                     match outcome {
                         Ok(summary) => {
                             if let Ok(mut t) = targets.lock() {
-                                t.insert(ns.clone(), (summary.routes.clone(), summary.credentials.clone()));
+                                t.insert(ns.clone(), Probed {
+                                    routes: summary.routes.clone(),
+                                    credentials: summary.credentials.clone(),
+                                    dkim: summary.dkim.clone(),
+                                });
                             }
                             let labels = NamespaceLabels { namespace: ns.clone() };
                             metrics

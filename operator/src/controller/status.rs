@@ -2,9 +2,9 @@
 //! Pure; the controller patches a status only when it changed, so a steady state writes
 //! nothing.
 
-use mailroute_config::Problem;
 use mailroute_config::document::Tenant;
 use mailroute_config::resources::{Condition, RelayPolicyStatus};
+use mailroute_config::{Credentials, Problem};
 
 /// The `Ready` condition of one resource. `previous` keeps its transition time when the status
 /// is unchanged; `now` is RFC 3339.
@@ -47,9 +47,10 @@ pub fn ready(
 }
 
 /// What a `RelayPolicy`'s status reports besides `Ready` (SPEC 3.3): registered users, groups,
-/// enabled ranges, the client addresses they cover, and the limits in force. Empty for a policy
+/// enabled ranges, the client addresses they cover, the limits in force, and the DNS record of
+/// each DKIM key (SPEC 12). Empty for a policy
 /// that is not part of the document.
-pub fn policy_facts(tenant: Option<&Tenant>) -> serde_json::Value {
+pub fn policy_facts(tenant: Option<&Tenant>, credentials: &Credentials) -> serde_json::Value {
     let Some(t) = tenant else {
         return serde_json::json!({});
     };
@@ -64,6 +65,7 @@ pub fn policy_facts(tenant: Option<&Tenant>) -> serde_json::Value {
         "enabledRanges": t.ip_ranges.len(),
         "addressesCovered": u64::try_from(covered).unwrap_or(u64::MAX),
         "effectiveLimits": t.limits,
+        "dkim": super::dkim::publications(t, credentials),
     })
 }
 
@@ -81,6 +83,7 @@ pub fn stored_policy_facts(status: Option<&RelayPolicyStatus>) -> serde_json::Va
         "enabledRanges": s.enabled_ranges,
         "addressesCovered": s.addresses_covered,
         "effectiveLimits": s.effective_limits,
+        "dkim": s.dkim,
     })
 }
 
