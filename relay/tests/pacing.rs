@@ -17,30 +17,52 @@ use support::scripted::{Script, Scripted};
 use support::sink::{Sink, free_port};
 use support::trial::{Fate, RelayProcess, burst, manifests, one_message, tenant};
 
+/// Three relay processes on one Redis in front of an smtp-sink, route `out` allowing 30
+/// messages a minute; the first relay also serves `--admin` on `admin`, when given.
+struct ThirtyAMinute {
+    sink: Sink,
+    _relays: Vec<RelayProcess>,
+    addrs: Vec<SocketAddr>,
+    redis: RedisServer,
+    _dir: tempfile::TempDir,
+}
+
+fn thirty_a_minute(admin: Option<SocketAddr>) -> ThirtyAMinute {
+    let redis = RedisServer::start();
+    let sink = Sink::start();
+    let dir = manifests(&tenant(
+        sink.addr,
+        "  rateLimits: {messagesPerMinute: 30}",
+        "  licenses: 1000",
+    ));
+    let url = redis.url();
+    let admin_arg = admin.map(|a| a.to_string());
+    let relays: Vec<RelayProcess> = (0..3)
+        .map(|i| {
+            let mut args = vec!["--store", url.as_str()];
+            if let (0, Some(admin)) = (i, &admin_arg) {
+                args.extend(["--admin", admin.as_str()]);
+            }
+            RelayProcess::start(dir.path(), &args)
+        })
+        .collect();
+    let addrs = relays.iter().map(|r| r.smtp).collect();
+    ThirtyAMinute {
+        sink,
+        _relays: relays,
+        addrs,
+        redis,
+        _dir: dir,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_relays_never_send_a_route_more_than_its_messages_per_minute() {
     bounded(180, async {
-        let redis = RedisServer::start();
-        let sink = Sink::start();
-        let dir = manifests(&tenant(
-            sink.addr,
-            "  rateLimits: {messagesPerMinute: 30}",
-            "  licenses: 1000",
-        ));
-        let url = redis.url();
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let admin_arg = admin.to_string();
-        let relays: Vec<RelayProcess> = (0..3)
-            .map(|i| {
-                let mut args = vec!["--store", url.as_str()];
-                if i == 0 {
-                    args.extend(["--admin", admin_arg.as_str()]);
-                }
-                RelayProcess::start(dir.path(), &args)
-            })
-            .collect();
-        let addrs: Vec<SocketAddr> = relays.iter().map(|r| r.smtp).collect();
-        let fates = burst(&addrs, 100).await;
+        let setup = thirty_a_minute(Some(admin));
+        let (sink, addrs, redis) = (&setup.sink, &setup.addrs, &setup.redis);
+        let fates = burst(addrs, 100).await;
         let accepted = fates.iter().filter(|f| **f == Fate::Accepted).count();
         // NB: deferred at the end of data while the minute's 30 were still in flight, or
         // refused at RCPT once they were settled.
@@ -75,7 +97,7 @@ async fn three_relays_never_send_a_route_more_than_its_messages_per_minute() {
         assert_eq!(sent, 30);
 
         // The route is at its limit: the next client hears it at RCPT, before its message.
-        for relay in &addrs {
+        for relay in addrs {
             let fate = one_message(*relay, "app@example.com", "late@partner.example").await;
             match fate {
                 Fate::Refused(r) => assert!(
@@ -204,20 +226,10 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_deferred_by_a_rate_limit_are_all_delivered_by_their_retries() {
     bounded(180, async {
-        let redis = RedisServer::start();
-        let sink = Sink::start();
-        let dir = manifests(&tenant(
-            sink.addr,
-            "  rateLimits: {messagesPerMinute: 30}",
-            "  licenses: 1000",
-        ));
-        let url = redis.url();
-        let relays: Vec<RelayProcess> = (0..3)
-            .map(|_| RelayProcess::start(dir.path(), &["--store", url.as_str()]))
-            .collect();
-        let addrs: Vec<SocketAddr> = relays.iter().map(|r| r.smtp).collect();
+        let setup = thirty_a_minute(None);
+        let (sink, addrs) = (&setup.sink, &setup.addrs);
         let started = Instant::now();
-        let fates = burst(&addrs, 40).await;
+        let fates = burst(addrs, 40).await;
         let deferred: Vec<usize> = fates
             .iter()
             .enumerate()
