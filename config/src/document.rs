@@ -226,8 +226,14 @@ pub struct Route {
 pub enum Destination {
     /// One host.
     Host(HostPort),
-    /// The MX hosts of a domain (A/AAAA fallback), on a port.
-    Mx { domain: Domain, port: u16 },
+    /// The MX hosts of a domain (A/AAAA fallback), on a port; `mta_sts`: the domain's MTA-STS
+    /// policy is honoured.
+    Mx {
+        domain: Domain,
+        port: u16,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        mta_sts: bool,
+    },
     /// Weighted host sets.
     HostSets {
         primary: Vec<WeightedHostPort>,

@@ -495,7 +495,7 @@ spec:
 apiVersion: mailroute.io/v1alpha1
 kind: MailRoute
 metadata: {name: direct, namespace: mail}
-spec: {host: Example.ORG, mxLookup: true}
+spec: {host: Example.ORG, mxLookup: {mtaSts: true}}
 ---
 apiVersion: mailroute.io/v1alpha1
 kind: MailRoute
@@ -510,7 +510,7 @@ spec: {host: a.example, hosts: {primary: [{host: b.example}]}}
 apiVersion: mailroute.io/v1alpha1
 kind: MailRoute
 metadata: {name: mxip, namespace: mail}
-spec: {host: 192.0.2.1, mxLookup: true}
+spec: {host: 192.0.2.1, mxLookup: {}}
 "#;
     let (compiled, problems) = compile_yaml(yaml);
     assert_eq!(
@@ -534,10 +534,18 @@ spec: {host: 192.0.2.1, mxLookup: true}
         (2525, 3, 25)
     );
     assert_eq!(secondary[0].host.to_string(), "192.0.2.1");
-    let Destination::Mx { domain, port } = &compiled.config.routes["direct"].destination else {
+    let Destination::Mx {
+        domain,
+        port,
+        mta_sts,
+    } = &compiled.config.routes["direct"].destination
+    else {
         panic!("expected MX");
     };
-    assert_eq!((domain.as_str(), *port), ("example.org", 25));
+    assert_eq!(
+        (domain.as_str(), *port, *mta_sts),
+        ("example.org", 25, true)
+    );
 }
 
 #[test]

@@ -223,7 +223,7 @@ fn refused_samples() -> Vec<(Value, &'static str)> {
         (
             resource(
                 "MailRoute",
-                json!({"hosts": {"primary": [{"host": "b.example"}]}, "mxLookup": true}),
+                json!({"hosts": {"primary": [{"host": "b.example"}]}, "mxLookup": {}}),
             ),
             "mxLookup needs host",
         ),

@@ -45,6 +45,8 @@ pub struct Builder {
     /// The routes' OAuth token clients: a route's token survives a reload that keeps its
     /// settings.
     pub token_clients: Arc<delivery::oauth::TokenClients>,
+    /// MTA-STS policies: a domain's cached policy survives reloads.
+    pub mta_sts: Arc<delivery::mta_sts::Policies>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -128,6 +130,7 @@ impl Builder {
                     mx_port: self.mx_port,
                     loop_key: self.loop_key(loaded),
                     token_clients: Arc::clone(&self.token_clients),
+                    mta_sts: Arc::clone(&self.mta_sts),
                 },
                 Arc::clone(&self.metrics),
             )?

@@ -192,6 +192,19 @@ struct Cli {
         default_value_t = 25
     )]
     mx_port: u16,
+    /// Port of the HTTPS servers MTA-STS policies are fetched from. Always 443 on the
+    /// Internet; other values are for test setups.
+    #[arg(
+        long,
+        value_name = "PORT",
+        env = "MAILROUTE_MTA_STS_PORT",
+        default_value_t = 443
+    )]
+    mta_sts_port: u16,
+    /// Extra trust roots (a PEM file) for the certificates of MX hosts and MTA-STS policy
+    /// servers under an MTA-STS policy, beside the system's.
+    #[arg(long, value_name = "FILE", env = "MAILROUTE_MX_CA_FILE")]
+    mx_ca_file: Option<std::path::PathBuf>,
     /// Where sending quotas and the delivery ledger live: `memory` (one relay) or Redis shared
     /// by every replica: one server (`redis://host:6379/0`), the master of a Sentinel
     /// deployment (`redis-sentinel://s1:26379,s2:26379,s3:26379/mymaster[/DB]`) or a Cluster
@@ -478,6 +491,19 @@ async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyho
         },
         metrics: Arc::clone(&metrics),
         token_clients: Arc::default(),
+        mta_sts: {
+            let roots = match &cli.mx_ca_file {
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("reading --mx-ca-file {}", path.display()))?,
+                ),
+                None => None,
+            };
+            Arc::new(mailroute_relay::delivery::mta_sts::Policies::new(
+                cli.mta_sts_port,
+                roots.as_deref(),
+            ))
+        },
         budget: {
             let limit = cli
                 .max_inflight_bytes

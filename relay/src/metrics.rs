@@ -87,6 +87,23 @@ pub struct DkimLabels {
     pub result: &'static str,
 }
 
+/// Labels of `mailroute_relay_tls_policy_results_total`: what a TLS-RPT report (RFC 8460)
+/// would say of each session to a domain delivered to by MX lookup under `mxLookup.mtaSts`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsPolicyLabels {
+    /// The destination (policy) domain.
+    pub domain: String,
+    /// `sts` or `no-policy-found`.
+    pub policy_type: &'static str,
+    /// `enforce`, `testing`, or `none` (no usable policy).
+    pub mode: &'static str,
+    /// `success`, or a TLS-RPT result type (`starttls-not-supported`,
+    /// `certificate-host-mismatch`, `certificate-expired`, `certificate-not-trusted`,
+    /// `validation-failure`, `sts-policy-fetch-error`, `sts-policy-invalid`,
+    /// `sts-webpki-invalid`).
+    pub result: &'static str,
+}
+
 /// Labels of `mailroute_relay_oauth_token_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenRequestLabels {
@@ -168,6 +185,8 @@ pub struct Metrics {
     pub route_rate_max: Family<RateLimitLabels, Gauge>,
     /// DKIM signatures made (SPEC 12).
     pub dkim_signatures: Family<DkimLabels, Counter>,
+    /// Sessions under a destination's TLS policy (SPEC 12).
+    pub tls_policy_results: Family<TlsPolicyLabels, Counter>,
     /// Requests to routes' OAuth token endpoints (SPEC 11).
     pub oauth_token_requests: Family<TokenRequestLabels, Counter>,
     pub recipient_verifications: Family<VerificationLabels, Counter>,
@@ -203,6 +222,7 @@ impl Default for Metrics {
             route_rate_used: Family::default(),
             route_rate_max: Family::default(),
             dkim_signatures: Family::default(),
+            tls_policy_results: Family::default(),
             oauth_token_requests: Family::default(),
             recipient_verifications: Family::default(),
             rcpt_refusals: Family::default(),
@@ -320,6 +340,11 @@ impl Metrics {
             "mailroute_relay_dkim_signatures",
             "DKIM signatures of tenants' mail (RelayPolicy.dkim), by tenant, domain, selector and result",
             metrics.dkim_signatures.clone(),
+        );
+        registry.register(
+            "mailroute_relay_tls_policy_results",
+            "Sessions to MX hosts under their domain's MTA-STS policy (mxLookup.mtaSts), by domain, policy type, mode and TLS-RPT result",
+            metrics.tls_policy_results.clone(),
         );
         registry.register(
             "mailroute_relay_oauth_token_requests",

@@ -61,7 +61,7 @@ impl Resolver {
     ) -> Result<Vec<Candidate>, ResolveError> {
         match destination {
             Destination::Host(hp) => self.addresses(&hp.host, hp.port).await,
-            Destination::Mx { domain, port } => self.mx(domain.as_str(), *port).await,
+            Destination::Mx { domain, port, .. } => self.mx(domain.as_str(), *port).await,
             Destination::HostSets { primary, secondary } => {
                 let mut out = Vec::new();
                 let mut last = None;
@@ -146,7 +146,7 @@ impl Resolver {
         let mut out = Vec::new();
         let mut last = None;
         for (_, host) in exchanges {
-            match self.lookup(&host, port).await {
+            match self.host(&host, port).await {
                 Ok(found) => out.extend(found),
                 Err(e) => last = Some(e),
             }
@@ -166,11 +166,12 @@ impl Resolver {
                 addr: SocketAddr::new(*ip, port),
                 name: ip.to_string(),
             }]),
-            Host::Name(name) => self.lookup(name.as_str(), port).await,
+            Host::Name(name) => self.host(name.as_str(), port).await,
         }
     }
 
-    async fn lookup(&self, host: &str, port: u16) -> Result<Vec<Candidate>, ResolveError> {
+    /// The addresses of one host name (or IP literal), each a candidate on `port`.
+    pub async fn host(&self, host: &str, port: u16) -> Result<Vec<Candidate>, ResolveError> {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(vec![Candidate {
                 addr: SocketAddr::new(ip, port),

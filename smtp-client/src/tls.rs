@@ -26,6 +26,63 @@ pub enum TlsSetupError {
     Verifier(String),
 }
 
+/// What was wrong with an upstream's certificate, in the terms of a TLS-RPT report
+/// (RFC 8460 section 4.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertificateProblem {
+    /// Not valid for the name that was dialled.
+    HostMismatch,
+    /// Expired (or not yet valid).
+    Expired,
+    /// Not issued by a trusted root.
+    NotTrusted,
+    /// Any other failed check.
+    Invalid,
+}
+
+impl CertificateProblem {
+    /// The problem behind a failed handshake, when it was the certificate.
+    pub fn of(error: &std::io::Error) -> Option<Self> {
+        let rustls::Error::InvalidCertificate(e) =
+            error.get_ref()?.downcast_ref::<rustls::Error>()?
+        else {
+            return None;
+        };
+        Some(match e {
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                Self::HostMismatch
+            }
+            CertificateError::Expired
+            | CertificateError::ExpiredContext { .. }
+            | CertificateError::NotValidYet
+            | CertificateError::NotValidYetContext { .. } => Self::Expired,
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => Self::NotTrusted,
+            _ => Self::Invalid,
+        })
+    }
+
+    /// The TLS-RPT result type.
+    pub fn result_type(self) -> &'static str {
+        match self {
+            Self::HostMismatch => "certificate-host-mismatch",
+            Self::Expired => "certificate-expired",
+            Self::NotTrusted => "certificate-not-trusted",
+            Self::Invalid => "validation-failure",
+        }
+    }
+}
+
+impl std::fmt::Display for CertificateProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::HostMismatch => "not valid for the host name",
+            Self::Expired => "expired or not yet valid",
+            Self::NotTrusted => "not issued by a trusted authority",
+            Self::Invalid => "invalid",
+        })
+    }
+}
+
 /// What to check of the upstream's certificate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Checks {

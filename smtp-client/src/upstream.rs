@@ -132,6 +132,12 @@ pub enum UpstreamError {
     TlsNotOffered,
     #[error("TLS handshake: {0}")]
     Tls(String),
+    /// The handshake failed on the upstream's certificate (the checks the TLS settings ask for).
+    #[error("TLS handshake: certificate {problem}: {detail}")]
+    Certificate {
+        problem: crate::tls::CertificateProblem,
+        detail: String,
+    },
     #[error("AUTH credentials are never sent without TLS")]
     AuthWithoutTls,
     /// No OAuth access token could be had for the upstream's AUTH.
@@ -166,7 +172,9 @@ impl UpstreamError {
         match self {
             UpstreamError::Connect { .. } => "4.4.1",
             UpstreamError::Timeout { .. } => "4.4.2",
-            UpstreamError::TlsNotOffered | UpstreamError::Tls(_) => "4.7.5",
+            UpstreamError::TlsNotOffered
+            | UpstreamError::Tls(_)
+            | UpstreamError::Certificate { .. } => "4.7.5",
             UpstreamError::AuthWithoutTls => "4.7.5",
             UpstreamError::Token(_) => "4.7.0",
             UpstreamError::Bound { .. } => "4.4.5",
@@ -767,7 +775,13 @@ async fn handshake(
         .ok_or_else(|| UpstreamError::Tls(format!("{host:?} is not a valid TLS server name")))?;
     match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
         Ok(Ok(tls)) => Ok(Stream::Tls(Box::new(tls))),
-        Ok(Err(e)) => Err(UpstreamError::Tls(e.to_string())),
+        Ok(Err(e)) => Err(match crate::tls::CertificateProblem::of(&e) {
+            Some(problem) => UpstreamError::Certificate {
+                problem,
+                detail: e.to_string(),
+            },
+            None => UpstreamError::Tls(e.to_string()),
+        }),
         Err(_) => Err(UpstreamError::Timeout {
             stage: "TLS handshake",
             after: timeout,

@@ -208,10 +208,11 @@ fn destination(spec: &MailRouteSpec, report: &mut Report<'_>) -> Option<Destinat
             report.bad("host", "set exactly one of host or hosts");
             None
         }
-        (Some(host), None) if spec.mx_lookup => match host.parse::<Domain>() {
+        (Some(host), None) if let Some(mx) = &spec.mx_lookup => match host.parse::<Domain>() {
             Ok(domain) => Some(Destination::Mx {
                 domain,
                 port: spec.port,
+                mta_sts: mx.mta_sts,
             }),
             Err(e) => {
                 report.bad("host", format!("{host:?} {e} (mxLookup needs a domain)"));
@@ -229,7 +230,7 @@ fn destination(spec: &MailRouteSpec, report: &mut Report<'_>) -> Option<Destinat
             }
         },
         (None, Some(sets)) => {
-            if spec.mx_lookup {
+            if spec.mx_lookup.is_some() {
                 report.bad("mxLookup", "needs host (the domain to look up), not hosts");
             }
             let primary = weighted(&sets.primary, spec.port, "hosts.primary", report);

@@ -175,7 +175,10 @@ pub async fn probe(
                 mailroute_smtp_client::upstream::UpstreamError::TlsNotOffered => {
                     "STARTTLSNotOffered"
                 }
-                mailroute_smtp_client::upstream::UpstreamError::Tls(_) => "HandshakeFailed",
+                mailroute_smtp_client::upstream::UpstreamError::Tls(_)
+                | mailroute_smtp_client::upstream::UpstreamError::Certificate { .. } => {
+                    "HandshakeFailed"
+                }
                 _ => "Unreachable",
             };
             return failed(now, target, reason, e.to_string());

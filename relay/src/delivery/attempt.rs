@@ -1,11 +1,15 @@
 //! One host-by-host attempt over pooled connections, shared by delivery and recipient
 //! verification; a route is dialled as `mailroute_smtp_client::route` says.
 
-use super::hosts::Candidate;
+use super::hosts::{Candidate, ResolveError};
+use super::mta_sts::{Demand, Found, Mode};
 use super::pool::{self, Checkout, PoolKey, Pooled};
 use super::upstream::{Answers, Envelope, Timing, TlsPlan, Upstream, UpstreamError};
 use super::{Forwarder, RouteRuntime};
+use crate::metrics::TlsPolicyLabels;
 use crate::reply::Reply;
+use crate::routing::Target;
+use mailroute_config::document::Destination;
 use mailroute_config::resources::TlsMode;
 use mailroute_smtp_client::route;
 use std::ops::Range;
@@ -99,7 +103,120 @@ pub enum Failed {
     Final(UpstreamError),
 }
 
+/// The hosts of a leg, in order, and the MTA-STS policy they are reached under.
+pub(crate) struct LegHosts {
+    pub candidates: Vec<Candidate>,
+    pub sts: Option<Sts>,
+}
+
+/// A leg's destination domain under `mxLookup.mtaSts`, and what was found for it.
+pub(crate) struct Sts {
+    domain: Arc<str>,
+    found: Found,
+}
+
+impl Sts {
+    /// Whether connections to `host` are opened with its certificate checked (`enforce`).
+    fn verified(&self, host: &str) -> bool {
+        matches!(&self.found, Found::Policy(p) if p.demand(host) == Demand::Verified)
+    }
+}
+
 impl Forwarder {
+    /// The hosts to try for `target`: a route's destination, or a domain's MX hosts for
+    /// direct delivery. Under an `enforce` MTA-STS policy only the hosts it lists; none
+    /// listed: `451 4.7.5`, and nothing is tried.
+    pub(crate) async fn hosts_for(
+        &self,
+        runtime: &RouteRuntime,
+        target: &Target,
+    ) -> Result<LegHosts, Reply> {
+        let (found, sts_domain) = match target {
+            Target::Mx(domain) => (
+                self.resolver
+                    .mx(domain.as_str(), self.settings.mx_port)
+                    .await,
+                None,
+            ),
+            Target::Route(_) => (
+                self.resolver.route_hosts(&runtime.route.destination).await,
+                match &runtime.route.destination {
+                    Destination::Mx {
+                        domain,
+                        mta_sts: true,
+                        ..
+                    } => Some(domain),
+                    _ => None,
+                },
+            ),
+        };
+        let mut candidates = match found {
+            Ok(c) if !c.is_empty() => c,
+            Ok(_) => return Err(Reply::new(451, "4.4.3", "no host to deliver to")),
+            Err(ResolveError::Permanent(e)) => return Err(Reply::relayed(550, Some("5.1.2"), e)),
+            Err(ResolveError::Temporary(e)) => return Err(Reply::new(451, "4.4.3", e)),
+        };
+        let Some(domain) = sts_domain else {
+            return Ok(LegHosts {
+                candidates,
+                sts: None,
+            });
+        };
+        let found = self
+            .settings
+            .mta_sts
+            .lookup(domain.as_str(), &self.resolver)
+            .await;
+        let sts = Sts {
+            domain: Arc::from(domain.as_str()),
+            found,
+        };
+        if let Found::Policy(policy) = &sts.found
+            && policy.mode == Mode::Enforce
+        {
+            candidates.retain(|c| policy.demand(&c.name) != Demand::Unlisted);
+            if candidates.is_empty() {
+                self.tls_policy_result(
+                    &sts,
+                    "-",
+                    "validation-failure",
+                    "no MX host is listed in the policy",
+                );
+                return Err(Reply::new(
+                    451,
+                    "4.7.5",
+                    format!("no MX host of {domain} is listed in its MTA-STS policy (enforce)"),
+                ));
+            }
+        }
+        Ok(LegHosts {
+            candidates,
+            sts: Some(sts),
+        })
+    }
+
+    /// Counts one session's result under a domain's TLS policy (the data of a TLS-RPT report,
+    /// RFC 8460); a failure is logged with the MX host and why.
+    fn tls_policy_result(&self, sts: &Sts, host: &str, result: &'static str, detail: &str) {
+        let (policy_type, mode) = match &sts.found {
+            Found::Policy(p) if p.mode != Mode::None => ("sts", p.mode.as_str()),
+            Found::Unusable { .. } => ("sts", "none"),
+            _ => ("no-policy-found", "none"),
+        };
+        if result != "success" {
+            tracing::warn!(domain = %sts.domain, mx_host = host, policy_type, mode, result, error = detail, "TLS policy failure");
+        }
+        self.metrics
+            .tls_policy_results
+            .get_or_create(&TlsPolicyLabels {
+                domain: sts.domain.to_string(),
+                policy_type,
+                mode,
+                result,
+            })
+            .inc();
+    }
+
     /// Runs `op` on a connection to the first of `candidates` that takes it: a pooled
     /// connection first, once more on a fresh one when a reused connection turns out closed,
     /// then the next host while nothing can have been delivered. Connecting ends at
@@ -107,24 +224,32 @@ impl Forwarder {
     pub(crate) async fn on_hosts(
         &self,
         runtime: &RouteRuntime,
-        candidates: &[Candidate],
+        hosts: &LegHosts,
         leg_requires_tls: bool,
         deadline: Instant,
         job: Job<'_>,
     ) -> Result<Done, Failed> {
         let tls_required = leg_requires_tls || runtime.route.tls.mode == TlsMode::Required;
         let limits = runtime.limits();
+        let sts = hosts.sts.as_ref();
         let mut last = None;
-        'hosts: for candidate in candidates {
+        'hosts: for candidate in &hosts.candidates {
             let key = PoolKey {
                 route: Arc::clone(&runtime.name),
                 addr: candidate.addr,
                 tls_required,
+                verified: sts.is_some_and(|s| s.verified(&candidate.name)),
             };
             for attempt in 0..2 {
                 let connection = tokio::time::timeout_at(
                     deadline.into(),
-                    self.connection(runtime, candidate, &key, leg_requires_tls, attempt == 0),
+                    self.connection(
+                        runtime,
+                        candidate,
+                        &key,
+                        (leg_requires_tls, sts),
+                        attempt == 0,
+                    ),
                 )
                 .await;
                 let mut conn = match connection {
@@ -187,7 +312,7 @@ impl Forwarder {
         runtime: &RouteRuntime,
         candidate: &Candidate,
         key: &PoolKey,
-        leg_requires_tls: bool,
+        tls: (bool, Option<&Sts>),
         reuse: bool,
     ) -> Result<Pooled, Unavailable> {
         let connect_wait = Duration::from_millis(runtime.route.timeouts.connect_ms);
@@ -226,7 +351,7 @@ impl Forwarder {
                     }
                     _ => None,
                 };
-                self.open(runtime, candidate, leg_requires_tls)
+                self.open(runtime, candidate, tls)
                     .await
                     .map(|up| pool::Pool::wrap(up, permit, lease))
                     .map_err(Unavailable::Host)
@@ -234,9 +359,82 @@ impl Forwarder {
         }
     }
 
-    /// Opens a connection to one host with the route's policy; opportunistic TLS falls back to
-    /// plaintext when the handshake fails (RFC 7435), never when TLS is required.
+    /// Opens a connection to one host with the route's policy (and its domain's MTA-STS
+    /// policy); opportunistic TLS falls back to plaintext when the handshake fails
+    /// (RFC 7435), never when TLS is required.
     async fn open(
+        &self,
+        runtime: &RouteRuntime,
+        candidate: &Candidate,
+        (leg_requires_tls, sts): (bool, Option<&Sts>),
+    ) -> Result<Upstream, UpstreamError> {
+        let Some(sts) = sts else {
+            return self
+                .open_as_route(runtime, candidate, leg_requires_tls)
+                .await;
+        };
+        let demand = match &sts.found {
+            Found::Policy(policy) => policy.demand(&candidate.name),
+            _ => Demand::Nothing,
+        };
+        match demand {
+            Demand::Verified | Demand::Trial { listed: true } => {
+                let connector = self
+                    .settings
+                    .mta_sts
+                    .connector()
+                    .map_err(|e| UpstreamError::Tls(format!("MTA-STS TLS settings: {e}")))?;
+                let dial = route::dial(
+                    &runtime.route,
+                    candidate,
+                    &self.settings.hostname,
+                    TlsPlan::Required(connector),
+                    runtime.login.clone(),
+                );
+                let opened = Upstream::connect(&dial).await;
+                if let Some((result, detail)) = tls_result(&opened) {
+                    self.tls_policy_result(sts, &candidate.name, result, &detail);
+                }
+                if demand == Demand::Verified || opened.is_ok() {
+                    return opened;
+                }
+                // NB: `testing`: the failure is counted, the mail goes as without a policy.
+            }
+            Demand::Trial { listed: false } => self.tls_policy_result(
+                sts,
+                &candidate.name,
+                "validation-failure",
+                "MX host not listed in the policy",
+            ),
+            Demand::Unlisted => {
+                return Err(UpstreamError::Protocol {
+                    stage: "MTA-STS",
+                    detail: format!("{} is not listed in the policy", candidate.name),
+                });
+            }
+            Demand::Nothing => {
+                let opened = self
+                    .open_as_route(runtime, candidate, leg_requires_tls)
+                    .await;
+                let counted = match (&sts.found, tls_result(&opened)) {
+                    (_, None) => None,
+                    (Found::Unusable { result, detail }, Some(_)) => {
+                        Some((*result, detail.clone()))
+                    }
+                    (_, Some(session)) => Some(session),
+                };
+                if let Some((result, detail)) = counted {
+                    self.tls_policy_result(sts, &candidate.name, result, &detail);
+                }
+                return opened;
+            }
+        }
+        self.open_as_route(runtime, candidate, leg_requires_tls)
+            .await
+    }
+
+    /// Opens a connection to one host with the route's own TLS policy.
+    async fn open_as_route(
         &self,
         runtime: &RouteRuntime,
         candidate: &Candidate,
@@ -256,13 +454,31 @@ impl Forwarder {
             runtime.login.clone(),
         );
         match Upstream::connect(&dial).await {
-            Err(UpstreamError::Tls(e)) if matches!(dial.tls, TlsPlan::Opportunistic(_)) => {
+            Err(e @ (UpstreamError::Tls(_) | UpstreamError::Certificate { .. }))
+                if matches!(dial.tls, TlsPlan::Opportunistic(_)) =>
+            {
                 tracing::info!(route = %runtime.name, host = %candidate.addr, error = %e, "opportunistic TLS failed; delivering in plaintext");
                 dial.tls = TlsPlan::Off;
                 Upstream::connect(&dial).await
             }
             other => other,
         }
+    }
+}
+
+/// A session's TLS result for a TLS-RPT count: `success`, or the result type of a TLS
+/// failure; `None` when it failed before TLS was a question (connect, greeting).
+fn tls_result(opened: &Result<Upstream, UpstreamError>) -> Option<(&'static str, String)> {
+    match opened {
+        Ok(_) => Some(("success", String::new())),
+        Err(UpstreamError::TlsNotOffered) => {
+            Some(("starttls-not-supported", "STARTTLS not offered".to_owned()))
+        }
+        Err(e @ UpstreamError::Certificate { problem, .. }) => {
+            Some((problem.result_type(), e.to_string()))
+        }
+        Err(e @ UpstreamError::Tls(_)) => Some(("validation-failure", e.to_string())),
+        Err(_) => None,
     }
 }
 

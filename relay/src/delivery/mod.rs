@@ -11,6 +11,7 @@
 //! - [`outcome`]: the reply rules and the copies' rule (pure).
 //! - [`pacing`]: a route's sending limits across replicas (`MailRoute.rateLimits`).
 //! - [`signing`]: DKIM signatures of a tenant's own mail, made once before the legs.
+//! - [`mta_sts`]: MTA-STS policies of the domains delivered to by MX lookup.
 //! - [`report`]: metrics and the transaction's log line.
 //! - [`loop_marker`]: the copies' loop marker and its MAC.
 //! - [`pool`]: connection reuse per route and host.
@@ -21,6 +22,7 @@
 pub mod attempt;
 pub mod ledger;
 pub mod loop_marker;
+pub mod mta_sts;
 pub mod oauth;
 pub mod outcome;
 pub mod pacing;
@@ -66,6 +68,9 @@ pub struct Settings {
     pub loop_key: Arc<LoopKey>,
     /// The routes' OAuth token clients, kept across generations.
     pub token_clients: Arc<oauth::TokenClients>,
+    /// MTA-STS policies of the domains of routes with `mxLookup.mtaSts`, kept across
+    /// generations.
+    pub mta_sts: Arc<mta_sts::Policies>,
 }
 
 /// Why delivery could not be set up.

@@ -17,6 +17,8 @@ pub struct PoolKey {
     pub addr: SocketAddr,
     /// The connection must be encrypted (route policy or a rule's `requireTLS`).
     pub tls_required: bool,
+    /// Opened with the certificate checked for the host's name (an `enforce` MTA-STS policy).
+    pub verified: bool,
 }
 
 /// A connection with the permit that counts it against its route's `maxConnections`.

@@ -63,20 +63,19 @@ impl Forwarder {
         }
         let deadline = Instant::now() + VERIFY_TIMEOUT;
         let check = async {
-            let candidates = self
-                .resolver
-                .route_hosts(&runtime.route.destination)
+            let hosts = self
+                .hosts_for(runtime, &route.target)
                 .await
-                .map_err(|e| UpstreamError::Protocol {
+                .map_err(|reply| UpstreamError::Protocol {
                     stage: "host lookup",
-                    detail: e.to_string(),
+                    detail: reply.to_string(),
                 })?;
             let job = Job::Verify {
                 sender: &query.sender,
                 recipient: &route.deliver_as,
             };
             match self
-                .on_hosts(runtime, &candidates, route.require_tls, deadline, job)
+                .on_hosts(runtime, &hosts, route.require_tls, deadline, job)
                 .await
             {
                 Ok(Done::Verified(answer)) => Ok(answer),

@@ -11,7 +11,6 @@
 //!   `250` is recorded in the ledger as it succeeds, so the retry re-sends nothing delivered.
 
 use super::attempt::{Done, Failed, Gate, Hold, Job, LedgerAnswer, wait_for};
-use super::hosts::ResolveError;
 use super::ledger::{self, Key, Recorded};
 use super::loop_marker::Marker;
 use super::outcome::{self, LegOutcome, RecipientOutcome};
@@ -19,7 +18,7 @@ use super::upstream::{self, Answers, Envelope, Timing, UpstreamError};
 use super::{Forwarder, report};
 use crate::interfaces::Transaction;
 use crate::reply::Reply;
-use crate::routing::{Leg, Target};
+use crate::routing::Leg;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use std::ops::Range;
@@ -606,33 +605,10 @@ impl Forwarder {
         gate: Option<Gate>,
         deadline: Instant,
     ) -> Result<Vec<RecipientOutcome>, RecipientOutcome> {
-        let candidates = match &leg.target {
-            Target::Mx(domain) => {
-                self.resolver
-                    .mx(domain.as_str(), self.settings.mx_port)
-                    .await
-            }
-            Target::Route(_) => self.resolver.route_hosts(&runtime.route.destination).await,
-        };
-        let candidates = match candidates {
-            Ok(c) if !c.is_empty() => c,
-            Ok(_) => {
-                return Err(RecipientOutcome::Unreachable(Reply::new(
-                    451,
-                    "4.4.3",
-                    "no host to deliver to",
-                )));
-            }
-            Err(ResolveError::Permanent(e)) => {
-                return Err(RecipientOutcome::Permanent(Reply::relayed(
-                    550,
-                    Some("5.1.2"),
-                    e,
-                )));
-            }
-            Err(ResolveError::Temporary(e)) => {
-                return Err(RecipientOutcome::Unreachable(Reply::new(451, "4.4.3", e)));
-            }
+        let hosts = match self.hosts_for(runtime, &leg.target).await {
+            Ok(hosts) => hosts,
+            Err(reply) if reply.code() >= 500 => return Err(RecipientOutcome::Permanent(reply)),
+            Err(reply) => return Err(RecipientOutcome::Unreachable(reply)),
         };
         // The header lines this leg adds, written before the message (which is never copied
         // for a leg: it is dot-stuffed on the way out).
@@ -668,7 +644,7 @@ impl Forwarder {
             gate,
         };
         let sent = self
-            .on_hosts(runtime, &candidates, leg.require_tls, deadline, job)
+            .on_hosts(runtime, &hosts, leg.require_tls, deadline, job)
             .await;
         match sent {
             Ok(Done::Delivered(answers)) => Ok(answers_to_outcomes(&answers, pending.len())),

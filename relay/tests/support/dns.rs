@@ -1,9 +1,10 @@
 //! An authoritative DNS server on a loopback UDP port, built with hickory-proto, answering
-//! from a small zone: MX, A, and null MX records; NXDOMAIN for names it does not hold. It
-//! counts the queries it gets (to see the relay's cache at work).
+//! from a small zone: MX, A, TXT and null MX records; NXDOMAIN for names it does not hold. It
+//! counts the queries it gets (to see the relay's cache at work). Answers carry a 1 s TTL
+//! where a test changes a record ([`DnsServer::set_txt`]).
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, MX};
+use hickory_proto::rr::rdata::{A, MX, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -14,6 +15,8 @@ use std::sync::{Arc, Mutex};
 struct Zone {
     /// (lowercased name without the final dot, type) -> records.
     records: HashMap<(String, RecordType), Vec<RData>>,
+    /// Names whose records a test changes: answered with a TTL of 1 s.
+    changing: std::collections::HashSet<String>,
     /// Names that exist (any type).
     names: std::collections::HashSet<String>,
 }
@@ -73,10 +76,11 @@ impl DnsServer {
                             response.metadata.response_code = ResponseCode::NXDomain;
                             continue;
                         }
+                        let ttl = if zone.changing.contains(&k.0) { 1 } else { 300 };
                         for rdata in zone.records.get(&k).into_iter().flatten() {
                             response.add_answer(Record::from_rdata(
                                 q.name().clone(),
-                                300,
+                                ttl,
                                 rdata.clone(),
                             ));
                         }
@@ -112,6 +116,25 @@ impl DnsServer {
     /// `MX 0 .` (RFC 7505): the domain takes no mail.
     pub fn null_mx(&self, domain: &str) {
         self.add(domain, RData::MX(MX::new(0, Name::root())));
+    }
+
+    /// Replaces the records of `rdata`'s type at `owner` with it, answered with a 1 s TTL.
+    fn set(&self, owner: &str, rdata: RData) {
+        let mut zone = self.zone.lock().unwrap_or_else(|e| e.into_inner());
+        zone.names.insert(key(owner));
+        zone.changing.insert(key(owner));
+        zone.records
+            .insert((key(owner), rdata.record_type()), vec![rdata]);
+    }
+
+    /// Replaces the TXT records of `owner` with one record (1 s TTL).
+    pub fn set_txt(&self, owner: &str, text: &str) {
+        self.set(owner, RData::TXT(TXT::new(vec![text.to_owned()])));
+    }
+
+    /// Replaces the MX records of `domain` with one record (1 s TTL).
+    pub fn set_mx(&self, domain: &str, preference: u16, exchange: &str) {
+        self.set(domain, RData::MX(MX::new(preference, name(exchange))));
     }
 
     pub fn a(&self, host: &str, ip: Ipv4Addr) {

@@ -8,6 +8,7 @@ pub mod haproxy;
 pub mod issuer;
 pub mod kube_api;
 pub mod mta;
+pub mod mta_sts;
 pub mod oauth;
 pub mod redis;
 pub mod scripted;
@@ -489,6 +490,8 @@ pub struct Stores {
     pub mx_port: u16,
     /// The issuer's keys for service-account tokens.
     pub tokens: Option<Arc<mailroute_relay::auth::tokens::TokenKeys>>,
+    /// MTA-STS policies (default: fetched on port 443, system roots).
+    pub mta_sts: Arc<mailroute_relay::delivery::mta_sts::Policies>,
 }
 
 impl Stores {
@@ -501,6 +504,7 @@ impl Stores {
             dns_server: None,
             mx_port: 25,
             tokens: None,
+            mta_sts: Arc::new(mailroute_relay::delivery::mta_sts::Policies::new(443, None)),
         }
     }
 }
@@ -541,6 +545,7 @@ pub fn builder(stores: Stores, metrics: Arc<Metrics>) -> mailroute_relay::genera
         tokens: stores.tokens,
         budget: mailroute_relay::budget::Budget::unlimited(),
         token_clients: Arc::default(),
+        mta_sts: stores.mta_sts,
     }
 }
 
