@@ -226,13 +226,15 @@ pub struct Route {
 pub enum Destination {
     /// One host.
     Host(HostPort),
-    /// The MX hosts of a domain (A/AAAA fallback), on a port; `mta_sts`: the domain's MTA-STS
-    /// policy is honoured.
+    /// The MX hosts of a domain (A/AAAA fallback), on a port; `mta_sts`, `dane`: the
+    /// domain's MTA-STS policy and its MX hosts' DANE records are honoured.
     Mx {
         domain: Domain,
         port: u16,
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         mta_sts: bool,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        dane: bool,
     },
     /// Weighted host sets.
     HostSets {

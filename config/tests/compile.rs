@@ -538,6 +538,7 @@ spec: {host: 192.0.2.1, mxLookup: {}}
         domain,
         port,
         mta_sts,
+        ..
     } = &compiled.config.routes["direct"].destination
     else {
         panic!("expected MX");

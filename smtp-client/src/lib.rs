@@ -5,12 +5,16 @@
 //!   STARTTLS or implicit TLS, AUTH, pipelined MAIL/RCPT/DATA, a held final `.`).
 //! - [`bearer`]: AUTH with an OAuth 2.0 access token (OAUTHBEARER, XOAUTH2).
 //! - [`tls`]: client TLS per route policy (certificate verifiers).
+//! - [`dane`]: certificates checked by an MX host's TLSA records (RFC 7672).
+//! - [`dnssec`]: lookups whose DNSSEC validation matters, by a trusted resolver's AD bit.
 //! - [`hosts`]: which hosts to try (host sets, MX lookups).
 //! - [`route`]: how a compiled route is dialled (its TLS plan, EHLO name, timeouts).
 //! - [`dot`]: dot transparency on the way out.
 //! - [`reply`]: SMTP replies with enhanced status codes (the relay's own replies too).
 
 pub mod bearer;
+pub mod dane;
+pub mod dnssec;
 pub mod dot;
 pub mod hosts;
 pub mod reply;

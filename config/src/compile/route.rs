@@ -213,6 +213,7 @@ fn destination(spec: &MailRouteSpec, report: &mut Report<'_>) -> Option<Destinat
                 domain,
                 port: spec.port,
                 mta_sts: mx.mta_sts,
+                dane: mx.dane,
             }),
             Err(e) => {
                 report.bad("host", format!("{host:?} {e} (mxLookup needs a domain)"));

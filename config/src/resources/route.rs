@@ -54,7 +54,8 @@ pub struct MailRouteSpec {
     pub port: u16,
     /// Treat `host` as a domain and deliver to its MX hosts in preference order, falling back to
     /// its A/AAAA records when it has no MX record (RFC 5321 section 5.1); `{}` for plain MX
-    /// delivery, with `mtaSts: true` to honour the domain's MTA-STS policy.
+    /// delivery, `mtaSts: true` and `dane: true` to honour the destination's MTA-STS policy
+    /// and DANE records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mx_lookup: Option<MxLookup>,
     /// TLS policy for connections to this destination.
@@ -108,6 +109,14 @@ pub struct MxLookup {
     /// delivered as without a policy and what would have failed is counted. Default false.
     #[serde(default)]
     pub mta_sts: bool,
+    /// Honour the MX hosts' DANE TLSA records (RFC 7672): where the MX records, the host's
+    /// address and its `_<port>._tcp` TLSA records are DNSSEC-validated (the AD bit of the
+    /// name server the relay is given, which must be a validating resolver it trusts), TLS is
+    /// mandatory and the certificate must match a usable record (DANE-EE or DANE-TA); records
+    /// all unusable still make TLS mandatory. DANE takes precedence over MTA-STS for a host
+    /// that has it. Default false.
+    #[serde(default)]
+    pub dane: bool,
 }
 
 /// Sending limits of a route; unset ones do not apply.

@@ -1,12 +1,11 @@
 //! One host-by-host attempt over pooled connections, shared by delivery and recipient
 //! verification; a route is dialled as `mailroute_smtp_client::route` says.
 
+use super::destination_tls::LegTls;
 use super::hosts::{Candidate, ResolveError};
-use super::mta_sts::{Demand, Found, Mode};
 use super::pool::{self, Checkout, PoolKey, Pooled};
 use super::upstream::{Answers, Envelope, Timing, TlsPlan, Upstream, UpstreamError};
 use super::{Forwarder, RouteRuntime};
-use crate::metrics::TlsPolicyLabels;
 use crate::reply::Reply;
 use crate::routing::Target;
 use mailroute_config::document::Destination;
@@ -103,52 +102,28 @@ pub enum Failed {
     Final(UpstreamError),
 }
 
-/// The hosts of a leg, in order, and the MTA-STS policy they are reached under.
+/// The hosts of a leg, in order, and the destination's TLS policy they are reached under.
 pub(crate) struct LegHosts {
     pub candidates: Vec<Candidate>,
-    pub sts: Option<Sts>,
-}
-
-/// A leg's destination domain under `mxLookup.mtaSts`, and what was found for it.
-pub(crate) struct Sts {
-    domain: Arc<str>,
-    found: Found,
-}
-
-impl Sts {
-    /// Whether connections to `host` are opened with its certificate checked (`enforce`).
-    fn verified(&self, host: &str) -> bool {
-        matches!(&self.found, Found::Policy(p) if p.demand(host) == Demand::Verified)
-    }
+    pub tls: Option<LegTls>,
 }
 
 impl Forwarder {
     /// The hosts to try for `target`: a route's destination, or a domain's MX hosts for
-    /// direct delivery. Under an `enforce` MTA-STS policy only the hosts it lists; none
-    /// listed: `451 4.7.5`, and nothing is tried.
+    /// direct delivery; with `mxLookup.mtaSts` or `mxLookup.dane`, the destination's TLS
+    /// policy too (which may leave no host: `451 4.7.5`).
     pub(crate) async fn hosts_for(
         &self,
         runtime: &RouteRuntime,
         target: &Target,
     ) -> Result<LegHosts, Reply> {
-        let (found, sts_domain) = match target {
-            Target::Mx(domain) => (
+        let found = match target {
+            Target::Mx(domain) => {
                 self.resolver
                     .mx(domain.as_str(), self.settings.mx_port)
-                    .await,
-                None,
-            ),
-            Target::Route(_) => (
-                self.resolver.route_hosts(&runtime.route.destination).await,
-                match &runtime.route.destination {
-                    Destination::Mx {
-                        domain,
-                        mta_sts: true,
-                        ..
-                    } => Some(domain),
-                    _ => None,
-                },
-            ),
+                    .await
+            }
+            Target::Route(_) => self.resolver.route_hosts(&runtime.route.destination).await,
         };
         let mut candidates = match found {
             Ok(c) if !c.is_empty() => c,
@@ -156,65 +131,22 @@ impl Forwarder {
             Err(ResolveError::Permanent(e)) => return Err(Reply::relayed(550, Some("5.1.2"), e)),
             Err(ResolveError::Temporary(e)) => return Err(Reply::new(451, "4.4.3", e)),
         };
-        let Some(domain) = sts_domain else {
-            return Ok(LegHosts {
-                candidates,
-                sts: None,
-            });
+        let tls = match (target, &runtime.route.destination) {
+            (
+                Target::Route(_),
+                Destination::Mx {
+                    domain,
+                    port,
+                    mta_sts,
+                    dane,
+                },
+            ) if *mta_sts || *dane => Some(
+                self.leg_tls(domain.as_str(), (*mta_sts, *dane), *port, &mut candidates)
+                    .await?,
+            ),
+            _ => None,
         };
-        let found = self
-            .settings
-            .mta_sts
-            .lookup(domain.as_str(), &self.resolver)
-            .await;
-        let sts = Sts {
-            domain: Arc::from(domain.as_str()),
-            found,
-        };
-        if let Found::Policy(policy) = &sts.found
-            && policy.mode == Mode::Enforce
-        {
-            candidates.retain(|c| policy.demand(&c.name) != Demand::Unlisted);
-            if candidates.is_empty() {
-                self.tls_policy_result(
-                    &sts,
-                    "-",
-                    "validation-failure",
-                    "no MX host is listed in the policy",
-                );
-                return Err(Reply::new(
-                    451,
-                    "4.7.5",
-                    format!("no MX host of {domain} is listed in its MTA-STS policy (enforce)"),
-                ));
-            }
-        }
-        Ok(LegHosts {
-            candidates,
-            sts: Some(sts),
-        })
-    }
-
-    /// Counts one session's result under a domain's TLS policy (the data of a TLS-RPT report,
-    /// RFC 8460); a failure is logged with the MX host and why.
-    fn tls_policy_result(&self, sts: &Sts, host: &str, result: &'static str, detail: &str) {
-        let (policy_type, mode) = match &sts.found {
-            Found::Policy(p) if p.mode != Mode::None => ("sts", p.mode.as_str()),
-            Found::Unusable { .. } => ("sts", "none"),
-            _ => ("no-policy-found", "none"),
-        };
-        if result != "success" {
-            tracing::warn!(domain = %sts.domain, mx_host = host, policy_type, mode, result, error = detail, "TLS policy failure");
-        }
-        self.metrics
-            .tls_policy_results
-            .get_or_create(&TlsPolicyLabels {
-                domain: sts.domain.to_string(),
-                policy_type,
-                mode,
-                result,
-            })
-            .inc();
+        Ok(LegHosts { candidates, tls })
     }
 
     /// Runs `op` on a connection to the first of `candidates` that takes it: a pooled
@@ -231,7 +163,7 @@ impl Forwarder {
     ) -> Result<Done, Failed> {
         let tls_required = leg_requires_tls || runtime.route.tls.mode == TlsMode::Required;
         let limits = runtime.limits();
-        let sts = hosts.sts.as_ref();
+        let sts = hosts.tls.as_ref();
         let mut last = None;
         'hosts: for candidate in &hosts.candidates {
             let key = PoolKey {
@@ -312,7 +244,7 @@ impl Forwarder {
         runtime: &RouteRuntime,
         candidate: &Candidate,
         key: &PoolKey,
-        tls: (bool, Option<&Sts>),
+        tls: (bool, Option<&LegTls>),
         reuse: bool,
     ) -> Result<Pooled, Unavailable> {
         let connect_wait = Duration::from_millis(runtime.route.timeouts.connect_ms);
@@ -366,75 +298,22 @@ impl Forwarder {
         &self,
         runtime: &RouteRuntime,
         candidate: &Candidate,
-        (leg_requires_tls, sts): (bool, Option<&Sts>),
+        (leg_requires_tls, leg_tls): (bool, Option<&LegTls>),
     ) -> Result<Upstream, UpstreamError> {
-        let Some(sts) = sts else {
-            return self
-                .open_as_route(runtime, candidate, leg_requires_tls)
-                .await;
-        };
-        let demand = match &sts.found {
-            Found::Policy(policy) => policy.demand(&candidate.name),
-            _ => Demand::Nothing,
-        };
-        match demand {
-            Demand::Verified | Demand::Trial { listed: true } => {
-                let connector = self
-                    .settings
-                    .mta_sts
-                    .connector()
-                    .map_err(|e| UpstreamError::Tls(format!("MTA-STS TLS settings: {e}")))?;
-                let dial = route::dial(
-                    &runtime.route,
-                    candidate,
-                    &self.settings.hostname,
-                    TlsPlan::Required(connector),
-                    runtime.login.clone(),
-                );
-                let opened = Upstream::connect(&dial).await;
-                if let Some((result, detail)) = tls_result(&opened) {
-                    self.tls_policy_result(sts, &candidate.name, result, &detail);
-                }
-                if demand == Demand::Verified || opened.is_ok() {
-                    return opened;
-                }
-                // NB: `testing`: the failure is counted, the mail goes as without a policy.
+        match leg_tls {
+            Some(leg_tls) => {
+                self.open_under(leg_tls, runtime, candidate, leg_requires_tls)
+                    .await
             }
-            Demand::Trial { listed: false } => self.tls_policy_result(
-                sts,
-                &candidate.name,
-                "validation-failure",
-                "MX host not listed in the policy",
-            ),
-            Demand::Unlisted => {
-                return Err(UpstreamError::Protocol {
-                    stage: "MTA-STS",
-                    detail: format!("{} is not listed in the policy", candidate.name),
-                });
-            }
-            Demand::Nothing => {
-                let opened = self
-                    .open_as_route(runtime, candidate, leg_requires_tls)
-                    .await;
-                let counted = match (&sts.found, tls_result(&opened)) {
-                    (_, None) => None,
-                    (Found::Unusable { result, detail }, Some(_)) => {
-                        Some((*result, detail.clone()))
-                    }
-                    (_, Some(session)) => Some(session),
-                };
-                if let Some((result, detail)) = counted {
-                    self.tls_policy_result(sts, &candidate.name, result, &detail);
-                }
-                return opened;
+            None => {
+                self.open_as_route(runtime, candidate, leg_requires_tls)
+                    .await
             }
         }
-        self.open_as_route(runtime, candidate, leg_requires_tls)
-            .await
     }
 
     /// Opens a connection to one host with the route's own TLS policy.
-    async fn open_as_route(
+    pub(crate) async fn open_as_route(
         &self,
         runtime: &RouteRuntime,
         candidate: &Candidate,
@@ -463,22 +342,6 @@ impl Forwarder {
             }
             other => other,
         }
-    }
-}
-
-/// A session's TLS result for a TLS-RPT count: `success`, or the result type of a TLS
-/// failure; `None` when it failed before TLS was a question (connect, greeting).
-fn tls_result(opened: &Result<Upstream, UpstreamError>) -> Option<(&'static str, String)> {
-    match opened {
-        Ok(_) => Some(("success", String::new())),
-        Err(UpstreamError::TlsNotOffered) => {
-            Some(("starttls-not-supported", "STARTTLS not offered".to_owned()))
-        }
-        Err(e @ UpstreamError::Certificate { problem, .. }) => {
-            Some((problem.result_type(), e.to_string()))
-        }
-        Err(e @ UpstreamError::Tls(_)) => Some(("validation-failure", e.to_string())),
-        Err(_) => None,
     }
 }
 

@@ -11,6 +11,7 @@
 //! - [`outcome`]: the reply rules and the copies' rule (pure).
 //! - [`pacing`]: a route's sending limits across replicas (`MailRoute.rateLimits`).
 //! - [`signing`]: DKIM signatures of a tenant's own mail, made once before the legs.
+//! - [`destination_tls`]: a destination's own TLS policy (DANE, MTA-STS) per MX host.
 //! - [`mta_sts`]: MTA-STS policies of the domains delivered to by MX lookup.
 //! - [`report`]: metrics and the transaction's log line.
 //! - [`loop_marker`]: the copies' loop marker and its MAC.
@@ -20,6 +21,7 @@
 //!   the operator's TLS probe).
 
 pub mod attempt;
+mod destination_tls;
 pub mod ledger;
 pub mod loop_marker;
 pub mod mta_sts;
@@ -178,6 +180,8 @@ pub struct Forwarder {
     mx: RouteRuntime,
     pool: pool::Pool,
     resolver: Resolver,
+    /// Where DANE's DNSSEC-validated answers come from (the same name server).
+    validating: mailroute_smtp_client::dnssec::Validating,
     ledger: Arc<dyn Ledger>,
     /// Where routes with `rateLimits` count (none: their limits are not kept).
     pacing: Option<pacing::Pacing>,
@@ -231,6 +235,7 @@ impl Forwarder {
             mx: RouteRuntime::new("mx", mx_route(), &Credentials::default(), &tokens),
             pool: pool::Pool::default(),
             resolver: Resolver::new(settings.dns_server).map_err(SetupError::Resolver)?,
+            validating: mailroute_smtp_client::dnssec::Validating::new(settings.dns_server),
             ledger,
             pacing: None,
             settings,

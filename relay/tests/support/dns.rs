@@ -1,10 +1,12 @@
 //! An authoritative DNS server on a loopback UDP port, built with hickory-proto, answering
-//! from a small zone: MX, A, TXT and null MX records; NXDOMAIN for names it does not hold. It
-//! counts the queries it gets (to see the relay's cache at work). Answers carry a 1 s TTL
-//! where a test changes a record ([`DnsServer::set_txt`]).
+//! from a small zone: MX, A, TXT, TLSA and null MX records; NXDOMAIN for names it does not
+//! hold. It counts the queries it gets (to see the relay's cache at work). Answers carry a 1 s
+//! TTL where a test changes a record ([`DnsServer::set_txt`]). With [`DnsServer::set_authentic`]
+//! it answers as a validating resolver that validated everything (the AD bit set), which is
+//! what DANE trusts.
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, MX, TXT};
+use hickory_proto::rr::rdata::{A, MX, TLSA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -17,6 +19,8 @@ struct Zone {
     records: HashMap<(String, RecordType), Vec<RData>>,
     /// Names whose records a test changes: answered with a TTL of 1 s.
     changing: std::collections::HashSet<String>,
+    /// Answers carry the AD bit (validated by DNSSEC).
+    authentic: bool,
     /// Names that exist (any type).
     names: std::collections::HashSet<String>,
 }
@@ -63,6 +67,8 @@ impl DnsServer {
                     response.metadata.authoritative = true;
                     response.metadata.recursion_desired = request.metadata.recursion_desired;
                     response.metadata.recursion_available = true;
+                    response.metadata.authentic_data =
+                        zone.lock().map(|z| z.authentic).unwrap_or(false);
                     for q in &request.queries {
                         response.add_query(q.clone());
                         let k = (key(&q.name().to_ascii()), q.query_type());
@@ -135,6 +141,27 @@ impl DnsServer {
     /// Replaces the MX records of `domain` with one record (1 s TTL).
     pub fn set_mx(&self, domain: &str, preference: u16, exchange: &str) {
         self.set(domain, RData::MX(MX::new(preference, name(exchange))));
+    }
+
+    /// A TLSA record (`usage selector matching data`) at `owner`, e.g. `_25._tcp.mx.example`.
+    pub fn tlsa(&self, owner: &str, usage: u8, selector: u8, matching: u8, data: Vec<u8>) {
+        self.add(
+            owner,
+            RData::TLSA(TLSA::new(
+                usage.into(),
+                selector.into(),
+                matching.into(),
+                data,
+            )),
+        );
+    }
+
+    /// Whether answers say they were validated (the AD bit).
+    pub fn set_authentic(&self, authentic: bool) {
+        self.zone
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .authentic = authentic;
     }
 
     pub fn a(&self, host: &str, ip: Ipv4Addr) {
