@@ -74,6 +74,15 @@ fn exposition() -> (String, String) {
             result: s("accepted"),
         })
         .inc();
+    relay
+        .tls_policy_results
+        .get_or_create(&r::TlsPolicyLabels {
+            domain: s("partner.example"),
+            policy_type: "sts",
+            mode: "enforce",
+            result: "success",
+        })
+        .inc();
     use mailroute_operator::metrics as o;
     let mut operator_registry = Registry::default();
     let operator = o::Metrics::register(&mut operator_registry);
