@@ -47,6 +47,9 @@ pub struct Builder {
     pub token_clients: Arc<delivery::oauth::TokenClients>,
     /// MTA-STS policies: a domain's cached policy survives reloads.
     pub mta_sts: Arc<delivery::mta_sts::Policies>,
+    /// Routes with `verifyRecipients` or `rateLimits` are asked at RCPT time; off only for
+    /// `explain`, which contacts nothing.
+    pub ask_upstreams: bool,
 }
 
 impl std::fmt::Debug for Builder {
@@ -63,6 +66,7 @@ pub struct Built {
     pub forwarder: Arc<Forwarder>,
     pub gate: Arc<Gate>,
     pub accounts: Accounts,
+    pub router: Arc<Router>,
 }
 
 impl std::fmt::Debug for Built {
@@ -147,10 +151,11 @@ impl Builder {
         quotas.store_failure_open = self.store_failure_open;
         let gate = Arc::new(Gate::new(
             config,
-            router,
+            Arc::clone(&router),
             accounts.clone(),
             quotas,
             &forwarder,
+            self.ask_upstreams,
         ));
         let mut session = SessionConfig::new(self.hostname.clone());
         session.check_recipients = true;
@@ -168,6 +173,7 @@ impl Builder {
             forwarder,
             gate,
             accounts,
+            router,
         })
     }
 }

@@ -23,6 +23,8 @@
 //!   reply; the SMTP client itself is the `mailroute-smtp-client` crate.
 //! - [`generation`]: a loaded configuration built into what sessions use; [`reload`]: watching
 //!   the configuration files and swapping generations in.
+//! - [`explain`]: one envelope played offline through the session, the RCPT decision and the
+//!   delivery plan, reported (`mailroute-operator explain`).
 //! - [`server`]: listeners, TLS, the per-connection driver, AUTH throttling, graceful shutdown.
 //! - [`metrics`]: the relay's Prometheus metrics.
 
@@ -33,6 +35,7 @@ pub mod cluster;
 pub mod config_source;
 pub mod delivery;
 pub mod dev_sink;
+pub mod explain;
 pub mod generation;
 pub mod interfaces;
 pub mod metrics;

@@ -491,6 +491,7 @@ async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyho
         },
         metrics: Arc::clone(&metrics),
         token_clients: Arc::default(),
+        ask_upstreams: true,
         mta_sts: {
             let roots = match &cli.mx_ca_file {
                 Some(path) => Some(

@@ -19,7 +19,9 @@ pub mod relay;
 
 use crate::auth::accounts::Accounts;
 use crate::delivery::Forwarder;
-use crate::interfaces::{Admit, Admitted, BoxFuture, RecipientQuery, Refusal, RefusalReason};
+use crate::interfaces::{
+    Admit, Admitted, BoxFuture, RecipientQuery, Refusal, RefusalReason, SessionFacts,
+};
 use crate::quota::{self, Exceeded, Hold, Quotas};
 use crate::reply::Reply;
 use crate::routing::{Router, Unroutable};
@@ -55,8 +57,9 @@ impl Gate {
         accounts: Accounts,
         quotas: Quotas,
         forwarder: &Arc<Forwarder>,
+        ask_upstreams: bool,
     ) -> Self {
-        let verifies = Forwarder::checks_at_rcpt(config);
+        let verifies = ask_upstreams && Forwarder::checks_at_rcpt(config);
         Self {
             tenants: Arc::clone(router.tenants()),
             accounts,
@@ -65,6 +68,30 @@ impl Gate {
             verifier: verifies.then(|| Arc::clone(forwarder)),
             holds: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// How a session is bound (step 1), as [`Gate::admit`] binds it: for `explain`.
+    pub fn binding(&self, facts: &SessionFacts) -> (Option<Arc<str>>, Binding) {
+        let binding = binding::bind(&self.tenants, &self.accounts, facts);
+        let name = binding
+            .tenant
+            .map(|id| Arc::clone(&self.tenants.get(id).name));
+        (name, binding)
+    }
+
+    /// The quota counters a recipient spends (step 4), as [`Gate::admit`] reserves them: for
+    /// `explain`. Empty when the recipient is not charged to a tenant (inbound mail, a session
+    /// not authorised to send).
+    pub fn counters(
+        &self,
+        binding: &Binding,
+        sender: &str,
+        recipient: &str,
+        accepted: usize,
+    ) -> Vec<mailroute_store::Counter> {
+        quota::charged(&self.tenants, binding.sender_tenant(), sender, recipient)
+            .map(|id| quota::counters(self.tenants.get(id), sender, recipient, accepted))
+            .unwrap_or_default()
     }
 
     /// Transactions holding quota reservations now (tests and leaks).

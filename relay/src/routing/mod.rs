@@ -135,6 +135,9 @@ pub struct RecipientRoute {
     pub headers: Vec<Header>,
     pub copies: Vec<CopyTo>,
     pub matches: Vec<RuleMatch>,
+    /// For a recipient in the tenant's domains: a user, a group or neither (what rules'
+    /// `accountTypes` select on).
+    pub account_type: Option<AccountType>,
 }
 
 impl RecipientRoute {
@@ -150,6 +153,7 @@ impl RecipientRoute {
             headers: Vec::new(),
             copies: Vec::new(),
             matches: Vec::new(),
+            account_type: None,
         }
     }
 }
@@ -336,6 +340,7 @@ impl Router {
             headers,
             copies,
             matches,
+            account_type: account_type.filter(|_| recipient_internal),
         })
     }
 

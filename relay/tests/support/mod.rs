@@ -546,6 +546,7 @@ pub fn builder(stores: Stores, metrics: Arc<Metrics>) -> mailroute_relay::genera
         budget: mailroute_relay::budget::Budget::unlimited(),
         token_clients: Arc::default(),
         mta_sts: stores.mta_sts,
+        ask_upstreams: true,
     }
 }
 
