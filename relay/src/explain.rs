@@ -273,11 +273,12 @@ pub async fn explain(
     }
     player.command("QUIT".to_owned()).await;
 
+    // NB: the session's own view: an AUTH the relay refused binds nothing.
     let facts = crate::interfaces::SessionFacts {
         client: envelope.client,
         helo: Some(envelope.helo.clone()),
-        authenticated: envelope.auth.clone(),
-        tls: envelope.tls || envelope.auth.is_some(),
+        authenticated: player.session.authenticated().map(str::to_owned),
+        tls: player.session.tls().is_some(),
     };
     let (tenant, binding) = player.gate.binding(&facts);
     let plan = player.plan.take().unwrap_or_default();
@@ -303,7 +304,7 @@ pub async fn explain(
             client: envelope.client,
             helo: envelope.helo.clone(),
             tls: facts.tls,
-            authenticated: player.session.authenticated().map(str::to_owned),
+            authenticated: facts.authenticated.clone(),
             tenant: tenant.map(|t| t.to_string()),
             bound_by: binding.by.map(|b| b.as_str()),
             authorised: binding.authorised,

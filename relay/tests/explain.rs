@@ -6,6 +6,7 @@
 
 mod support;
 
+use base64::Engine as _;
 use mailroute_relay::config_source;
 use mailroute_relay::explain::{self, Envelope, Explanation};
 use std::collections::BTreeMap;
@@ -72,6 +73,17 @@ async fn explained_as_run(
     sinks: &BTreeMap<String, Sink>,
     envelope: Envelope,
 ) -> Explanation {
+    explained_as_run_with(dir, sinks, envelope, None).await
+}
+
+/// [`explained_as_run`], authenticating to the running relay with `password` (explain takes
+/// any password as right).
+async fn explained_as_run_with(
+    dir: &Path,
+    sinks: &BTreeMap<String, Sink>,
+    envelope: Envelope,
+    password: Option<&str>,
+) -> Explanation {
     let loaded = config_source::from_manifests(dir, 1).unwrap_or_else(|e| panic!("{e}"));
     let explanation = explain::explain(&loaded, "relay.test", &envelope)
         .await
@@ -87,18 +99,39 @@ async fn explained_as_run(
         deliver: Some(built.forwarder),
         admit: Some(built.gate),
         session: built.session,
+        auth: Some(Arc::new(built.accounts)),
         ..Options::default()
     })
     .await;
-    let mut client = Client::connect_from(relay.smtp, envelope.client).await;
+    let mut client = Some(Client::connect_from(relay.smtp, envelope.client).await);
     for step in &explanation.commands {
+        let Some(c) = client.as_mut() else {
+            panic!("no client")
+        };
         let reply = match step.command.as_str() {
-            "(connect)" => client.reply().await,
+            "(connect)" => c.reply().await,
             "(message content)" => {
-                client.send(explain::CONTENT).await;
-                client.reply().await
+                c.send(explain::CONTENT).await;
+                c.reply().await
             }
-            command => client.command(command).await,
+            "STARTTLS" => {
+                let reply = c.command("STARTTLS").await;
+                if reply.starts_with("220") {
+                    let plain = client.take().unwrap_or_else(|| panic!("no client"));
+                    client = Some(plain.starttls(&relay.certs.cert_pem).await);
+                }
+                reply
+            }
+            command if command.starts_with("AUTH PLAIN ") => {
+                let user = envelope.auth.as_deref().unwrap_or_default();
+                let secret = format!("\0{user}\0{}", password.unwrap_or_default());
+                c.command(&format!(
+                    "AUTH PLAIN {}",
+                    base64::engine::general_purpose::STANDARD.encode(secret)
+                ))
+                .await
+            }
+            command => c.command(command).await,
         };
         let got: Vec<String> = reply.lines().map(normalised).collect();
         let said: Vec<String> = step.reply.iter().map(|l| normalised(l)).collect();
@@ -299,6 +332,76 @@ async fn an_open_relay_attempt_is_refused_at_rcpt_and_its_data_too_as_the_relay_
         assert!(e.recipients[0].reply.starts_with("550 5.7.1"));
         assert!(e.legs.is_empty());
         assert!(!e.accepted());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_application_authenticated_over_tls_in_its_range_relays_as_the_relay_does() {
+    bounded(90, async {
+        let manifests = format!(
+            "apiVersion: mailroute.io/v1alpha1\nkind: MailRoute\nmetadata:\n  name: gateway\n  namespace: mail\nspec: {{host: 127.0.0.1}}\n---\n{}",
+            example("application-relay")
+        );
+        let (dir, sinks) = scenario(
+            &manifests,
+            &[
+                ("cidr: 10.42.0.0/16", "cidr: 127.0.0.4/32"),
+                (
+                    "  allowedSenders: RegisteredUsers",
+                    "  outboundRoute: gateway\n  allowedSenders: RegisteredUsers",
+                ),
+            ],
+        );
+        let mut authenticated = envelope(
+            "127.0.0.4",
+            "billing@example.com",
+            &["customer@external.example"],
+        );
+        authenticated.auth = Some("billing".to_owned());
+        authenticated.tls = true;
+        // bcrypt: the example Secret's hash of this password.
+        let e = explained_as_run_with(
+            dir.path(),
+            &sinks,
+            authenticated,
+            Some("billing-example-password"),
+        )
+        .await;
+        assert_eq!(e.session.bound_by, Some("auth"));
+        assert!(e.session.authorised && e.accepted());
+        assert!(
+            e.recipients[0]
+                .quota
+                .iter()
+                .any(|c| c.limit == "user_messages_per_day"),
+            "a registered user's own counter: {:?}",
+            e.recipients[0].quota
+        );
+
+        // The same client without TLS: requireTLS refuses before anything else.
+        let (dir, _) = scenario(
+            &manifests,
+            &[
+                ("cidr: 10.42.0.0/16", "cidr: 127.0.0.4/32"),
+                (
+                    "  allowedSenders: RegisteredUsers",
+                    "  outboundRoute: gateway\n  allowedSenders: RegisteredUsers",
+                ),
+            ],
+        );
+        let plain = explained_as_run(
+            dir.path(),
+            &BTreeMap::new(),
+            envelope(
+                "127.0.0.4",
+                "billing@example.com",
+                &["customer@external.example"],
+            ),
+        )
+        .await;
+        assert!(!plain.accepted());
+        assert!(plain.recipients[0].refused_for.is_some());
     })
     .await;
 }
