@@ -1,7 +1,7 @@
 //! DANE for SMTP (RFC 7672) for a route delivering by MX lookup with `mxLookup: {dane: true}`,
 //! against a DNS server on loopback that answers as a validating resolver (the AD bit set, or
 //! not) and a second relay as the MX host: a matching DANE-EE or DANE-TA record delivers over
-//! TLS, a mismatching one defers with `451 4.7.5` and sends nothing, and without the AD bit
+//! TLS, a mismatching one defers with `451 4.4.0` and sends nothing, and without the AD bit
 //! the TLSA records are not used.
 
 mod support;
@@ -124,7 +124,7 @@ async fn a_matching_dane_ee_record_delivers_over_tls_and_a_mismatching_one_sends
         let config = relay_for(&dns, &mx);
         let relay = config.start().await;
         let reply = send(relay.smtp, "dane-mismatch").await;
-        assert!(reply.starts_with("451 4.7.5"), "{reply}");
+        assert!(reply.starts_with("451 4.4.0"), "{reply}");
         assert!(reply.contains("route partner"), "{reply}");
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(mx.capture.count(), 1, "nothing sent to a host failing DANE");
@@ -184,7 +184,7 @@ async fn a_dane_ta_record_anchors_the_chain_and_unusable_records_still_mean_tls(
         let config = relay_for(&dns, &mx);
         let relay = config.start().await;
         let reply = send(relay.smtp, "dane-ta-other").await;
-        assert!(reply.starts_with("451 4.7.5"), "{reply}");
+        assert!(reply.starts_with("451 4.4.0"), "{reply}");
 
         // Only PKIX-EE records (unusable in SMTP): delivered, but over TLS.
         let (dns, owner) = zone(&mx, true).await;

@@ -105,7 +105,7 @@ pub struct MxLookup {
     /// Honour the domain's MTA-STS policy (RFC 8461): the `_mta-sts` TXT record and the policy
     /// at `https://mta-sts.<domain>/.well-known/mta-sts.txt`, cached for its `max_age`. In
     /// `enforce` mode only the MX hosts the policy lists are used, over TLS with a certificate
-    /// valid for the host's name, else the client hears `451 4.7.5`; in `testing` mode mail is
+    /// valid for the host's name, else the client hears `451 4.4.0`; in `testing` mode mail is
     /// delivered as without a policy and what would have failed is counted. Default false.
     #[serde(default)]
     pub mta_sts: bool,

@@ -111,7 +111,7 @@ pub(crate) struct LegHosts {
 impl Forwarder {
     /// The hosts to try for `target`: a route's destination, or a domain's MX hosts for
     /// direct delivery; with `mxLookup.mtaSts` or `mxLookup.dane`, the destination's TLS
-    /// policy too (which may leave no host: `451 4.7.5`).
+    /// policy too (which may leave no host: the client hears `451 4.4.0`).
     pub(crate) async fn hosts_for(
         &self,
         runtime: &RouteRuntime,

@@ -156,7 +156,7 @@ fn tls_result(opened: &Result<Upstream, UpstreamError>) -> Option<(&'static str,
 impl Forwarder {
     /// The destination TLS policy of a route delivering to `domain` by MX lookup, for its
     /// `candidates`: under an `enforce` MTA-STS policy only the hosts it lists (or that have
-    /// DANE records) are kept; none left: `451 4.7.5`, and nothing is tried.
+    /// DANE records) are kept; none left: `451 4.4.0` for the client, and nothing is tried.
     pub(crate) async fn leg_tls(
         &self,
         domain: &str,

@@ -91,11 +91,10 @@ pub fn client_reply(transaction_id: &str, legs: &[LegOutcome]) -> Reply {
         let mut routes: Vec<&str> = temporary.iter().map(|(t, _, _)| *t).collect();
         routes.dedup();
         let enhanced = match first.enhanced() {
-            // 4.7.0: the route's OAuth token could not be had (SPEC 11); 4.7.5: the TLS the
-            // route, a rule or the domain's MTA-STS policy requires could not be had (the
-            // relay's own finding, never an upstream's code passed on).
+            // 4.7.0: the route's OAuth token could not be had (SPEC 11). A TLS the route, a
+            // rule, MTA-STS or DANE requires and could not be had is 4.4.0 like any other
+            // temporary failure (SPEC 6.5: 451 4.4.x); the text names the policy.
             Some(e) if e.starts_with("4.4.") || e == "4.7.0" => e.to_owned(),
-            Some("4.7.5") if !from_upstream => "4.7.5".to_owned(),
             _ => "4.4.0".to_owned(),
         };
         return Reply::relayed(
