@@ -99,3 +99,11 @@ done
 [[ "$(metric mailroute_relay_config_generation)" != "$before" ]] \
   || fail "a change did not reach the --configmap relay within 30 s (log: $(tail -5 "$WORK/watching.log"))"
 echo "e2e: a relay watching the ConfigMap picked up a change (generation $before -> $(metric mailroute_relay_config_generation))"
+
+# explain on the cluster's own configuration (--configmap): the same answer the relays give.
+target/debug/mailroute-operator explain --configmap "$NS/mailroute-relay-config" \
+  --from someone@partner.example --to alice@example.com -o json >"$WORK/explain.json" \
+  || fail "explain --configmap did not accept the message the relay accepted: $(head -c 400 "$WORK/explain.json")"
+python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert d["recipients"][0]["accepted"] and d["legs"], d' "$WORK/explain.json" \
+  || fail "explain --configmap: no accepted recipient or no leg"
+echo "e2e: explain --configmap answers as the relay does"

@@ -317,6 +317,27 @@ pub async fn explain(
     })
 }
 
+impl RecipientReport {
+    /// A recipient nothing is known of yet but its address.
+    fn refused(address: &str) -> Self {
+        Self {
+            address: address.to_owned(),
+            accepted: false,
+            reply: String::new(),
+            refused_for: None,
+            tenant: None,
+            direction: None,
+            account_type: None,
+            rules: Vec::new(),
+            target: None,
+            deliver_as: None,
+            copies: Vec::new(),
+            quota: Vec::new(),
+            checked_upstream_at_rcpt: false,
+        }
+    }
+}
+
 impl Explanation {
     /// Whether the relay accepts the message for every recipient (its final reply is a 2xx).
     pub fn accepted(&self) -> bool {
@@ -348,6 +369,8 @@ impl Player {
     async fn feed(&mut self, command: String, input: &[u8]) {
         let mut events = Vec::new();
         let mut replies = Vec::new();
+        let recorded = self.recipients.len();
+        let mut refused_by_session = None;
         self.session.receive(input, &mut events);
         while !events.is_empty() {
             for event in std::mem::take(&mut events) {
@@ -377,14 +400,25 @@ impl Player {
                         self.session
                             .delivered(Reply::message_accepted(&transaction.id), &mut events);
                     }
-                    Event::RecipientRefused(_) | Event::Close => {}
+                    Event::RecipientRefused(reason) => refused_by_session = Some(reason.as_str()),
+                    Event::Close => {}
                 }
             }
+        }
+        let first = replies.first().cloned().unwrap_or_default();
+        if let Some(address) = command.strip_prefix("RCPT TO:<")
+            && self.recipients.len() == recorded
+        {
+            // Refused by the session's own checks (syntax, recipients per message), before
+            // the RCPT decision.
+            let mut report = RecipientReport::refused(address.trim_end_matches('>'));
+            report.refused_for = Some(refused_by_session.unwrap_or("protocol"));
+            self.recipients.push(report);
         }
         if let Some(last) = self.recipients.last_mut()
             && last.reply.is_empty()
         {
-            last.reply = replies.first().cloned().unwrap_or_default();
+            last.reply = first;
         }
         self.steps.push(Step {
             command,
@@ -398,21 +432,9 @@ impl Player {
         verdict: &Result<Admitted, Refusal>,
     ) {
         let (tenant, binding) = self.gate.binding(&query.session);
-        let mut report = RecipientReport {
-            address: query.recipient.clone(),
-            accepted: verdict.is_ok(),
-            reply: String::new(),
-            refused_for: None,
-            tenant: tenant.map(|t| t.to_string()),
-            direction: None,
-            account_type: None,
-            rules: Vec::new(),
-            target: None,
-            deliver_as: None,
-            copies: Vec::new(),
-            quota: Vec::new(),
-            checked_upstream_at_rcpt: false,
-        };
+        let mut report = RecipientReport::refused(&query.recipient);
+        report.accepted = verdict.is_ok();
+        report.tenant = tenant.map(|t| t.to_string());
         match verdict {
             Ok(admitted) => {
                 let route = &admitted.route;

@@ -10,35 +10,13 @@ use ring::digest;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 use support::dns::DnsServer;
-use support::mta_sts::{Issued, TestCa, install};
-use support::{Configured, Relay, Stores, bounded, configured_with_stores, send_message};
+use support::mta_sts::{Issued, TestCa, install, partner_relay};
+use support::{Configured, Relay, Stores, bounded, send_message};
 
 fn relay_for(dns: &DnsServer, mx: &Relay) -> Configured {
-    let yaml = format!(
-        r#"
-apiVersion: mailroute.io/v1alpha1
-kind: MailRoute
-metadata: {{name: partner, namespace: mail}}
-spec:
-  host: partner.test
-  port: {}
-  mxLookup: {{dane: true}}
-  timeouts: {{connect: 2s, command: 5s, dataEnd: 5s}}
-  connectionPool: {{maxMessagesPerConnection: 1}}
----
-apiVersion: mailroute.io/v1alpha1
-kind: RelayPolicy
-metadata: {{name: example, namespace: mail}}
-spec:
-  domains: [example.com]
-  licenses: 10
-  authentication: {{ipRanges: [{{cidr: 127.0.0.0/16}}]}}
-  outboundRoute: partner
-"#,
-        mx.smtp.port()
-    );
-    configured_with_stores(
-        &yaml,
+    partner_relay(
+        mx.smtp.port(),
+        "{dane: true}",
         Stores {
             dns_server: Some(dns.addr),
             ..Stores::memory()

@@ -323,12 +323,17 @@ async fn an_open_relay_attempt_is_refused_at_rcpt_and_its_data_too_as_the_relay_
                 &[
                     "victim@external.example",
                     "victim%external.example@example.com",
+                    "victim@external..example",
                 ],
             ),
         )
         .await;
         assert!(e.recipients.iter().all(|r| !r.accepted));
+        assert_eq!(e.recipients.len(), 3, "{:?}", e.recipients);
         assert_eq!(e.recipients[0].refused_for, Some("relay_denied"));
+        // Refused by the session's own parser, before any RCPT decision.
+        assert_eq!(e.recipients[2].refused_for, Some("protocol"));
+        assert!(e.recipients[2].reply.starts_with("501 5.1.3"));
         assert!(e.recipients[0].reply.starts_with("550 5.7.1"));
         assert!(e.legs.is_empty());
         assert!(!e.accepted());
@@ -343,16 +348,14 @@ async fn an_application_authenticated_over_tls_in_its_range_relays_as_the_relay_
             "apiVersion: mailroute.io/v1alpha1\nkind: MailRoute\nmetadata:\n  name: gateway\n  namespace: mail\nspec: {{host: 127.0.0.1}}\n---\n{}",
             example("application-relay")
         );
-        let (dir, sinks) = scenario(
-            &manifests,
-            &[
-                ("cidr: 10.42.0.0/16", "cidr: 127.0.0.4/32"),
-                (
-                    "  allowedSenders: RegisteredUsers",
-                    "  outboundRoute: gateway\n  allowedSenders: RegisteredUsers",
-                ),
-            ],
-        );
+        let in_range = [
+            ("cidr: 10.42.0.0/16", "cidr: 127.0.0.4/32"),
+            (
+                "  allowedSenders: RegisteredUsers",
+                "  outboundRoute: gateway\n  allowedSenders: RegisteredUsers",
+            ),
+        ];
+        let (dir, sinks) = scenario(&manifests, &in_range);
         let mut authenticated = envelope(
             "127.0.0.4",
             "billing@example.com",
@@ -380,16 +383,6 @@ async fn an_application_authenticated_over_tls_in_its_range_relays_as_the_relay_
         );
 
         // The same client without TLS: requireTLS refuses before anything else.
-        let (dir, _) = scenario(
-            &manifests,
-            &[
-                ("cidr: 10.42.0.0/16", "cidr: 127.0.0.4/32"),
-                (
-                    "  allowedSenders: RegisteredUsers",
-                    "  outboundRoute: gateway\n  allowedSenders: RegisteredUsers",
-                ),
-            ],
-        );
         let plain = explained_as_run(
             dir.path(),
             &BTreeMap::new(),

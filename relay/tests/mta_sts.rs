@@ -12,37 +12,15 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use support::dns::DnsServer;
-use support::mta_sts::{PolicyServer, TestCa, install};
-use support::{Configured, Relay, Stores, bounded, configured_with_stores, send_message};
+use support::mta_sts::{PolicyServer, TestCa, install, partner_relay};
+use support::{Configured, Relay, Stores, bounded, send_message};
 
 /// Mail from example.com's applications to partner.test goes through route `partner`, which
 /// delivers to partner.test's MX hosts (on the MX relay's port) under its MTA-STS policy.
 fn relay_for(dns: &DnsServer, mx: &Relay, policy_server: &PolicyServer, ca: &TestCa) -> Configured {
-    let yaml = format!(
-        r#"
-apiVersion: mailroute.io/v1alpha1
-kind: MailRoute
-metadata: {{name: partner, namespace: mail}}
-spec:
-  host: partner.test
-  port: {}
-  mxLookup: {{mtaSts: true}}
-  timeouts: {{connect: 2s, command: 5s, dataEnd: 5s}}
-  connectionPool: {{maxMessagesPerConnection: 1}}
----
-apiVersion: mailroute.io/v1alpha1
-kind: RelayPolicy
-metadata: {{name: example, namespace: mail}}
-spec:
-  domains: [example.com]
-  licenses: 10
-  authentication: {{ipRanges: [{{cidr: 127.0.0.0/16}}]}}
-  outboundRoute: partner
-"#,
-        mx.smtp.port()
-    );
-    configured_with_stores(
-        &yaml,
+    partner_relay(
+        mx.smtp.port(),
+        "{mtaSts: true}",
         Stores {
             dns_server: Some(dns.addr),
             mta_sts: Arc::new(Policies::new(policy_server.addr.port(), Some(&ca.pem))),

@@ -186,3 +186,32 @@ impl Drop for PolicyServer {
         self.task.abort();
     }
 }
+
+/// A relay sending example.com's mail (clients from 127.0.0.0/16) to partner.test through route
+/// `partner`, which delivers by MX lookup (`mx_lookup`, e.g. `{dane: true}`) on the MX relay's
+/// port, resolving with `stores.dns_server`.
+pub fn partner_relay(mx_port: u16, mx_lookup: &str, stores: super::Stores) -> super::Configured {
+    let yaml = format!(
+        r#"
+apiVersion: mailroute.io/v1alpha1
+kind: MailRoute
+metadata: {{name: partner, namespace: mail}}
+spec:
+  host: partner.test
+  port: {mx_port}
+  mxLookup: {mx_lookup}
+  timeouts: {{connect: 2s, command: 5s, dataEnd: 5s}}
+  connectionPool: {{maxMessagesPerConnection: 1}}
+---
+apiVersion: mailroute.io/v1alpha1
+kind: RelayPolicy
+metadata: {{name: example, namespace: mail}}
+spec:
+  domains: [example.com]
+  licenses: 10
+  authentication: {{ipRanges: [{{cidr: 127.0.0.0/16}}]}}
+  outboundRoute: partner
+"#
+    );
+    super::configured_with_stores(&yaml, stores)
+}
