@@ -252,6 +252,14 @@ async fn refusals_auth_and_tls_handshakes_are_counted() {
         greeted(&mut c, "outsider.example").await;
         transaction(&mut c, "a@outside.example", &["victim@else.example"], "x").await;
         transaction(&mut c, "a@outside.example", &["carol@secure.example"], "x").await;
+        assert!(
+            c.command("MAIL FROM:<a@outside.example>")
+                .await
+                .starts_with("250")
+        );
+        let unparsable = c.command("RCPT TO:<victim@else..example>").await;
+        assert!(unparsable.starts_with("501 5.1.3"), "{unparsable}");
+        assert!(c.command("RSET").await.starts_with("250"));
         assert!(c.command("STARTTLS").await.starts_with("220"));
         let mut c = c.starttls(&relay.certs.cert_pem).await;
         assert!(c.command("EHLO outsider.example").await.starts_with("250"));
@@ -259,6 +267,7 @@ async fn refusals_auth_and_tls_handshakes_are_counted() {
         for line in [
             r#"mailroute_relay_rcpt_refusals_total{tenant="none",reason="relay_denied"} 1"#,
             r#"mailroute_relay_rcpt_refusals_total{tenant="none",reason="tls_required"} 1"#,
+            r#"mailroute_relay_rcpt_refusals_total{tenant="none",reason="syntax"} 1"#,
             r#"mailroute_relay_tls_handshakes_total{listener="smtp",result="success"} 1"#,
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");

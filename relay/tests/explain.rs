@@ -332,7 +332,7 @@ async fn an_open_relay_attempt_is_refused_at_rcpt_and_its_data_too_as_the_relay_
         assert_eq!(e.recipients.len(), 3, "{:?}", e.recipients);
         assert_eq!(e.recipients[0].refused_for, Some("relay_denied"));
         // Refused by the session's own parser, before any RCPT decision.
-        assert_eq!(e.recipients[2].refused_for, Some("protocol"));
+        assert_eq!(e.recipients[2].refused_for, Some("syntax"));
         assert!(e.recipients[2].reply.starts_with("501 5.1.3"));
         assert!(e.recipients[0].reply.starts_with("550 5.7.1"));
         assert!(e.legs.is_empty());

@@ -509,6 +509,15 @@ impl Session {
                 return false;
             }
             Err(refusal) => {
+                // A recipient the parser refuses is a refused recipient too (counted as syntax,
+                // like the session's other address checks).
+                if self.envelope.is_some()
+                    && line
+                        .get(..4)
+                        .is_some_and(|v| v.eq_ignore_ascii_case(b"RCPT"))
+                {
+                    events.push(Event::RecipientRefused(RefusalReason::Syntax));
+                }
                 self.refuse(refusal.reply, events);
                 return false;
             }
