@@ -131,7 +131,10 @@ fn bearer(response: &[u8], oauthbearer: bool) -> Step {
             return malformed();
         }
         if let Some(user) = parts.next().and_then(|a| a.strip_prefix("a=")) {
-            username = user.to_owned();
+            let Some(user) = saslname(user) else {
+                return malformed();
+            };
+            username = user;
         }
     }
     let mut token = None;
@@ -152,6 +155,25 @@ fn bearer(response: &[u8], oauthbearer: bool) -> Step {
         },
         None => malformed(),
     }
+}
+
+/// A GS2 header's `saslname` (RFC 5801 section 4): `,` is written `=2C` and `=` is written
+/// `=3D`; any other `=` is malformed.
+fn saslname(text: &str) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('=') {
+        out.push_str(&rest[..at]);
+        let escape = rest.get(at..at + 3)?;
+        out.push(match escape {
+            "=2C" | "=2c" => ',',
+            "=3D" | "=3d" => '=',
+            _ => return None,
+        });
+        rest = &rest[at + 3..];
+    }
+    out.push_str(rest);
+    Some(out)
 }
 
 fn bad_base64() -> Reply {
@@ -233,6 +255,12 @@ mod tests {
             token_of(start(AUTH_OAUTHBEARER, &oauthbearer)),
             Some(("app@example.com".into(), "eyJ.a.b".into()))
         );
+        // RFC 5801's escapes in the authorisation identity: `=2C` is `,` and `=3D` is `=`.
+        let escaped = encode("n,a=odd=2Cname=3Dx@example.com,\x01auth=Bearer eyJ.g.h\x01\x01");
+        assert_eq!(
+            token_of(start(AUTH_OAUTHBEARER, &escaped)),
+            Some(("odd,name=x@example.com".into(), "eyJ.g.h".into()))
+        );
         let no_user = encode("n,,\x01auth=bearer eyJ.c.d\x01\x01");
         assert_eq!(
             token_of(start(AUTH_OAUTHBEARER, &no_user)),
@@ -259,6 +287,7 @@ mod tests {
         for (mechanism, text) in [
             (AUTH_OAUTHBEARER, "y,,\x01auth=Bearer t\x01\x01"),
             (AUTH_OAUTHBEARER, "n,,\x01host=x\x01\x01"),
+            (AUTH_OAUTHBEARER, "n,a=bad=name,\x01auth=Bearer t\x01\x01"),
             (AUTH_XOAUTH2, "user=a\x01auth=Basic dXNlcg==\x01\x01"),
             (AUTH_XOAUTH2, "user=a\x01auth=Bearer \x01\x01"),
         ] {
