@@ -185,7 +185,12 @@ fn envelope(client: &str, from: &str, to: &[&str]) -> Envelope {
 #[tokio::test]
 async fn dual_delivery_copies_users_to_the_legacy_server_as_the_relay_does() {
     bounded(60, async {
-        let (dir, sinks) = scenario(&example("dual-delivery"), &[]);
+        // With a rule on trial: it matches, is marked, and changes nothing the relay does.
+        let manifests = format!(
+            "{}\n---\napiVersion: mailroute.io/v1alpha1\nkind: RoutingRule\nmetadata: {{name: trial-reject-outsiders, namespace: mail}}\nspec:\n  policyRef: example\n  priority: 5\n  mode: Audit\n  messages: [Inbound]\n  actions: {{reject: {{code: 550, enhancedCode: \"5.7.1\", text: \"Outsiders refused\"}}}}\n",
+            example("dual-delivery")
+        );
+        let (dir, sinks) = scenario(&manifests, &[]);
         let e = explained_as_run(
             dir.path(),
             &sinks,
@@ -198,12 +203,22 @@ async fn dual_delivery_copies_users_to_the_legacy_server_as_the_relay_does() {
         .await;
         assert_eq!(e.recipients[0].direction, Some("inbound"));
         assert_eq!(e.recipients[0].account_type.as_deref(), Some("Users"));
-        assert_eq!(e.recipients[0].rules[0].rule, "copy-to-legacy");
+        let rules = |i: usize| -> Vec<(&str, bool)> {
+            e.recipients[i]
+                .rules
+                .iter()
+                .map(|r| (r.rule.as_str(), r.audit))
+                .collect()
+        };
+        assert_eq!(
+            rules(0),
+            [("trial-reject-outsiders", true), ("copy-to-legacy", false)]
+        );
         assert_eq!(
             e.recipients[1].account_type.as_deref(),
             Some("Unrecognized")
         );
-        assert!(e.recipients[1].rules.is_empty());
+        assert_eq!(rules(1), [("trial-reject-outsiders", true)]);
         let copy = e
             .legs
             .iter()
