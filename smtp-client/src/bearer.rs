@@ -6,7 +6,8 @@
 //! again instead of the dummy response RFC 7628 3.2.3 asks for, and its OAUTHBEARER lacks the
 //! GS2 header (`n,a=...,`). Where the tokens come from is the caller's ([`TokenSource`]).
 
-use crate::upstream::{Stream, UpstreamError, from_mail_send, to_reply};
+use crate::failure::{UpstreamError, from_mail_send, to_reply};
+use crate::stream::Stream;
 use base64::Engine;
 use mail_send::SmtpClient;
 use smtp_proto::{AUTH_OAUTHBEARER, AUTH_XOAUTH2, EhloResponse};
@@ -15,10 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Why no access token could be had (the token endpoint failed or refused the client).
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct TokenError(pub String);
+pub use crate::failure::TokenError;
 
 /// Where a route's access tokens come from, shared by every connection of the route.
 pub trait TokenSource: Send + Sync {

@@ -8,72 +8,23 @@
 
 use crate::bearer::{self, Login};
 use crate::dot::DotStuffer;
+use crate::failure::{END_OF_DATA, from_mail_send};
+pub use crate::failure::{UpstreamError, to_reply};
 use crate::reply::Reply;
+pub use crate::stream::Stream;
 use mail_send::SmtpClient;
 use smtp_proto::{
     EXT_8BIT_MIME, EXT_DSN, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS, Response,
 };
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
-
-const END_OF_DATA: &str = "end of data";
 
 /// Message content is written upstream in pieces of about this many octets.
 pub const WRITE_CHUNK: usize = 64 * 1024;
-
-/// A plaintext or TLS stream to an upstream.
-#[derive(Debug)]
-pub enum Stream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
 
 /// How to reach and greet one upstream host.
 #[derive(Clone, Debug)]
@@ -111,110 +62,6 @@ impl std::fmt::Debug for TlsPlan {
             TlsPlan::Implicit(_) => "Implicit",
         })
     }
-}
-
-/// Why an upstream could not take a message.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("connect to {addr}: {source}")]
-    Connect { addr: SocketAddr, source: io::Error },
-    #[error("{stage} timed out after {after:?}")]
-    Timeout {
-        stage: &'static str,
-        after: Duration,
-    },
-    #[error("{stage}: {detail}")]
-    Protocol { stage: &'static str, detail: String },
-    /// The upstream answered with a failure outside a transaction (greeting, EHLO, AUTH).
-    #[error("{stage}: upstream said {}", .reply.code())]
-    Refused { stage: &'static str, reply: Reply },
-    #[error("TLS required but the upstream does not offer STARTTLS")]
-    TlsNotOffered,
-    #[error("TLS handshake: {0}")]
-    Tls(String),
-    /// The handshake failed on the upstream's certificate (the checks the TLS settings ask for).
-    #[error("TLS handshake: certificate {problem}: {detail}")]
-    Certificate {
-        problem: crate::tls::CertificateProblem,
-        detail: String,
-    },
-    #[error("AUTH credentials are never sent without TLS")]
-    AuthWithoutTls,
-    /// No OAuth access token could be had for the upstream's AUTH.
-    #[error("no OAuth access token: {0}")]
-    Token(crate::bearer::TokenError),
-    /// The client's reply bound passed before the end of data was written: the message was
-    /// abandoned unterminated.
-    #[error("{stage} not done within the reply bound")]
-    Bound { stage: &'static str },
-    /// A copy whose primary legs did not all accept the message: abandoned before its final
-    /// `.` (SPEC 6.3).
-    #[error("copy withheld: the message's primary delivery did not succeed")]
-    Withheld,
-}
-
-impl UpstreamError {
-    /// Whether the failure came before the message content was sent: nothing can have been
-    /// delivered, so another host (or a fresh connection) may be tried.
-    pub fn is_before_data(&self) -> bool {
-        match self {
-            UpstreamError::Timeout { stage, .. } | UpstreamError::Protocol { stage, .. } => {
-                *stage != END_OF_DATA
-            }
-            // NB: the bound is spent, and a withheld copy must not go to another host.
-            UpstreamError::Bound { .. } | UpstreamError::Withheld => false,
-            _ => true,
-        }
-    }
-
-    /// Enhanced code for the client's `451` (RFC 3463).
-    pub fn enhanced(&self) -> &'static str {
-        match self {
-            UpstreamError::Connect { .. } => "4.4.1",
-            UpstreamError::Timeout { .. } => "4.4.2",
-            UpstreamError::TlsNotOffered
-            | UpstreamError::Tls(_)
-            | UpstreamError::Certificate { .. } => "4.7.5",
-            UpstreamError::AuthWithoutTls => "4.7.5",
-            UpstreamError::Token(_) => "4.7.0",
-            UpstreamError::Bound { .. } => "4.4.5",
-            UpstreamError::Refused { .. }
-            | UpstreamError::Protocol { .. }
-            | UpstreamError::Withheld => "4.4.0",
-        }
-    }
-}
-
-pub(crate) fn from_mail_send(
-    stage: &'static str,
-    error: mail_send::Error,
-    after: Duration,
-) -> UpstreamError {
-    match error {
-        mail_send::Error::Timeout => UpstreamError::Timeout { stage, after },
-        mail_send::Error::UnexpectedReply(r) | mail_send::Error::AuthenticationFailed(r) => {
-            UpstreamError::Refused {
-                stage,
-                reply: to_reply(&r),
-            }
-        }
-        mail_send::Error::Tls(e) => UpstreamError::Tls(e.to_string()),
-        other => UpstreamError::Protocol {
-            stage,
-            detail: other.to_string(),
-        },
-    }
-}
-
-/// An upstream reply as a [`Reply`] (its enhanced code kept when well formed).
-pub fn to_reply(response: &Response<String>) -> Reply {
-    let esc = response.esc;
-    let enhanced = (esc[0] != 0).then(|| format!("{}.{}.{}", esc[0], esc[1], esc[2]));
-    Reply::relayed(
-        response.code,
-        enhanced.as_deref(),
-        response.message.replace(['\r', '\n'], " "),
-    )
 }
 
 /// One recipient as sent upstream.

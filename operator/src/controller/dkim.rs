@@ -237,7 +237,7 @@ pub async fn check_and_report(
     if status == "False" {
         tracing::warn!(namespace, policy = name, message = %condition.message, "DKIM key not published");
     }
-    let conditions = super::status::merged(&previous, condition);
+    let conditions = super::conditions::merged(&previous, condition);
     let patch = serde_json::json!({"status": {"conditions": conditions}});
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;

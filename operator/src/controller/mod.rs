@@ -4,13 +4,15 @@
 //! and setting each resource's `Ready` condition, with an Event when one becomes invalid.
 //!
 //! - [`publish`]: the ConfigMap(s) and Secret for a compiled namespace (pure).
-//! - [`status`]: the conditions (pure).
+//! - [`status`]: the `Ready` condition and a policy's facts (pure); [`conditions`]: one condition
+//!   per type, as every status writer replaces its own.
 //! - [`reconcile_namespace`]: the I/O, one pass; idempotent: a namespace whose document,
 //!   credentials and statuses are what they should be gets no write at all.
 //! - [`run`]: watches and leader-less single-writer loop for `mailroute-operator run`.
 //! - [`probe`]: the route TLS probe; [`usage`]: a route's use of its rate limits (read from
 //!   the shared store with each probe).
 
+pub mod conditions;
 pub mod dkim;
 pub mod leader;
 pub mod probe;
@@ -286,7 +288,7 @@ pub async fn reconcile_namespace(
         let became_invalid = ready.status == "False"
             && before.is_none_or(|b| b.status != "False" || b.message != ready.message);
         let mut body = serde_json::to_value(StatusPatch {
-            conditions: status::merged(&previous, ready.clone()),
+            conditions: conditions::merged(&previous, ready.clone()),
             observed_generation: generation,
         })
         .unwrap_or_default();

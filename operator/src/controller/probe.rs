@@ -84,7 +84,7 @@ pub async fn probe_and_report(
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
     let condition = outcome.condition(current.metadata.generation, &previous, now);
-    let conditions = super::status::merged(&previous, condition);
+    let conditions = super::conditions::merged(&previous, condition);
     let mut patch = serde_json::json!({
         "status": {"conditions": conditions, "lastProbe": outcome.result}
     });

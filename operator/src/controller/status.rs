@@ -87,18 +87,6 @@ pub fn stored_policy_facts(status: Option<&RelayPolicyStatus>) -> serde_json::Va
     })
 }
 
-/// `conditions` with `condition` in place of the one of the same type.
-pub fn merged(conditions: &[Condition], condition: Condition) -> Vec<Condition> {
-    let mut out: Vec<Condition> = conditions
-        .iter()
-        .filter(|c| c.type_ != condition.type_)
-        .cloned()
-        .collect();
-    out.push(condition);
-    out.sort_by(|a, b| a.type_.cmp(&b.type_));
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
