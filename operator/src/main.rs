@@ -4,7 +4,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 /// Compiles Mailroute resources (MailRoute, RoutingRule, RelayPolicy) into relay configuration.
 #[derive(Debug, Parser)]
@@ -92,52 +91,22 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         generation: u64,
     },
-    /// Show what the relay would do with one envelope, offline: the tenant and how the session
-    /// was bound, each recipient's direction, account type, matching rules and route, the legs
-    /// with their TLS, the quota counters, and the exact reply to every command. Exit status: 0
-    /// when the message is accepted for every recipient, 1 when a command is refused, 2 when
-    /// the configuration cannot be read.
+    /// Show what the relay would do with one envelope, offline: the tenant and how the
+    /// session was bound, each recipient's direction, account type, matching rules and route,
+    /// the legs with their TLS, the quota counters, and the exact reply to every command. Runs
+    /// `mailroute-relay explain` (the relay's own session, admission and routing) with the same
+    /// arguments: `MAILROUTE_RELAY_BIN`, else the `mailroute-relay` beside this program, else
+    /// the one on PATH. `mailroute-operator explain --help` lists its options.
+    #[command(disable_help_flag = true)]
     Explain {
-        /// Directory of manifests of one namespace (what the relay's --manifests reads).
-        #[arg(short = 'f', long = "filename", value_name = "DIR", conflicts_with_all = ["config", "configmap"])]
-        dir: Option<PathBuf>,
-        /// A compiled relay document (`render` output, or the operator's ConfigMap as mounted).
-        #[arg(long, value_name = "PATH", conflicts_with = "configmap")]
-        config: Option<PathBuf>,
-        /// The operator's ConfigMap in the cluster (in-cluster service account, or KUBECONFIG).
-        #[arg(long, value_name = "NAMESPACE/NAME")]
-        configmap: Option<String>,
-        /// Envelope sender (empty for the null sender).
-        #[arg(long, value_name = "ADDR", allow_hyphen_values = true)]
-        from: String,
-        /// Envelope recipient (repeatable, or comma-separated).
-        #[arg(long, value_name = "ADDR", required = true, value_delimiter = ',')]
-        to: Vec<String>,
-        /// The client's address (default: one of no tenant's ranges, from TEST-NET-1).
-        #[arg(long, value_name = "IP", default_value = "192.0.2.1")]
-        client_ip: std::net::IpAddr,
-        /// The client's EHLO name.
-        #[arg(long, value_name = "NAME", default_value = "client.example")]
-        helo: String,
-        /// Authenticate (SMTP AUTH, inside TLS) as this user; the password is not checked.
-        #[arg(long, value_name = "USER")]
-        auth: Option<String>,
-        /// STARTTLS before MAIL.
-        #[arg(long)]
-        tls: bool,
-        /// The relay's name in the greeting and `Received:`.
-        #[arg(long, value_name = "NAME", default_value = "mailroute-relay")]
-        hostname: String,
-        /// `text` for people, `json` for scripts.
-        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
-        output: Output,
+        /// `-f DIR | --config PATH | --configmap NS/NAME --from ADDR --to ADDR [...]`.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<std::ffi::OsString>,
     },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Output {
-    Text,
-    Json,
 }
 
 fn main() -> ExitCode {
@@ -281,89 +250,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         }
-        Command::Explain {
-            dir,
-            config,
-            configmap,
-            from,
-            to,
-            client_ip,
-            helo,
-            auth,
-            tls,
-            hostname,
-            output,
-        } => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("starting the runtime")?;
-            let envelope = mailroute_relay::explain::Envelope {
-                client: client_ip,
-                helo,
-                auth,
-                tls,
-                from,
-                to,
-            };
-            let explained = runtime.block_on(async {
-                let source = explain_source(dir, config, configmap).await?;
-                let loaded = mailroute_relay::reload::load_listed(&source, Duration::from_secs(30))
-                    .await
-                    .map_err(|e| Unexplained::Load(e.to_string()))?;
-                mailroute_relay::explain::explain(&loaded, &hostname, &envelope)
-                    .await
-                    .map_err(|e| Unexplained::Load(e.to_string()))
-            });
-            let explanation = match explained {
-                Ok(explanation) => explanation,
-                Err(e) => {
-                    eprintln!("mailroute-operator explain: {e}");
-                    return Ok(ExitCode::from(2));
-                }
-            };
-            match output {
-                Output::Text => print!("{}", mailroute_relay::explain::render_text(&explanation)),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
-            }
-            Ok(if explanation.accepted() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
+        Command::Explain { args } => Ok(explain_with_the_relay(args)),
     }
 }
 
-/// Why `explain` could not start.
-#[derive(Debug, thiserror::Error)]
-enum Unexplained {
-    #[error("give -f DIR, --config PATH or --configmap NAMESPACE/NAME")]
-    NoSource,
-    #[error("{0}")]
-    Load(String),
+/// `explain` is the relay's: it plays the envelope through the relay's own session, admission
+/// and routing, which only the relay links. Replaces this process with `mailroute-relay explain`
+/// (its output and exit status are the command's).
+fn explain_with_the_relay(args: Vec<std::ffi::OsString>) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let relay = relay_program();
+    let error = std::process::Command::new(&relay)
+        .arg("explain")
+        .args(args)
+        .exec();
+    eprintln!(
+        "mailroute-operator explain: cannot run {} ({error}): explain needs mailroute-relay beside mailroute-operator, on PATH, or named by MAILROUTE_RELAY_BIN",
+        relay.display()
+    );
+    ExitCode::from(2)
 }
 
-/// Where `explain` reads the configuration from, as the relay's own flags name it.
-async fn explain_source(
-    dir: Option<PathBuf>,
-    config: Option<PathBuf>,
-    configmap: Option<String>,
-) -> Result<mailroute_relay::reload::Source, Unexplained> {
-    use mailroute_relay::reload::Source;
-    match (dir, config, configmap) {
-        (Some(dir), _, _) => Ok(Source::Manifests(dir)),
-        (None, Some(path), _) => Ok(Source::Document(path)),
-        (None, None, Some(name)) => {
-            let (namespace, name) = mailroute_relay::cluster::parse_name(&name)
-                .map_err(|e| Unexplained::Load(e.to_string()))?;
-            let client = mailroute_relay::cluster::connect(None)
-                .await
-                .map_err(|e| Unexplained::Load(format!("--configmap: {e}")))?;
-            Ok(Source::Cluster(std::sync::Arc::new(
-                mailroute_relay::cluster::ClusterSource::start(client, &namespace, &name),
-            )))
-        }
-        (None, None, None) => Err(Unexplained::NoSource),
+/// Where `mailroute-relay` is: `MAILROUTE_RELAY_BIN`, else beside this program (the image and
+/// `cargo build` put both in one directory), else on PATH.
+fn relay_program() -> PathBuf {
+    if let Some(path) = std::env::var_os("MAILROUTE_RELAY_BIN") {
+        return PathBuf::from(path);
     }
+    std::env::current_exe()
+        .ok()
+        .and_then(|own| own.parent().map(|dir| dir.join("mailroute-relay")))
+        .filter(|beside| beside.is_file())
+        .unwrap_or_else(|| PathBuf::from("mailroute-relay"))
 }

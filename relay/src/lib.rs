@@ -24,7 +24,7 @@
 //! - [`generation`]: a loaded configuration built into what sessions use; [`reload`]: watching
 //!   the configuration files and swapping generations in.
 //! - [`explain`]: one envelope played offline through the session, the RCPT decision and the
-//!   delivery plan, reported (`mailroute-operator explain`).
+//!   delivery plan, reported (`mailroute-relay explain`, which `mailroute-operator explain` runs).
 //! - [`server`]: listeners, TLS, the per-connection driver, AUTH throttling, graceful shutdown.
 //! - [`metrics`]: the relay's Prometheus metrics.
 

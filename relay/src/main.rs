@@ -21,7 +21,10 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-/// Stateless SMTP relay driven by Mailroute's compiled configuration.
+mod explain_cli;
+
+/// Stateless SMTP relay driven by Mailroute's compiled configuration. `mailroute-relay explain
+/// --help`: what it would do with one envelope, offline.
 #[derive(Debug, Parser)]
 #[command(name = "mailroute-relay", version, about)]
 #[command(group(ArgGroup::new("source").required(true).args(["manifests", "config", "configmap"])))]
@@ -291,6 +294,10 @@ fn system_hostname() -> Option<String> {
 }
 
 fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "explain") {
+        mailroute_admin::init_logging("warn,kube_client=off,kube_runtime=off");
+        return explain_cli::main(std::env::args_os().skip(2));
+    }
     // NB: kube's own request and watcher logs are off by default: the cluster source logs an API
     // failure itself, once a minute while it lasts, where kube would log every retry.
     mailroute_admin::init_logging("info,kube_client=off,kube_runtime=off");
