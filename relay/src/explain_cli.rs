@@ -7,7 +7,6 @@ use mailroute_relay::reload::{self, Source};
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Show what the relay would do with one envelope, offline: the tenant and how the
@@ -93,7 +92,15 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         to: cli.to.clone(),
     };
     let explained = runtime.block_on(async {
-        let source = source(&cli).await?;
+        // NB: -f, --config and --configmap read as the relay's own --manifests, --config
+        // and --configmap.
+        let source = Source::open(
+            cli.dir.as_deref(),
+            cli.config.as_deref(),
+            cli.configmap.as_deref(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         let loaded = reload::load_listed(&source, Duration::from_secs(30))
             .await
             .map_err(|e| format!("configuration not loaded: {e}"))?;
@@ -122,27 +129,5 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    }
-}
-
-/// Where the configuration comes from, as the relay's own --manifests, --config and
-/// --configmap read it.
-async fn source(cli: &ExplainCli) -> Result<Source, String> {
-    match (&cli.dir, &cli.config, &cli.configmap) {
-        (Some(dir), _, _) => Ok(Source::Manifests(dir.clone())),
-        (None, Some(path), _) => Ok(Source::Document(path.clone())),
-        (None, None, Some(name)) => {
-            let (namespace, name) =
-                mailroute_relay::cluster::parse_name(name).map_err(|e| e.to_string())?;
-            let client = mailroute_relay::cluster::connect(None)
-                .await
-                .map_err(|e| format!("--configmap: {e}"))?;
-            Ok(Source::Cluster(Arc::new(
-                mailroute_relay::cluster::ClusterSource::start(client, &namespace, &name),
-            )))
-        }
-        (None, None, None) => {
-            Err("give -f DIR, --config PATH or --configmap NAMESPACE/NAME".into())
-        }
     }
 }

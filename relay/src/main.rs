@@ -385,23 +385,13 @@ const CHECK_LISTING_BOUND: Duration = Duration::from_secs(30);
 
 /// Where the configuration comes from, per the command line.
 async fn source(cli: &Cli) -> Result<Source, String> {
-    match (&cli.manifests, &cli.config, &cli.configmap) {
-        (Some(dir), _, _) => Ok(Source::Manifests(dir.clone())),
-        (None, Some(path), _) => Ok(Source::Document(path.clone())),
-        (None, None, Some(name)) => {
-            let (namespace, name) =
-                mailroute_relay::cluster::parse_name(name).map_err(|e| e.to_string())?;
-            let client = mailroute_relay::cluster::connect(None)
-                .await
-                .map_err(|e| format!("--configmap: {e}"))?;
-            Ok(Source::Cluster(Arc::new(
-                mailroute_relay::cluster::ClusterSource::start(client, &namespace, &name),
-            )))
-        }
-        (None, None, None) => {
-            Err("give --manifests DIR, --config PATH or --configmap NAMESPACE/NAME".to_owned())
-        }
-    }
+    Source::open(
+        cli.manifests.as_deref(),
+        cli.config.as_deref(),
+        cli.configmap.as_deref(),
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 async fn serve(cli: Cli, source: Source, loaded: config_source::Loaded) -> anyhow::Result<()> {

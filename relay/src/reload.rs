@@ -40,7 +40,43 @@ pub enum Source {
     Cluster(Arc<ClusterSource>),
 }
 
+/// Why no configuration source could be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("give --manifests DIR, --config PATH or --configmap NAMESPACE/NAME")]
+    Nothing,
+    /// Not NAMESPACE/NAME (the error says so, naming the flag).
+    #[error(transparent)]
+    Name(ClusterError),
+    #[error("--configmap: {0}")]
+    Connect(ClusterError),
+}
+
 impl Source {
+    /// The source the command line names, the first given of `--manifests`, `--config` and
+    /// `--configmap` (a cluster source starts following the API server at once).
+    pub async fn open(
+        manifests: Option<&Path>,
+        config: Option<&Path>,
+        configmap: Option<&str>,
+    ) -> Result<Source, OpenError> {
+        match (manifests, config, configmap) {
+            (Some(dir), _, _) => Ok(Source::Manifests(dir.to_owned())),
+            (None, Some(path), _) => Ok(Source::Document(path.to_owned())),
+            (None, None, Some(name)) => {
+                let (namespace, name) =
+                    crate::cluster::parse_name(name).map_err(OpenError::Name)?;
+                let client = crate::cluster::connect(None)
+                    .await
+                    .map_err(OpenError::Connect)?;
+                Ok(Source::Cluster(Arc::new(ClusterSource::start(
+                    client, &namespace, &name,
+                ))))
+            }
+            (None, None, None) => Err(OpenError::Nothing),
+        }
+    }
+
     /// Loads and checks the configuration; `generation` numbers a compiled-in-process one (a
     /// document carries its own).
     pub async fn load(&self, generation: u64) -> Result<Loaded, LoadError> {
